@@ -42,7 +42,9 @@ def variants(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.nn.Module
     size = heads // 3
     k = [[[p for p in range(heads) if perm[p] // size == g] for g in range(3)] for perm in perms]
     asym3 = gqa.convert(shuffled, Grouping.create(heads, k))
-    asym2 = gqa.convert(copy.deepcopy(model), Grouping.create(heads, [[range(0, 6), range(6, 9)]] * layers))
+    asym2 = gqa.convert(
+        copy.deepcopy(model), Grouping.create(heads, [[range(0, 6), range(6, 9)]] * layers)
+    )
     return {"mha": mha, "native_gqa": model, "asym3_shuf": asym3, "asym2": asym2}
 
 
@@ -94,7 +96,9 @@ def main() -> None:
                 {
                     "variant": name,
                     "context": length,
-                    "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+                    "decode_tokens_per_s": statistics.median(
+                        r["decode_tokens_per_s"] for r in runs
+                    ),
                     "kv_bytes": runs[0]["kv_bytes"],
                     "kv_bytes_per_token_fp32": runs[0]["kv_bytes_per_token"],
                     "kv_heads": gqa.current_grouping(models[name]).kv_heads(),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 import gqa
 from gqa.adapters import get_adapter
@@ -92,7 +93,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
         help=f"comma-separated: ppl,{','.join(sorted(TASKS))} (default: ppl,arc_easy)",
     )
     p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
-    p.add_argument("--ppl-windows", type=int, default=48, help="held-out windows for ppl (default 48)")
+    p.add_argument(
+        "--ppl-windows", type=int, default=48, help="held-out windows for ppl (default 48)"
+    )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per ppl window (default 256)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
@@ -123,7 +126,9 @@ def format_results(report: dict) -> str:
         if "perplexity" in value:
             parts.append(f"ppl {value['perplexity']:.2f} ({value['tokens']} tokens)")
         else:
-            parts.append(f"{task} acc {value['acc']:.3f} acc_norm {value['acc_norm']:.3f} (n={value['n']})")
+            parts.append(
+                f"{task} acc {value['acc']:.3f} acc_norm {value['acc_norm']:.3f} (n={value['n']})"
+            )
     return " | ".join(parts)
 
 
@@ -186,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="headgroup", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (add_arguments, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None)
+        p = sub.add_parser(
+            name, help=(run.__doc__ or "").strip().splitlines()[0] if run.__doc__ else None
+        )
         add_arguments(p)
         p.set_defaults(run=run)
     return parser
@@ -194,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hf_logging.disable_progress_bar()  # per-tensor loading bars are noise; our own bars remain
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     try:

@@ -123,7 +123,9 @@ def _permute_heads_(linear: nn.Linear, order: list[int], head_dim: int, dim: int
 
 
 @torch.no_grad()
-def permute_query_heads(model: nn.Module, orders: list[list[int]], with_kv: bool = False) -> nn.Module:
+def permute_query_heads(
+    model: nn.Module, orders: list[list[int]], with_kv: bool = False
+) -> nn.Module:
     """Reorder query heads in place (new head p of layer l = old head orders[l][p]) by permuting
     q_proj outputs and o_proj inputs, which leaves the model's function unchanged. With
     `with_kv` (stock MHA models) K/V heads move along; otherwise the caller fixes the K/V map."""

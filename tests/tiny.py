@@ -25,7 +25,7 @@ def tiny_model(
 ):
     """A random decoder with `num_heads` query heads; biases on for qwen2 (as in the real one)."""
     torch.manual_seed(seed)
-    config = CONFIGS[model_type](
+    settings = dict(
         vocab_size=97,
         hidden_size=num_heads * head_dim,
         intermediate_size=64,
@@ -37,8 +37,8 @@ def tiny_model(
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
-        **overrides,
     )
+    config = CONFIGS[model_type](**{**settings, **overrides})
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, so errors are not hidden
         for name, param in model.named_parameters():

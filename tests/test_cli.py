@@ -1,0 +1,120 @@
+"""The command line: conversions and evaluations end to end, and one-line errors with exit 2."""
+
+import json
+
+import pytest
+
+import gqa
+from experiments.cli import main
+from gqa.grouping import Grouping
+from tests.tiny import tiny_model
+
+
+@pytest.fixture()
+def tiny_folder(tmp_path, smol_tokenizer):
+    """A saved tiny stock model with a real tokenizer (vocab trimmed is not needed: ids < 97)."""
+    model = tiny_model(num_kv_heads=3, vocab_size=smol_tokenizer.vocab_size + 100)
+    path = tmp_path / "tiny"
+    gqa.save(model, path, tokenizer=smol_tokenizer)
+    return path
+
+
+def test_convert_with_kv_heads_then_eval(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "converted"
+    assert main(["convert", "--model", str(tiny_folder), "--kv-heads", "4", "--out", str(out)]) == 0
+    assert (
+        "KV heads 12 -> 16" in capsys.readouterr().out
+    )  # 2 layers x (K+V) x G: 3 -> 4 groups of 6 heads
+    assert gqa.load(out).config.headgroup["layers"][0]["k"] == [[0, 1], [2, 3], [4], [5]]
+    report = tmp_path / "r.json"
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(out),
+            "--tasks",
+            "ppl,piqa",
+            "--limit",
+            "3",
+            "--ppl-windows",
+            "2",
+            "--seq-len",
+            "16",
+            "--json",
+            str(report),
+        ]
+    )
+    assert code == 0
+    data = json.loads(report.read_text())
+    assert data["results"]["ppl"]["tokens"] == 2 * 15
+    assert data["results"]["piqa"]["n"] == 3
+    assert data["kv_heads"] == 16
+
+
+def test_convert_with_grouping_file(tiny_folder, tmp_path):
+    grouping = Grouping.create(6, [[[0, 5], [1, 2, 3, 4]], [[0], [1, 2, 3, 4, 5]]])
+    grouping.save(tmp_path / "g.json")
+    out = tmp_path / "c"
+    assert (
+        main(
+            [
+                "convert",
+                "--model",
+                str(tiny_folder),
+                "--grouping",
+                str(tmp_path / "g.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert gqa.model_grouping(gqa.load(out)) == grouping
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["convert", "--model", "{m}", "--kv-heads", "7", "--out", "{t}/x"],
+            "cannot split 6 heads into 7 groups",
+        ),
+        (
+            ["convert", "--model", "{m}", "--grouping", "{t}/none.json", "--out", "{t}/x"],
+            "none.json does not exist",
+        ),
+        (["convert", "--model", "{m}", "--grouping", "{t}/bad.json", "--out", "{t}/x"], "bad JSON"),
+        (
+            ["convert", "--model", "{m}", "--grouping", "{t}/three.json", "--out", "{t}/x"],
+            "wrong number of layers",
+        ),
+        (
+            ["convert", "--model", "{m}", "--kv-heads", "2", "--merge", "nope", "--out", "{t}/x"],
+            "unknown merge method 'nope'",
+        ),
+        (
+            ["convert", "--model", "./missing", "--kv-heads", "2", "--out", "{t}/x"],
+            "no such folder",
+        ),
+        (["eval", "--model", "{m}", "--tasks", "ppl,nope"], "nope"),
+        (["eval", "--model", "{m}", "--limit", "0"], "--limit must be at least 1"),
+        (
+            ["convert", "--model", "{m}", "--out", "{t}/x"],
+            "one of the arguments --grouping --kv-heads is required",
+        ),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv, message, tiny_folder, tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{oops")
+    Grouping.neighbour(6, 3, 2).save(tmp_path / "three.json")
+    argv = [a.format(m=tiny_folder, t=tmp_path) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("headgroup: error:")
+    assert message in err[0]
+    assert not (tmp_path / "x").exists()
