@@ -13,7 +13,7 @@ from torch import nn
 
 from gqa import attention
 from gqa.adapters import ModelAdapter, get_adapter
-from gqa.grouping import Grouping, GroupingError
+from gqa.grouping import Grouping, GroupingError, LayerGrouping
 from gqa.merge import MergeContext, get_merge
 
 CONFIG_KEY = "headgroup"  # the grouping, stored in the model config (and so in config.json)
@@ -75,6 +75,17 @@ def _merged_projection(
     return linear
 
 
+@torch.no_grad()
+def merged_projections(
+    adapter: ModelAdapter, layer: int, grouping: LayerGrouping, merge: str = "mean", stats=None
+) -> tuple[nn.Linear, nn.Linear]:
+    """The K and V projections one layer gets under `grouping`, without touching the model."""
+    merge_fn = get_merge(merge)
+    k = _merged_projection(adapter, layer, "k", grouping.k, merge_fn, stats)
+    v = _merged_projection(adapter, layer, "v", grouping.v, merge_fn, stats)
+    return k, v
+
+
 def _mark_converted(model: nn.Module, grouping: Grouping) -> None:
     setattr(model.config, CONFIG_KEY, grouping.to_dict())
     implementation = attention.grouped_implementation(model.config._attn_implementation)
@@ -88,10 +99,9 @@ def convert(
     """Convert `model` in place to `grouping` and return it."""
     adapter = get_adapter(model)
     grouping.check_model(adapter.num_layers, adapter.num_heads)
-    merge_fn = get_merge(merge)
+    get_merge(merge)  # fail on an unknown name before any change
     for layer, layer_grouping in enumerate(grouping.layers):
-        k = _merged_projection(adapter, layer, "k", layer_grouping.k, merge_fn, stats)
-        v = _merged_projection(adapter, layer, "v", layer_grouping.v, merge_fn, stats)
+        k, v = merged_projections(adapter, layer, layer_grouping, merge, stats)
         adapter.set_projection(layer, "k", k)
         adapter.set_projection(layer, "v", v)
         attention.install_plan(adapter.attention(layer), layer_grouping, adapter.num_heads)

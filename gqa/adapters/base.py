@@ -6,7 +6,6 @@ supporting a new family is one short file in `gqa/adapters/` (see docs/adding_a_
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -41,6 +40,7 @@ class ModelAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     layers_path: ClassVar[str] = "model.layers"
+    rotary_path: ClassVar[str] = "model.rotary_emb"
     attention_attr: ClassVar[str] = "self_attn"
     projection_names: ClassVar[dict[str, str]] = {
         "q": "q_proj",
@@ -73,11 +73,19 @@ class ModelAdapter:
 
     # -- modules ---------------------------------------------------------------------------------
 
-    def layers(self) -> nn.ModuleList:
+    def _get(self, path: str) -> nn.Module:
         module = self.model
-        for part in self.layers_path.split("."):
+        for part in path.split("."):
             module = getattr(module, part)
         return module
+
+    def layers(self) -> nn.ModuleList:
+        return self._get(self.layers_path)
+
+    def position_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) for positions 0..T-1 of x (B, T, d), as the attention modules take them."""
+        positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        return self._get(self.rotary_path)(x, positions)
 
     def attention(self, layer: int) -> nn.Module:
         return getattr(self.layers()[layer], self.attention_attr)
@@ -109,7 +117,3 @@ class ModelAdapter:
         weight = proj.weight.view(-1, self.head_dim, proj.in_features)
         bias = None if proj.bias is None else proj.bias.view(-1, self.head_dim)
         return weight, bias
-
-    def hook_targets(self) -> dict[str, Callable[[int], nn.Module]]:
-        """Modules whose inputs/outputs calibration hooks read."""
-        return {"attention": self.attention}

@@ -1,0 +1,81 @@
+"""Proxies that are a weighted merge error (closed form, objectives.merge_error):
+
+  wse       QCQA's weight-sharing error: sum_h ||W_h - W_g||_F^2 (C = I, M = I, mean merge)
+  kv_recon  sum_h ||X (W_h - W_g)^T||^2 (M = I)
+  attn_out  output-aware: key errors weighted by query energies, values by o_proj (sensitivity)
+  fisher    attn_out weighted by the gradient second moment at each attention output, so that
+            layers are comparable
+Cost: tables of O(H^2 D^2) per layer built once (a few ms each); then O(H^3) per new group and a
+dictionary lookup per known group; no forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from objectives.merge_error import MergeErrorTable
+from objectives.proxies.base import GroupTableProxy, register_proxy
+from objectives.sensitivity import key_weights, plain_weights, value_weights
+
+MERGE_WEIGHTS = {"query_aware": False}  # merges with a closed form: name -> uses fisher weights
+
+
+class WeightedMergeProxy(GroupTableProxy):
+    cost = "O(H^3) scalar lookups per new group, memoised; no forward pass"
+    merge_override: str | None = None
+
+    def head_weights(self, layer: int, kind: str) -> torch.Tensor:
+        return plain_weights(self.adapter)
+
+    def merge_weights(self, layer: int, kind: str) -> torch.Tensor | None:
+        """N_h of the merge in use (None: the mean merge); see objectives.merging."""
+        merge = self.merge_override or self.merge
+        if merge == "mean":
+            return None
+        if merge not in MERGE_WEIGHTS:
+            raise ValueError(f"proxy {self.name!r} has no closed form for merge {merge!r}")
+        weigh = key_weights if kind == "k" else value_weights
+        return weigh(self.adapter, layer, self.stats.layers[layer], fisher=MERGE_WEIGHTS[merge])
+
+    def gram(self, layer: int) -> torch.Tensor:
+        return self.stats.layers[layer].gram
+
+    def build_table(self, layer: int, kind: str) -> MergeErrorTable:
+        weights, _ = self.adapter.head_slices(layer, kind)
+        return MergeErrorTable(
+            weights.detach().float().cpu(),
+            self.adapter.source_kv_index(layer, kind).cpu(),
+            self.gram(layer),
+            self.head_weights(layer, kind),
+            self.merge_weights(layer, kind),
+        )
+
+
+@register_proxy
+class WeightSharingError(WeightedMergeProxy):
+    name = "wse"
+    merge_override = "mean"
+
+    def gram(self, layer: int) -> torch.Tensor:
+        return torch.eye(self.adapter.hidden_size)
+
+
+@register_proxy
+class KVReconstruction(WeightedMergeProxy):
+    name = "kv_recon"
+
+
+@register_proxy
+class AttentionOutput(WeightedMergeProxy):
+    name = "attn_out"
+    fisher = False
+
+    def head_weights(self, layer: int, kind: str) -> torch.Tensor:
+        weigh = key_weights if kind == "k" else value_weights
+        return weigh(self.adapter, layer, self.stats.layers[layer], fisher=self.fisher)
+
+
+@register_proxy
+class FisherAttentionOutput(AttentionOutput):
+    name = "fisher"
+    fisher = True
