@@ -82,6 +82,10 @@ class ModelAdapter:
     def layers(self) -> nn.ModuleList:
         return self._get(self.layers_path)
 
+    def rope_inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies (D/2,): pair i rotates dims i and i + D/2 by position * f_i."""
+        return self._get(self.rotary_path).inv_freq
+
     def position_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE (cos, sin) for positions 0..T-1 of x (B, T, d), as the attention modules take them."""
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)

@@ -164,3 +164,34 @@ def test_unknown_proxy(model, stats):
 def test_query_aware_needs_statistics(model):
     with pytest.raises(ValueError, match="needs calibration statistics"):
         gqa.convert(copy.deepcopy(model), ASYM, merge="query_aware")
+
+
+def test_rope_query_moment_matches_rotated_logits():
+    """dk^T S~ dk equals the mean over distances < ROPE_WINDOW of (RoPE(q) . RoPE(dk))^2."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from objectives.sensitivity import ROPE_WINDOW, rope_query_moment
+
+    model = tiny_model(num_heads=2, head_dim=8, rope_theta=50.0)
+    adapter = get_adapter(model)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(50, 2, 8, generator=gen, dtype=torch.float64)  # 50 samples, 2 heads
+    dk = torch.randn(2, 8, generator=gen, dtype=torch.float64)
+    moment = rope_query_moment(adapter, torch.einsum("nhi,nhj->hij", q, q).float() / 50).double()
+    x = torch.zeros(1, ROPE_WINDOW + 1, 16)
+    cos, sin = (t.double() for t in adapter.position_embeddings(x))
+    t = ROPE_WINDOW  # query position; keys at t - delta
+    total = torch.zeros(2, dtype=torch.float64)
+    for delta in range(ROPE_WINDOW):
+        s = t - delta
+        qr, _ = apply_rotary_pos_emb(
+            q[:, :, None, :], q[:, :, None, :], cos[:, t : t + 1], sin[:, t : t + 1]
+        )
+        _, kr = apply_rotary_pos_emb(
+            dk[None, :, None, :], dk[None, :, None, :], cos[:, s : s + 1], sin[:, s : s + 1]
+        )
+        total += (qr[:, :, 0] * kr[:, :, 0]).sum(-1).pow(2).mean(0)
+    expected = total / ROPE_WINDOW
+    torch.testing.assert_close(
+        torch.einsum("hi,hij,hj->h", dk, moment, dk), expected, rtol=1e-4, atol=1e-6
+    )

@@ -1,0 +1,210 @@
+"""Recovery after conversion (layerwise local fit, Trainer fine-tuning) on a tiny random model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gqa
+from gqa.adapters import get_adapter
+from gqa.grouping import Grouping
+from objectives.calibration import CalibrationConfig, calibrate
+from objectives.proxies import make_proxy
+from objectives.recovery import (
+    FinetuneConfig,
+    LayerwiseConfig,
+    RecoveryDivergedError,
+    recover,
+)
+from tests.tiny import tiny_model
+
+CONFIG = CalibrationConfig(seq_len=16, num_seqs=6, grad_seqs=2, sample_seqs=6, batch_size=3)
+MERGED = Grouping.neighbour(6, 2, 1)  # one K and one V head per layer (the source has 3)
+TINY_FINETUNE = dict(
+    max_steps=3, batch_size=2, seq_len=16, num_train_windows=6, lr=1e-3, device="cpu"
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(num_kv_heads=3, vocab_size=49152)
+
+
+@pytest.fixture(scope="module")
+def stats(model, smol_tokenizer, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADGROUP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return calibrate(model, smol_tokenizer, CONFIG, model_name="tiny", progress=False)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], model: nn.Module) -> set[str]:
+    after = model.state_dict()
+    assert set(after) == set(before)
+    return {name for name, t in before.items() if not torch.equal(t, after[name])}
+
+
+def _projection_names(model: nn.Module, which: tuple[str, ...]) -> set[str]:
+    return {
+        name
+        for name, _ in model.named_parameters()
+        if any(f".self_attn.{w}_proj." in name for w in which)
+    }
+
+
+def _assert_grouping_and_cache(model: nn.Module, grouping: Grouping) -> None:
+    assert gqa.model_grouping(model) == grouping
+    ids = torch.tensor([[5, 17, 230, 9]])
+    out = model.generate(
+        input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
+    )
+    assert out.sequences.shape == (1, 7)
+    for layer, lg in zip(out.past_key_values.layers, grouping.layers, strict=True):
+        assert layer.keys.shape[1] == lg.num_k_groups
+        assert layer.values.shape[1] == lg.num_v_groups
+
+
+# -- layerwise ---------------------------------------------------------------------------------
+
+
+def test_layerwise_reduces_each_layers_local_error(model, stats, smol_tokenizer):
+    source_before = _state(model)
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    before = _state(converted)
+    config = LayerwiseConfig(steps=20, lr=2e-2, batch_size=3)
+    result = recover("layerwise", converted, model, smol_tokenizer, stats, config, progress=False)
+
+    assert result.method == "layerwise" and result.steps == 40 and len(result.history) == 40
+    assert len(result.layer_losses) == 2
+    for initial, final in result.layer_losses:
+        assert final < 0.8 * initial
+    # The initial loss is the local_attn proxy's score of the grouping.
+    proxy = make_proxy("local_attn", model, stats)
+    assert result.initial_loss == pytest.approx(proxy.score(MERGED), rel=1e-4)
+    assert result.final_loss == pytest.approx(sum(f for _, f in result.layer_losses))
+
+    trained = _projection_names(converted, ("k", "v"))
+    assert _changed(before, converted) == trained  # everything else is bitwise unchanged
+    assert result.trainable_parameters == sum(
+        p.numel() for n, p in converted.named_parameters() if n in trained
+    )
+    assert all(p.requires_grad for p in converted.parameters())
+    assert not _changed(source_before, model)
+    _assert_grouping_and_cache(converted, MERGED)
+
+
+def test_layerwise_can_train_q_and_o(model, stats):
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    before = _state(converted)
+    config = LayerwiseConfig(steps=2, batch_size=3, train=("q", "o"))
+    recover("layerwise", converted, model, None, stats, config, progress=False)
+    assert _changed(before, converted) == _projection_names(converted, ("q", "o"))
+
+
+def test_layerwise_identity_grouping_starts_at_zero(model, stats):
+    identity = Grouping.identity(6, 2)
+    converted = gqa.convert(copy.deepcopy(model), identity)
+    result = recover(
+        "layerwise", converted, model, None, stats, {"steps": 1, "lr": 1e-6}, progress=False
+    )
+    assert result.initial_loss == pytest.approx(0.0, abs=1e-10)
+    assert result.final_loss < 1e-6
+
+
+# -- finetune ----------------------------------------------------------------------------------
+
+
+def test_finetune_trains_only_the_chosen_projections(model, smol_tokenizer):
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    before = _state(converted)
+    config = FinetuneConfig(**TINY_FINETUNE, logging_steps=1)
+    result = recover("finetune", converted, model, smol_tokenizer, None, config, progress=False)
+
+    assert result.method == "finetune" and result.steps == 3 and len(result.history) == 3
+    assert result.initial_loss == result.history[0] and result.final_loss == result.history[-1]
+    assert _changed(before, converted) == _projection_names(converted, ("k", "v"))
+    assert torch.equal(
+        before["model.embed_tokens.weight"], converted.model.embed_tokens.weight
+    )  # a frozen parameter
+    assert all(p.requires_grad for p in converted.parameters())
+    assert not converted.training and converted.config.use_cache
+    _assert_grouping_and_cache(converted, MERGED)
+
+
+def test_finetune_distillation_adds_the_kl_to_the_loss(model, smol_tokenizer):
+    source_before = _state(model)
+    losses = {}
+    for distill in (False, True):
+        converted = gqa.convert(copy.deepcopy(model), MERGED)
+        config = FinetuneConfig(**{**TINY_FINETUNE, "max_steps": 1}, distill=distill)
+        result = recover("finetune", converted, model, smol_tokenizer, None, config, progress=False)
+        losses[distill] = result.initial_loss
+    assert losses[True] > losses[False]  # same batch and weights; KL(source || converted) > 0
+    assert not _changed(source_before, model) and not model.training
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_finetune_lora_is_merged_back(model, smol_tokenizer):
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    cls, before = type(converted), _state(converted)
+    config = FinetuneConfig(**TINY_FINETUNE, lora=True, lora_r=4)
+    result = recover("finetune", converted, model, smol_tokenizer, None, config, progress=False)
+
+    assert type(converted) is cls
+    assert not any("lora" in name for name in converted.state_dict())
+    adapter = get_adapter(converted)
+    assert all(
+        type(adapter.projection(i, w)) is nn.Linear for i in range(2) for w in ("q", "k", "v", "o")
+    )
+    assert _changed(before, converted) == _projection_names(converted, ("k", "v"))
+    # LoRA factors (r x in) and (out x r) for k and v (8 outputs each: one head) in 2 layers.
+    assert result.trainable_parameters == 2 * 2 * 4 * (48 + 8)
+    _assert_grouping_and_cache(converted, MERGED)
+
+
+# -- divergence and errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_finetune_divergence_stops_with_a_clear_error(model, smol_tokenizer, lora):
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    cls, before = type(converted), _state(converted)
+    config = FinetuneConfig(**{**TINY_FINETUNE, "lr": 1e30, "max_steps": 5}, lora=lora)
+    with pytest.raises(RecoveryDivergedError, match=r"finetune step \d+: .*lower learning rate"):
+        recover("finetune", converted, model, smol_tokenizer, None, config, progress=False)
+    assert type(converted) is cls and not _changed(before, converted)  # restored, no adapters
+    assert all(p.requires_grad for p in converted.parameters())
+
+
+def test_layerwise_divergence_stops_with_a_clear_error(model, stats, monkeypatch):
+    from objectives import recovery
+
+    def exploding(module, adapter, x):
+        return torch.full(x.shape, float("nan"), requires_grad=True)
+
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    before = _state(converted)
+    monkeypatch.setattr(recovery, "_attend", exploding)
+    with pytest.raises(RecoveryDivergedError, match="layerwise layer 0 step 1: .*lower learning"):
+        recover("layerwise", converted, model, None, stats, {"steps": 2}, progress=False)
+    assert not _changed(before, converted)
+
+
+def test_unknown_method_names_it_and_lists_the_methods(model):
+    with pytest.raises(
+        ValueError, match=r"unknown recovery method 'nope' \(available: finetune, layerwise\)"
+    ):
+        recover("nope", model, model)
+
+
+def test_bad_configs(model):
+    with pytest.raises(ValueError, match="layerwise train must be a non-empty subset"):
+        LayerwiseConfig(train=("k", "x"))
+    with pytest.raises(ValueError, match="finetune trainable must be 'all'"):
+        FinetuneConfig(trainable="kv")
+    with pytest.raises(TypeError, match="recovery 'layerwise' takes a LayerwiseConfig"):
+        recover("layerwise", copy.deepcopy(model), model, config=FinetuneConfig())
