@@ -179,14 +179,6 @@ class LayerwiseConfig:
             raise ValueError(f"layerwise lr must be positive, got {self.lr}")
 
 
-def _attend(module: nn.Module, adapter: ModelAdapter, x: torch.Tensor) -> torch.Tensor:
-    """One attention module on whole sequences x (B, T, d), causal, no padding -> (B, T, d)."""
-    out, _ = module(
-        hidden_states=x, position_embeddings=adapter.position_embeddings(x), attention_mask=None
-    )
-    return out
-
-
 def _module_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     param = next(module.parameters())
     return x.to(device=param.device, dtype=param.dtype)
@@ -203,7 +195,7 @@ def _relative_error(
     """||y - y_src||^2 / ||y_src||^2 over all of `inputs` (the `local_attn` proxy's error)."""
     err = norm = 0.0
     for x, y in zip(inputs.split(batch_size), target.split(batch_size), strict=True):
-        out = _attend(module, adapter, _module_input(module, x)).float()
+        out = adapter.attend(module, _module_input(module, x)).float()
         err += float((out - y).pow(2).sum())
         norm += float(y.pow(2).sum())
     return err / norm
@@ -225,7 +217,7 @@ def _fit_layer(
     for step in range(config.steps):
         rows = torch.randperm(inputs.shape[0], generator=generator)[: config.batch_size]
         y_src = target[rows.to(target.device)]
-        y = _attend(module, adapter, _module_input(module, inputs[rows])).float()
+        y = adapter.attend(module, _module_input(module, inputs[rows])).float()
         loss = (y - y_src).pow(2).sum() / y_src.pow(2).sum()
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -276,7 +268,7 @@ def layerwise(
             with torch.no_grad():
                 target = torch.cat(
                     [
-                        _attend(src_module, s, _module_input(src_module, x)).float()
+                        s.attend(src_module, _module_input(src_module, x)).float()
                         for x in inputs.split(config.batch_size)
                     ]
                 ).to(next(module.parameters()).device)

@@ -91,6 +91,14 @@ class ModelAdapter:
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         return self._get(self.rotary_path)(x, positions)
 
+    def attend(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one attention module standalone on whole sequences x (B, T, d): causal, positions
+        0..T-1, no padding. Used for layer-local errors and layer-wise recovery."""
+        out, _ = module(
+            hidden_states=x, position_embeddings=self.position_embeddings(x), attention_mask=None
+        )
+        return out
+
     def attention(self, layer: int) -> nn.Module:
         return getattr(self.layers()[layer], self.attention_attr)
 

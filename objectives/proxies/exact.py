@@ -37,12 +37,7 @@ class LocalAttentionError(Proxy):
     def _run(self, module: nn.Module, layer: int) -> torch.Tensor:
         x = self.stats.layers[layer].inputs.to(next(module.parameters()).device)
         x = x.to(next(module.parameters()).dtype)
-        out, _ = module(
-            hidden_states=x,
-            position_embeddings=self.adapter.position_embeddings(x),
-            attention_mask=None,
-        )
-        return out.float()
+        return self.adapter.attend(module, x).float()
 
     def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
         key = (layer, grouping)

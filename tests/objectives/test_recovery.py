@@ -181,14 +181,14 @@ def test_finetune_divergence_stops_with_a_clear_error(model, smol_tokenizer, lor
 
 
 def test_layerwise_divergence_stops_with_a_clear_error(model, stats, monkeypatch):
-    from objectives import recovery
+    from gqa.adapters import ModelAdapter
 
-    def exploding(module, adapter, x):
+    def exploding(self, module, x):
         return torch.full(x.shape, float("nan"), requires_grad=True)
 
     converted = gqa.convert(copy.deepcopy(model), MERGED)
     before = _state(converted)
-    monkeypatch.setattr(recovery, "_attend", exploding)
+    monkeypatch.setattr(ModelAdapter, "attend", exploding)
     with pytest.raises(RecoveryDivergedError, match="layerwise layer 0 step 1: .*lower learning"):
         recover("layerwise", converted, model, None, stats, {"steps": 2}, progress=False)
     assert not _changed(before, converted)
