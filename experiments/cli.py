@@ -7,6 +7,7 @@ exits with status 2; nothing is half-written because results are written atomica
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -177,6 +178,65 @@ def run_demo(args: argparse.Namespace) -> None:
     }
     write_text_atomic(args.out / "demo.json", json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out / 'demo.json'} ({report['wall_seconds']} s)")
+
+
+# -- study ---------------------------------------------------------------------------------------
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="study TOML file")
+    p.add_argument("--storage", default=None, help="override [study] storage (e.g. journal:f.log)")
+    p.add_argument("--stage", choices=("all", "1", "2"), default="all", help="run only one stage")
+
+
+@command("study", _study_args)
+def run_study(args: argparse.Namespace) -> None:
+    """Run (or resume, or join as a worker) the two-stage search study of a config."""
+    from search.config import StudyConfig
+    from search.results import summary_table
+    from search.study import Study
+
+    config = StudyConfig.load(args.config)
+    if args.storage:
+        config = dataclasses.replace(config, storage=args.storage)
+    torch.set_grad_enabled(True)  # calibration and recovery need gradients
+    study = Study(config)
+    start = time.time()
+    stage1 = study.stage1() if args.stage in ("all", "1") else study.load_stage1()
+    if args.stage in ("all", "2"):
+        study.stage2(stage1)
+    print(summary_table(config.name, study.storage))
+    print(f"study {config.name}: done in {time.time() - start:.0f} s (storage {config.storage})")
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, action="append", help="study name (repeat: seeds)")
+    p.add_argument(
+        "--storage", required=True, help="storage URL, e.g. sqlite:///results/default/study.db"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+@command("pareto", _report_args)
+def run_pareto(args: argparse.Namespace) -> None:
+    """Plot accuracy and perplexity against KV-cache size, with the Pareto front."""
+    from experiments.reports import pareto_report
+
+    for name in args.study:
+        paths = pareto_report(name, args.storage, args.out)
+        print(f"wrote {paths['png']} and {paths['csv']}")
+
+
+@command("ablate", _report_args)
+def run_ablate(args: argparse.Namespace) -> None:
+    """Ablation tables (Markdown, CSV, LaTeX); several --study are averaged as seeds."""
+    from experiments.reports import ablation_report
+
+    paths = ablation_report(args.study, args.storage, args.out)
+    print(f"wrote {paths['md']}, {paths['csv']} and {paths['tex']}")
 
 
 # -- entry point -----------------------------------------------------------------------------------

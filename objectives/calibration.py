@@ -224,7 +224,9 @@ def collect(
                 model(input_ids=batch.to(device))
                 collector.tokens += batch.numel()
         collector.collect_inputs = False
-        grad_batches = windows[: config.grad_seqs].split(config.batch_size)
+        grad_batches = (
+            windows[: config.grad_seqs].split(config.batch_size) if config.grad_seqs else ()
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:
             p.requires_grad_(False)

@@ -1,0 +1,336 @@
+"""Study configuration: a TOML file that fully describes a study, validated before any work.
+
+    [study]        name, storage (sqlite:///f.db | journal:f.log | postgresql://... | mysql://...), seed
+    [model]        name (registered name, saved folder, or HF id)
+    [calibration]  fields of objectives.calibration.CalibrationConfig
+    [search]       budgets (average KV heads per layer, K and V each), proxy, merge, trials,
+                   allocation (list of booleans searched over), objective ("constrained"|"pareto"),
+                   [search.strategies.NAME] with hyper-parameter ranges:
+                       key = value            fixed
+                       key = [a, b, c]        categorical
+                       key = {low, high, log} int range if low and high are ints, else float range
+    [promote]      top_k, recovery ("none"|registered method), [promote.recovery_config], tasks,
+                   limit, ppl_windows, seq_len, baselines
+Errors name the offending key: `ConfigError: search.budgets: ...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from objectives.calibration import CalibrationConfig
+
+
+class ConfigError(ValueError):
+    """A study config is invalid; the message starts with the offending key."""
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """One hyper-parameter: fixed, categorical, or a numeric range."""
+
+    name: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @classmethod
+    def parse(cls, key: str, name: str, value: Any) -> ParamSpace:
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{key}: an empty list of choices")
+            return cls(name, choices=tuple(value))
+        if isinstance(value, dict):
+            unknown = set(value) - {"low", "high", "log"}
+            if unknown or not {"low", "high"} <= set(value):
+                raise ConfigError(
+                    f"{key}: a range needs exactly 'low', 'high' and optionally 'log'"
+                )
+            low, high = value["low"], value["high"]
+            if (
+                not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high))
+                or low > high
+            ):
+                raise ConfigError(f"{key}: range needs numbers with low <= high")
+            integer = isinstance(low, int) and isinstance(high, int)
+            return cls(name, low=low, high=high, log=bool(value.get("log", False)), integer=integer)
+        return cls(name, choices=(value,))
+
+    def suggest(self, trial, prefix: str) -> Any:
+        key = f"{prefix}.{self.name}"
+        if self.choices is not None:
+            if len(self.choices) == 1:
+                return self.choices[0]
+            return trial.suggest_categorical(key, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(key, float(self.low), float(self.high), log=self.log)
+
+    def values(self) -> tuple:
+        """Every value this space can give (for validation)."""
+        return self.choices if self.choices is not None else (self.low, self.high)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    budgets: tuple[float, ...]
+    proxy: str = "fisher"
+    merge: str = "query_aware"
+    trials: int = 60
+    allocation: tuple[bool, ...] = (False, True)
+    objective: str = "constrained"
+    strategies: dict[str, tuple[ParamSpace, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    top_k: int = 2
+    recovery: str = "layerwise"
+    recovery_config: dict = field(default_factory=dict)
+    tasks: tuple[str, ...] = ("ppl", "arc_easy")
+    limit: int | None = 100
+    ppl_windows: int = 24
+    seq_len: int = 256
+    baselines: tuple[str, ...] = ("neighbour", "neighbour_kv")
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    storage: str
+    model: str
+    seed: int
+    calibration: CalibrationConfig
+    search: SearchConfig
+    promote: PromoteConfig
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> StudyConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(data, path)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict, path: Path | None = None) -> StudyConfig:
+        _only(data, "", {"study", "model", "calibration", "search", "promote"})
+        study = _section(data, "study", required=True)
+        _only(study, "study", {"name", "storage", "seed"})
+        model = _section(data, "model", required=True)
+        _only(model, "model", {"name"})
+        name = _get(study, "study.name", str)
+        storage = _get(study, "study.storage", str, f"sqlite:///results/{name}/study.db")
+        seed = _get(study, "study.seed", int, 0)
+        calibration = _dataclass_from(
+            CalibrationConfig, _section(data, "calibration"), "calibration"
+        )
+        search = _search(_section(data, "search", required=True))
+        promote = _promote(_section(data, "promote"))
+        return cls(
+            name=name,
+            storage=storage,
+            model=_get(model, "model.name", str),
+            seed=seed,
+            calibration=calibration,
+            search=search,
+            promote=promote,
+            path=path,
+        )
+
+
+# -- parsing helpers --------------------------------------------------------------------------
+
+
+def _section(data: dict, key: str, required: bool = False) -> dict:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{key}: missing section [{key}]")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table")
+    return value
+
+
+def _only(table: dict, prefix: str, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _get(table: dict, key: str, kind: type | tuple, default: Any = dataclasses.MISSING) -> Any:
+    name = key.rsplit(".", 1)[-1]
+    if name not in table:
+        if default is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required")
+        return default
+    value = table[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise ConfigError(f"{key}: expected {names}, got {value!r}")
+    return value
+
+
+def _dataclass_from(cls: type, table: dict, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _only(table, prefix, set(fields))
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix}: {exc}") from None
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of names")
+    return tuple(value)
+
+
+def _search(table: dict) -> SearchConfig:
+    from gqa.merge import MERGES
+    from objectives.proxies import PROXIES
+    from search.strategies import STRATEGIES
+
+    _only(
+        table,
+        "search",
+        {"budgets", "proxy", "merge", "trials", "allocation", "objective", "strategies"},
+    )
+    budgets = _get(table, "search.budgets", list)
+    if not budgets or not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and b >= 1 for b in budgets
+    ):
+        raise ConfigError(
+            "search.budgets: expected a non-empty list of numbers >= 1 (KV heads per layer)"
+        )
+    proxy = _get(table, "search.proxy", str, "fisher")
+    if proxy not in PROXIES:
+        raise ConfigError(
+            f"search.proxy: unknown proxy {proxy!r} (available: {', '.join(sorted(PROXIES))})"
+        )
+    merge = _get(table, "search.merge", str, "query_aware")
+    if merge not in MERGES:
+        raise ConfigError(
+            f"search.merge: unknown merge {merge!r} (available: {', '.join(sorted(MERGES))})"
+        )
+    trials = _get(table, "search.trials", int, 60)
+    if trials < 1:
+        raise ConfigError("search.trials: must be at least 1")
+    allocation = table.get("allocation", [False, True])
+    if isinstance(allocation, bool):
+        allocation = [allocation]
+    if (
+        not isinstance(allocation, list)
+        or not allocation
+        or not all(isinstance(a, bool) for a in allocation)
+    ):
+        raise ConfigError("search.allocation: expected a boolean or a list of booleans")
+    objective = _get(table, "search.objective", str, "constrained")
+    if objective not in ("constrained", "pareto"):
+        raise ConfigError("search.objective: expected 'constrained' or 'pareto'")
+    strategies_table = _get(table, "search.strategies", dict, {name: {} for name in STRATEGIES})
+    strategies = {}
+    for name, params in strategies_table.items():
+        key = f"search.strategies.{name}"
+        if name not in STRATEGIES:
+            raise ConfigError(
+                f"{key}: unknown strategy (available: {', '.join(sorted(STRATEGIES))})"
+            )
+        if not isinstance(params, dict):
+            raise ConfigError(f"{key}: must be a table of hyper-parameters")
+        fields = {f.name: f for f in dataclasses.fields(STRATEGIES[name])}
+        spaces = []
+        for pname, value in params.items():
+            if pname not in fields or pname == "seed":
+                allowed = ", ".join(sorted(f for f in fields if f != "seed"))
+                raise ConfigError(f"{key}.{pname}: unknown hyper-parameter (allowed: {allowed})")
+            spaces.append(ParamSpace.parse(f"{key}.{pname}", pname, value))
+        for space in spaces:  # every value must build a valid strategy
+            for value in space.values():
+                try:
+                    STRATEGIES[name](**{space.name: int(value) if space.integer else value})
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(f"{key}.{space.name}: {exc}") from None
+        strategies[name] = tuple(spaces)
+    if not strategies:
+        raise ConfigError("search.strategies: at least one strategy is needed")
+    return SearchConfig(
+        budgets=tuple(float(b) for b in budgets),
+        proxy=proxy,
+        merge=merge,
+        trials=trials,
+        allocation=tuple(allocation),
+        objective=objective,
+        strategies=strategies,
+    )
+
+
+def _promote(table: dict) -> PromoteConfig:
+    from objectives.evaluate import TASKS
+    from objectives.recovery import RECOVERIES
+    from search.strategies import STRATEGIES
+
+    allowed = {f.name for f in dataclasses.fields(PromoteConfig)}
+    _only(table, "promote", allowed)
+    defaults = PromoteConfig()
+    top_k = _get(table, "promote.top_k", int, defaults.top_k)
+    if top_k < 0:
+        raise ConfigError("promote.top_k: must be >= 0")
+    recovery = _get(table, "promote.recovery", str, defaults.recovery)
+    if recovery != "none" and recovery not in RECOVERIES:
+        raise ConfigError(
+            f"promote.recovery: unknown method {recovery!r} (available: none, {', '.join(sorted(RECOVERIES))})"
+        )
+    recovery_config = _get(table, "promote.recovery_config", dict, {})
+    if recovery != "none":
+        config_class = RECOVERIES[recovery].config_class
+        _dataclass_from(config_class, recovery_config, "promote.recovery_config")
+    tasks = _names(table.get("tasks", list(defaults.tasks)), "promote.tasks")
+    for task in tasks:
+        if task != "ppl" and task not in TASKS:
+            raise ConfigError(
+                f"promote.tasks: unknown task {task!r} (available: ppl, {', '.join(sorted(TASKS))})"
+            )
+    limit = table.get("limit", defaults.limit)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ConfigError("promote.limit: expected a positive integer")
+    baselines = _names(table.get("baselines", list(defaults.baselines)), "promote.baselines")
+    for name in baselines:
+        if name not in STRATEGIES:
+            raise ConfigError(f"promote.baselines: unknown strategy {name!r}")
+    ints = {
+        k: _get(table, f"promote.{k}", int, getattr(defaults, k))
+        for k in ("ppl_windows", "seq_len", "batch_size")
+    }
+    for key, value in ints.items():
+        if value < 1:
+            raise ConfigError(f"promote.{key}: must be at least 1")
+    return PromoteConfig(
+        top_k=top_k,
+        recovery=recovery,
+        recovery_config=recovery_config,
+        tasks=tasks,
+        limit=limit,
+        baselines=baselines,
+        **ints,
+    )

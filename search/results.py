@@ -1,0 +1,102 @@
+"""Read a study's results back from its storage as tables (the reports need nothing else)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+from optuna.trial import TrialState
+
+from search.study import STAGE2_SUFFIX, make_storage
+
+
+def _load(name: str, storage) -> optuna.Study | None:
+    if isinstance(storage, str):
+        for prefix in ("sqlite:///", "journal:"):
+            if storage.startswith(prefix) and not Path(storage.removeprefix(prefix)).is_file():
+                raise FileNotFoundError(f"storage {storage} does not exist")
+        storage = make_storage(storage)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def stage1_frame(name: str, storage) -> pd.DataFrame:
+    """One row per complete stage-1 trial: budget, strategy, hyper-parameters, proxy, KV size."""
+    study = _load(name, storage)
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []:
+        if "key" not in t.user_attrs:
+            continue
+        params = {
+            k: v for k, v in t.params.items() if k not in ("budget", "strategy", "allocation")
+        }
+        rows.append(
+            {
+                "trial": t.number,
+                "budget": t.params.get("budget"),
+                "strategy": t.params.get("strategy"),
+                "allocation": t.params.get("allocation"),
+                "params": json.dumps(params, sort_keys=True),
+                "proxy": t.user_attrs["proxy"],
+                "kv_bytes": t.user_attrs["kv_bytes"],
+                "kv_heads": t.user_attrs["kv_heads"],
+                "key": t.user_attrs["key"],
+                "duplicate_of": t.user_attrs.get("duplicate_of"),
+                "strategy_seconds": t.user_attrs.get("strategy_seconds"),
+                "proxy_seconds": t.user_attrs.get("proxy_seconds"),
+                "grouping": t.user_attrs["grouping"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def stage2_frame(name: str, storage) -> pd.DataFrame:
+    """One row per evaluated candidate: kind, budget, strategy, proxy, perplexity, accuracies."""
+    study = _load(name + STAGE2_SUFFIX, storage)
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []:
+        item = json.loads(t.user_attrs["item"])
+        row = {k: item.get(k) for k in ("key", "kind", "budget", "strategy", "allocation", "proxy")}
+        row.update(
+            {
+                k: v
+                for k, v in t.user_attrs.items()
+                if k not in ("item", "item_key", "worker", "results", "recovery")
+            }
+        )
+        row["trial"] = t.number
+        row["grouping"] = item.get("grouping")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_table(name: str, storage) -> str:
+    """The table printed at the end of a study."""
+    lines = []
+    s1 = stage1_frame(name, storage)
+    if not s1.empty:
+        best = s1.groupby(["budget", "strategy"]).agg(
+            trials=("proxy", "size"), best_proxy=("proxy", "min"), kv_heads=("kv_heads", "first")
+        )
+        lines += [
+            "stage 1: best proxy per budget (KV heads per layer) and strategy",
+            best.to_string(),
+            "",
+        ]
+    s2 = stage2_frame(name, storage)
+    if not s2.empty:
+        cols = [
+            c
+            for c in ("kind", "budget", "strategy", "proxy", "kv_heads", "ppl", "mean_acc")
+            if c in s2
+        ]
+        cols += sorted(c for c in s2.columns if c.startswith("acc_"))
+        lines += [
+            "stage 2: evaluated candidates",
+            s2.sort_values(["budget", "ppl"], na_position="first")[cols].to_string(index=False),
+        ]
+    return "\n".join(lines) if lines else f"study {name}: no results yet"

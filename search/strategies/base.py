@@ -1,0 +1,249 @@
+"""The strategy interface: a seeded proposer of one grouping for a budget, and the registry.
+
+A strategy's hyper-parameters are its dataclass fields. Proxies decompose over layers, so most
+strategies only fill in `propose_partition` (one layer, one of K / V / shared K+V, G groups).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import numpy as np
+from torch import nn
+
+from gqa.adapters import ModelAdapter, get_adapter
+from gqa.grouping import Grouping, Partition, canonical_partition, partition_from_index
+from gqa.surgery import current_grouping
+from objectives.calibration import CalibrationStats
+from objectives.proxies import GroupTableProxy, Proxy
+from search.budget import Budget
+
+KINDS = ("k", "v", "kv")  # "kv": one partition shared by K and V, scored by the sum of both
+_KIND_CODE = {"k": 0, "v": 1, "kv": 2}
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy available by its `name`."""
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"strategy name {cls.name!r} is already registered")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r} (available: {', '.join(sorted(STRATEGIES))})")
+    return STRATEGIES[name]
+
+
+def make_strategy(name: str, **params: Any) -> Strategy:
+    """A strategy by name, with hyper-parameters by keyword (the rest keep their defaults)."""
+    cls = get_strategy(name)
+    known = [f.name for f in fields(cls) if f.init]
+    for key in params:
+        if key not in known:
+            raise ValueError(
+                f"strategy {name!r} has no parameter {key!r} (parameters: {', '.join(known)})"
+            )
+    return cls(**params)
+
+
+@dataclass
+class SearchContext:
+    """What strategies may look at: sizes, the source layout, a proxy, calibration statistics."""
+
+    num_heads: int
+    num_layers: int
+    proxy: Proxy | None
+    source: Grouping
+    stats: CalibrationStats | None = None
+    adapter: ModelAdapter | None = None
+    # Per-context memo for derived data strategies reuse across calls (e.g. activation features).
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.source.check_model(self.num_layers, self.num_heads)
+        if self.stats is None and self.proxy is not None:
+            self.stats = self.proxy.stats
+        if self.adapter is None and self.proxy is not None:
+            self.adapter = self.proxy.adapter
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, proxy: Proxy | None = None, stats: CalibrationStats | None = None
+    ) -> SearchContext:
+        adapter = get_adapter(model)
+        return cls(
+            num_heads=adapter.num_heads,
+            num_layers=adapter.num_layers,
+            proxy=proxy,
+            source=current_grouping(model),
+            stats=stats,
+            adapter=adapter,
+        )
+
+    # -- scoring ---------------------------------------------------------------------------------
+
+    def table_proxy(self, who: str = "this strategy") -> GroupTableProxy:
+        """The proxy, which must decompose over groups (a GroupTableProxy)."""
+        if self.proxy is None:
+            raise ValueError(
+                f"{who} needs a proxy: build the SearchContext with one that decomposes over "
+                "groups (kv_recon, attn_out, fisher, wse, act_cos)"
+            )
+        if not isinstance(self.proxy, GroupTableProxy):
+            raise ValueError(
+                f"{who} needs a proxy that decomposes over groups (kv_recon, attn_out, fisher, "
+                f"wse, act_cos); {self.proxy.name!r} scores whole layers only"
+            )
+        return self.proxy
+
+    def group_error(self, layer: int, kind: str, group) -> float:
+        """Proxy error of one group of query heads; for kind "kv" the K error plus the V error."""
+        proxy = self.table_proxy()
+        group = tuple(sorted(group))
+        if kind == "kv":
+            return proxy.group_error(layer, "k", group) + proxy.group_error(layer, "v", group)
+        if kind not in ("k", "v"):
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return proxy.group_error(layer, kind, group)
+
+    def partition_error(self, layer: int, kind: str, partition) -> float:
+        return float(sum(self.group_error(layer, kind, g) for g in partition))
+
+    # -- other inputs ----------------------------------------------------------------------------
+
+    def source_partition(self, layer: int, kind: str) -> Partition:
+        """The source model's own grouping of the query heads (for "kv": heads that share both
+        their K and their V source head)."""
+        lg = self.source.layers[layer]
+        if kind == "k":
+            return lg.k
+        if kind == "v":
+            return lg.v
+        k_of = {h: i for i, g in enumerate(lg.k) for h in g}
+        v_of = {h: i for i, g in enumerate(lg.v) for h in g}
+        labels = {}
+        return partition_from_index(
+            [labels.setdefault((k_of[h], v_of[h]), len(labels)) for h in range(self.num_heads)]
+        )
+
+    def require_stats(self, who: str) -> tuple[CalibrationStats, ModelAdapter]:
+        if self.stats is None or self.adapter is None:
+            raise ValueError(
+                f"{who} needs calibration statistics and the model: use "
+                "SearchContext.from_model(model, proxy, stats)"
+            )
+        return self.stats, self.adapter
+
+
+@dataclass
+class Strategy(ABC):
+    """Proposes a grouping for a budget. Hyper-parameters are fields; subclasses validate theirs
+    in `__post_init__` (calling super) and raise ValueError naming the field."""
+
+    name: ClassVar[str]
+    needs_proxy: ClassVar[bool] = False
+    needs_stats: ClassVar[bool] = False
+
+    seed: int = 0
+    share_kv: bool = False  # one partition per layer for K and V, optimised for their summed error
+
+    def __post_init__(self) -> None:
+        self.check_int("seed", minimum=0)
+        if not isinstance(self.share_kv, bool):
+            self.fail("share_kv", "must be True or False")
+
+    # -- the interface ---------------------------------------------------------------------------
+
+    def propose(self, ctx: SearchContext, budget: Budget) -> Grouping:
+        """A grouping with exactly budget.k[l] K groups and budget.v[l] V groups in layer l."""
+        budget.check(ctx.num_layers, ctx.num_heads)
+        if self.share_kv and budget.k != budget.v:
+            raise ValueError(
+                f"strategy {self.name!r} with share_kv needs equal K and V budgets, "
+                f"got k={budget.k} and v={budget.v}"
+            )
+        self.check_context(ctx)
+        k, v = [], []
+        for layer in range(ctx.num_layers):
+            if self.share_kv:
+                shared = self.layer_partition(ctx, layer, "kv", budget.k[layer])
+                k.append(shared)
+                v.append(shared)
+            else:
+                k.append(self.layer_partition(ctx, layer, "k", budget.k[layer]))
+                v.append(self.layer_partition(ctx, layer, "v", budget.v[layer]))
+        return Grouping.create(ctx.num_heads, k, v)
+
+    @abstractmethod
+    def propose_partition(
+        self, ctx: SearchContext, layer: int, kind: str, num_groups: int, rng: np.random.Generator
+    ) -> Partition:
+        """A partition of range(num_heads) into exactly `num_groups` groups (1 < G < H)."""
+
+    def check_context(self, ctx: SearchContext) -> None:
+        """Fail early, before any work, when the context lacks what this strategy reads."""
+        if self.needs_proxy:
+            ctx.table_proxy(f"strategy {self.name!r}")
+        if self.needs_stats:
+            ctx.require_stats(f"strategy {self.name!r}")
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def layer_partition(
+        self, ctx: SearchContext, layer: int, kind: str, num_groups: int
+    ) -> Partition:
+        """`propose_partition` with its own random stream, the two trivial G, and a check.
+
+        The stream depends only on (seed, layer, kind, G), so a layer's answer does not depend on
+        the order in which layers are visited or on what else was proposed before."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        h = ctx.num_heads
+        if not 1 <= num_groups <= h:
+            raise ValueError(f"cannot split {h} heads into {num_groups} groups")
+        if num_groups == 1:
+            return (tuple(range(h)),)
+        if num_groups == h:
+            return tuple((i,) for i in range(h))
+        rng = np.random.default_rng([self.seed, layer, _KIND_CODE[kind], num_groups])
+        partition = canonical_partition(
+            self.propose_partition(ctx, layer, kind, num_groups, rng),
+            h,
+            f"strategy {self.name!r}, layer {layer} {kind}",
+        )
+        if len(partition) != num_groups:
+            raise RuntimeError(
+                f"strategy {self.name!r} returned {len(partition)} groups for layer {layer} "
+                f"{kind}, {num_groups} were asked for"
+            )
+        return partition
+
+    def params(self) -> dict[str, Any]:
+        """The hyper-parameters, e.g. to record with a trial."""
+        return asdict(self)
+
+    def fail(self, field_name: str, problem: str) -> None:
+        raise ValueError(
+            f"strategy {self.name!r}: {field_name} {problem}, got {getattr(self, field_name)!r}"
+        )
+
+    def check_int(self, field_name: str, minimum: int = 0) -> None:
+        value = getattr(self, field_name)
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+            self.fail(field_name, f"must be an integer >= {minimum}")
+
+    def check_real(self, field_name: str, low: float, high: float) -> None:
+        value = getattr(self, field_name)
+        if isinstance(value, bool) or not isinstance(value, Real) or not low <= value <= high:
+            self.fail(field_name, f"must be a number in [{low}, {high}]")
+
+    def check_choice(self, field_name: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, field_name) not in choices:
+            self.fail(field_name, f"must be one of {', '.join(map(repr, choices))}")

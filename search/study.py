@@ -1,0 +1,459 @@
+"""The two-stage search study, on Optuna storage (resumable, shared by any number of workers).
+
+Stage 1 (cheap): each Optuna trial chooses a budget, a strategy with its hyper-parameters and
+whether to allocate the budget across layers; the strategy proposes a grouping, which is scored
+by the proxy. Trials store the canonical grouping (JSON), its KV bytes and proxy value in
+`user_attrs`. Neighbour (and neighbour_kv) at every budget are enqueued as baselines. A grouping
+already scored is not scored again (its value is copied). A global cap on trials holds across
+processes: trial numbers are allocated atomically by the storage, and a trial runs only while
+fewer than `trials` live trials (complete or running) have smaller numbers.
+
+Stage 2 (expensive): the top-k groupings per budget by proxy, the baselines and the source model
+are enqueued as work items in a second Optuna study `<name>:stage2` of the same storage.
+Waiting trials are claimed atomically by the storage, so no candidate is evaluated twice; each is
+converted, recovered and evaluated, and its results land in the trial's `user_attrs`.
+
+Resumption: a trial left RUNNING by a dead process on this machine (found by host and pid) is
+marked failed and its work re-enqueued; across machines Optuna's heartbeat does the same.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+import gqa
+import objectives.merging  # noqa: F401  (registers query_aware)
+from gqa.grouping import Grouping
+from gqa.models import LoadedModel, load_model
+from objectives.calibration import calibrate
+from objectives.data import TextSpec
+from objectives.evaluate import evaluate
+from objectives.proxies import make_proxy
+from objectives.recovery import recover
+from search.budget import Budget, allocate, error_curves
+from search.config import StudyConfig
+from search.strategies import SearchContext, make_strategy
+
+log = logging.getLogger(__name__)
+STAGE2_SUFFIX = ":stage2"
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+FAULT_ENV = "HEADGROUP_FAULT"  # test hook: "stage1:N" or "stage2:N" kills this process mid-trial
+
+
+def grouping_key(grouping: Grouping) -> str:
+    return hashlib.sha1(grouping.to_json().encode()).hexdigest()[:16]
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """sqlite:///f.db (one process), journal:f.log (processes on one machine), or an RDB URL."""
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal:"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:///"):  # one process: dead workers are found by pid instead
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url)
+    # Several machines: Optuna's heartbeat fails trials of workers that stopped answering.
+    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
+
+
+def _fault(stage: str, count: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec and spec == f"{stage}:{count}":
+        os.kill(os.getpid(), 9)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead_trials(study: optuna.Study) -> int:
+    """Fail RUNNING trials whose worker process on this host has died; re-enqueue their work."""
+    host = socket.gethostname()
+    revived = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("item", "item_key")}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+        revived += 1
+    if revived:
+        log.info("re-enqueued %d trial(s) of dead workers in %s", revived, study.study_name)
+    return revived
+
+
+@dataclass
+class StudyResult:
+    stage1_complete: int
+    stage2_complete: int
+    seconds: float
+
+
+class Study:
+    """A configured study bound to its storage; `run()` does whatever work is left."""
+
+    def __init__(
+        self, config: StudyConfig, progress: bool = True, loaded: LoadedModel | None = None
+    ):
+        self.config = config
+        self.progress = progress
+        self.storage = make_storage(config.storage)
+        self.loaded = loaded or load_model(config.model)
+        self.source = self.loaded.model
+        self.adapter = gqa.get_adapter(self.source)
+        heads = self.adapter.num_heads
+        for budget in config.search.budgets:
+            if budget > heads:
+                raise ValueError(
+                    f"search.budgets: {budget} KV heads per layer exceeds the {heads} query heads"
+                )
+        self.source_grouping = gqa.current_grouping(self.source)
+        self._stats = None
+        self._proxy = None
+        self._ctx = None
+        self._curves: dict[str, tuple[list, list]] = {}
+
+    # -- shared state ------------------------------------------------------------------------
+
+    @property
+    def stats(self):
+        if self._stats is None:
+            self._stats = calibrate(
+                self.source,
+                self.loaded.tokenizer,
+                self.config.calibration,
+                self.config.model,
+                self.progress,
+            )
+        return self._stats
+
+    @property
+    def proxy(self):
+        if self._proxy is None:
+            self._proxy = make_proxy(
+                self.config.search.proxy, self.source, self.stats, self.config.search.merge
+            )
+        return self._proxy
+
+    def context(self) -> SearchContext:
+        if self._ctx is None:  # one context: strategies memoise features in it
+            self._ctx = SearchContext.from_model(self.source, proxy=self.proxy, stats=self.stats)
+        return self._ctx
+
+    def budget(self, average: float, allocation: bool) -> Budget:
+        layers = self.adapter.num_layers
+        spread = Budget.from_average(layers, average)
+        if not allocation:
+            return spread
+        if "k" not in self._curves:
+            ctx = self.context()
+            strategy = make_strategy("greedy", start="neighbour_kv")
+            self._curves = {kind: error_curves(strategy, ctx, kind) for kind in ("k", "v")}
+        return allocate(self._curves["k"], self._curves["v"], sum(spread.k), sum(spread.v))
+
+    def kv_bytes(self, grouping: Grouping) -> int:
+        return grouping.kv_bytes_per_token(self.adapter.head_dim, 2)
+
+    # -- stage 1 -----------------------------------------------------------------------------
+
+    def stage1(self) -> optuna.Study:
+        search = self.config.search
+        directions = ["minimize", "minimize"] if search.objective == "pareto" else ["minimize"]
+        sampler = optuna.samplers.TPESampler(seed=self.config.seed)
+        study = optuna.create_study(
+            study_name=self.config.name,
+            storage=self.storage,
+            load_if_exists=True,
+            directions=directions,
+            sampler=sampler,
+        )
+        if not study.user_attrs.get("baselines_enqueued"):
+            for average in search.budgets:
+                for name in self.config.promote.baselines:
+                    params = {"budget": average, "strategy": name, "allocation": False}
+                    study.enqueue_trial(params, skip_if_exists=True)
+            study.set_user_attr("baselines_enqueued", True)
+            study.set_user_attr("config", _config_summary(self.config))
+        recover_dead_trials(study)
+        done = self._live_before(study, None)
+        bar = tqdm(
+            total=search.trials,
+            initial=min(done, search.trials),
+            desc="stage 1 (proxy)",
+            disable=not self.progress,
+        )
+        objective = self._objective1(study, bar)
+        remaining = max(search.trials - done, 0)
+        if remaining:
+            study.optimize(objective, n_trials=remaining + 8, catch=())
+        bar.close()
+        return study
+
+    def load_stage1(self) -> optuna.Study:
+        try:
+            return optuna.load_study(study_name=self.config.name, storage=self.storage)
+        except KeyError:
+            raise ValueError(
+                f"study {self.config.name!r} has no stage 1 in {self.config.storage}; run stage 1 first"
+            ) from None
+
+    @staticmethod
+    def _live_before(study: optuna.Study, number: int | None) -> int:
+        states = (TrialState.COMPLETE, TrialState.RUNNING)
+        trials = study.get_trials(deepcopy=False, states=states)
+        return sum(1 for t in trials if number is None or t.number < number)
+
+    def _objective1(self, study: optuna.Study, bar):
+        search = self.config.search
+        strategies = sorted(search.strategies)
+        budgets = list(search.budgets)
+
+        def objective(trial: optuna.Trial):
+            if self._live_before(study, trial.number) >= search.trials:
+                study.stop()
+                raise optuna.TrialPruned("trial cap reached")
+            trial.set_user_attr("worker", WORKER)
+            average = trial.suggest_categorical("budget", budgets)
+            name = trial.suggest_categorical("strategy", strategies)
+            allocation = trial.suggest_categorical("allocation", list(search.allocation))
+            params = {
+                space.name: space.suggest(trial, name) for space in search.strategies.get(name, ())
+            }
+            strategy = make_strategy(name, seed=self.config.seed + trial.number, **params)
+            start = time.perf_counter()
+            grouping = strategy.propose(self.context(), self.budget(average, allocation))
+            key = grouping_key(grouping)
+            previous = _find_complete(study, "key", key)
+            if previous is not None:
+                value, proxy_seconds = previous.user_attrs["proxy"], 0.0
+                trial.set_user_attr("duplicate_of", previous.number)
+            else:
+                t0 = time.perf_counter()
+                value = self.proxy.score(grouping)
+                proxy_seconds = time.perf_counter() - t0
+            kv = self.kv_bytes(grouping)
+            for attr, val in {
+                "key": key,
+                "grouping": grouping.to_json(),
+                "proxy": value,
+                "kv_bytes": kv,
+                "kv_heads": grouping.kv_heads(),
+                "strategy_seconds": time.perf_counter() - start - proxy_seconds,
+                "proxy_seconds": proxy_seconds,
+            }.items():
+                trial.set_user_attr(attr, val)
+            _fault("stage1", trial.number)
+            bar.update(1)
+            return (value, kv) if search.objective == "pareto" else value
+
+        return objective
+
+    # -- stage 2 -----------------------------------------------------------------------------
+
+    def candidates(self, stage1: optuna.Study) -> list[dict]:
+        """Work items: top-k per budget by proxy, the baselines, the source model."""
+        trials = [
+            t
+            for t in stage1.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "key" in t.user_attrs
+        ]
+        items: dict[str, dict] = {}
+        source_key = grouping_key(self.source_grouping)
+        items[source_key] = {
+            "key": source_key,
+            "kind": "source",
+            "budget": None,
+            "strategy": "source",
+        }
+        for average in self.config.search.budgets:
+            at_budget = sorted(
+                (t for t in trials if t.params.get("budget") == average),
+                key=lambda t: t.user_attrs["proxy"],
+            )
+            picked = 0
+            for trial in at_budget:
+                key = trial.user_attrs["key"]
+                if picked >= self.config.promote.top_k:
+                    break
+                if key not in items:
+                    items[key] = _item(trial, "searched")
+                    picked += 1
+            for trial in at_budget:
+                if trial.params.get(
+                    "strategy"
+                ) in self.config.promote.baselines and not trial.params.get("allocation"):
+                    items.setdefault(trial.user_attrs["key"], _item(trial, "baseline"))
+        return list(items.values())
+
+    def stage2(self, stage1: optuna.Study) -> optuna.Study:
+        study = optuna.create_study(
+            study_name=self.config.name + STAGE2_SUFFIX, storage=self.storage, load_if_exists=True
+        )
+        if not study.user_attrs.get("enqueued"):
+            groupings = {
+                t.user_attrs["key"]: t.user_attrs["grouping"]
+                for t in stage1.get_trials(deepcopy=False)
+                if "key" in t.user_attrs
+            }
+            queued = {t.user_attrs.get("item_key") for t in study.get_trials(deepcopy=False)}
+            for item in self.candidates(stage1):
+                if item["key"] in queued:
+                    continue
+                item["grouping"] = groupings.get(item["key"], self.source_grouping.to_json())
+                study.enqueue_trial(
+                    {}, user_attrs={"item": json.dumps(item), "item_key": item["key"]}
+                )
+            study.set_user_attr("enqueued", True)
+        recover_dead_trials(study)
+        waiting = lambda: study.get_trials(deepcopy=False, states=(TrialState.WAITING,))  # noqa: E731
+        items = {
+            t.user_attrs["item_key"]
+            for t in study.get_trials(deepcopy=False)
+            if "item_key" in t.user_attrs
+        }
+        total = len(items)
+        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        bar = tqdm(
+            total=total, initial=complete, desc="stage 2 (evaluate)", disable=not self.progress
+        )
+        while waiting():
+            trial = study.ask()
+            if "item" not in trial.user_attrs:  # another worker took the last item meanwhile
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+            trial.set_user_attr("worker", WORKER)
+            item = json.loads(trial.user_attrs["item"])
+            if _claimed_earlier(study, item["key"], trial.number):
+                study.tell(trial, state=TrialState.PRUNED)
+                continue
+            results = self.evaluate_item(item, trial.number)
+            for attr, value in results.items():
+                trial.set_user_attr(attr, value)
+            study.tell(trial, results["ppl"] if "ppl" in results else results.get("mean_acc", 0.0))
+            bar.update(1)
+        bar.close()
+        return study
+
+    def evaluate_item(self, item: dict, number: int) -> dict:
+        promote = self.config.promote
+        start = time.perf_counter()
+        grouping = Grouping.from_json(item["grouping"])
+        model = self.source
+        recovery = None
+        if item["kind"] != "source":
+            model = gqa.convert(
+                copy.deepcopy(self.source),
+                grouping,
+                merge=self.config.search.merge,
+                stats=self.stats,
+            )
+            if promote.recovery != "none":
+                result = recover(
+                    promote.recovery,
+                    model,
+                    self.source,
+                    self.loaded.tokenizer,
+                    self.stats,
+                    promote.recovery_config,
+                    progress=self.progress,
+                )
+                recovery = {
+                    "method": result.method,
+                    "initial_loss": result.initial_loss,
+                    "final_loss": result.final_loss,
+                    "seconds": result.seconds,
+                }
+        _fault("stage2", number)
+        spec = TextSpec("eval", promote.seq_len, promote.ppl_windows)
+        results = evaluate(
+            model,
+            self.loaded.tokenizer,
+            list(promote.tasks),
+            limit=promote.limit,
+            ppl_spec=spec,
+            batch_size=promote.batch_size,
+            progress=self.progress,
+        )
+        out = {
+            "results": json.dumps(results),
+            "kv_bytes": self.kv_bytes(grouping),
+            "kv_heads": grouping.kv_heads(),
+        }
+        if recovery is not None:
+            out["recovery"] = json.dumps(recovery)
+        if "ppl" in results:
+            out["ppl"] = results["ppl"]["perplexity"]
+        accs = [v["acc"] for k, v in results.items() if k != "ppl"]
+        for task, value in results.items():
+            if task != "ppl":
+                out[f"acc_{task}"] = value["acc"]
+        if accs:
+            out["mean_acc"] = sum(accs) / len(accs)
+        out["eval_seconds"] = time.perf_counter() - start
+        return out
+
+    # -- everything ----------------------------------------------------------------------------
+
+    def run(self) -> StudyResult:
+        start = time.perf_counter()
+        stage1 = self.stage1()
+        stage2 = self.stage2(stage1)
+        return StudyResult(
+            stage1_complete=len(stage1.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+            stage2_complete=len(stage2.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _item(trial, kind: str) -> dict:
+    return {
+        "key": trial.user_attrs["key"],
+        "kind": kind,
+        "budget": trial.params.get("budget"),
+        "strategy": trial.params.get("strategy"),
+        "allocation": trial.params.get("allocation"),
+        "proxy": trial.user_attrs["proxy"],
+        "stage1_trial": trial.number,
+    }
+
+
+def _find_complete(study: optuna.Study, attr: str, value) -> optuna.trial.FrozenTrial | None:
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if trial.user_attrs.get(attr) == value and "duplicate_of" not in trial.user_attrs:
+            return trial
+    return None
+
+
+def _claimed_earlier(study: optuna.Study, key: str, number: int) -> bool:
+    live = (TrialState.COMPLETE, TrialState.RUNNING)
+    trials = study.get_trials(deepcopy=False, states=live)
+    return any(t.user_attrs.get("item_key") == key and t.number < number for t in trials)
+
+
+def _config_summary(config: StudyConfig) -> str:
+    data = asdict(config)
+    data["path"] = str(config.path) if config.path else None
+    return json.dumps(data, default=str)

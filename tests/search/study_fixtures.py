@@ -1,0 +1,59 @@
+"""A tiny saved model and a tiny study config for study tests (seconds per study)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gqa
+from tests.tiny import tiny_model
+
+TINY_STUDY = """
+[study]
+name = "tiny"
+storage = "{storage}"
+seed = 0
+
+[model]
+name = "{model}"
+
+[calibration]
+seq_len = 16
+num_seqs = 4
+grad_seqs = 2
+sample_seqs = 4
+batch_size = 4
+
+[search]
+budgets = [2.0, 1.5]
+proxy = "fisher"
+merge = "query_aware"
+trials = {trials}
+allocation = [false, true]
+
+[search.strategies.neighbour]
+[search.strategies.neighbour_kv]
+[search.strategies.random]
+[search.strategies.greedy]
+improvement = ["best", "first"]
+[search.strategies.kmeans]
+n_init = [2, 3]
+
+[promote]
+top_k = 1
+recovery = "layerwise"
+recovery_config = {{steps = 2}}
+tasks = ["ppl", "piqa"]
+limit = 2
+ppl_windows = 2
+seq_len = 16
+"""
+
+
+def save_tiny_model(path: Path, tokenizer) -> Path:
+    model = tiny_model(num_heads=6, num_kv_heads=3, vocab_size=49152)
+    return gqa.save(model, path, tokenizer=tokenizer)
+
+
+def write_config(path: Path, model: Path, storage: str, trials: int = 12) -> Path:
+    path.write_text(TINY_STUDY.format(model=model, storage=storage, trials=trials))
+    return path

@@ -1,0 +1,89 @@
+"""Study configs: every bad config fails before any work, naming the key."""
+
+import pytest
+
+from search.config import ConfigError, StudyConfig
+
+BASE = {
+    "study": {"name": "s", "storage": "sqlite:///x.db"},
+    "model": {"name": "smollm2-135m"},
+    "search": {"budgets": [2, 1.5], "strategies": {"kmeans": {"n_init": [2, 4]}, "neighbour": {}}},
+}
+
+
+def with_(path: str, value):
+    data = {k: dict(v) for k, v in BASE.items()}
+    data["search"]["strategies"] = dict(BASE["search"]["strategies"])
+    section, _, key = path.partition(".")
+    data.setdefault(section, {})[key] = value
+    return data
+
+
+def test_valid_config_parses_ranges():
+    config = StudyConfig.from_dict(
+        with_(
+            "search.strategies",
+            {"greedy": {"restarts": {"low": 0, "high": 3}, "improvement": ["best"]}},
+        )
+    )
+    spaces = {space.name: space for space in config.search.strategies["greedy"]}
+    restarts, improvement = spaces["restarts"], spaces["improvement"]
+    assert restarts.integer and (restarts.low, restarts.high) == (0, 3)
+    assert improvement.choices == ("best",)
+    assert config.search.budgets == (2.0, 1.5)
+    assert config.calibration.num_seqs == 32
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("search.budgets", [], "search.budgets: expected a non-empty list"),
+        ("search.budgets", [0.5], "search.budgets: expected a non-empty list of numbers >= 1"),
+        ("search.proxy", "magic", "search.proxy: unknown proxy 'magic'"),
+        ("search.merge", "median", "search.merge: unknown merge 'median'"),
+        ("search.trials", 0, "search.trials: must be at least 1"),
+        ("search.trials", "ten", "search.trials: expected int"),
+        ("search.objective", "max", "search.objective: expected 'constrained' or 'pareto'"),
+        ("search.strategies", {"annealing": {}}, "search.strategies.annealing: unknown strategy"),
+        (
+            "search.strategies",
+            {"kmeans": {"clusters": 3}},
+            "search.strategies.kmeans.clusters: unknown hyper-parameter",
+        ),
+        (
+            "search.strategies",
+            {"kmeans": {"n_init": {"low": 5, "high": 1}}},
+            "search.strategies.kmeans.n_init: range needs numbers with low <= high",
+        ),
+        ("search.colour", "red", "search.colour: unknown key"),
+        ("promote.recovery", "prayer", "promote.recovery: unknown method 'prayer'"),
+        ("promote.recovery_config", {"stepz": 3}, "promote.recovery_config.stepz: unknown key"),
+        ("promote.tasks", ["ppl", "trivia"], "promote.tasks: unknown task 'trivia'"),
+        ("promote.limit", 0, "promote.limit: expected a positive integer"),
+        ("promote.baselines", ["nearest"], "promote.baselines: unknown strategy 'nearest'"),
+        ("calibration.num_seqs", 0, "calibration: calibration num_seqs must be at least 1"),
+        ("calibration.tokens", 5, "calibration.tokens: unknown key"),
+        ("study.nme", "x", "study.nme: unknown key"),
+    ],
+)
+def test_bad_configs_name_the_key(path, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        StudyConfig.from_dict(with_(path, value))
+
+
+def test_missing_sections_and_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"search: missing section \[search\]"):
+        StudyConfig.from_dict({"study": {"name": "s"}, "model": {"name": "m"}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        StudyConfig.load(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[study\nname=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        StudyConfig.load(bad)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in sorted(Path("experiments/configs").glob("*.toml")):
+        StudyConfig.load(path)

@@ -1,0 +1,109 @@
+"""The study: stage 1 and 2 end to end on a tiny model, resumption after SIGKILL, two workers."""
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from gqa.grouping import Grouping
+from search.config import StudyConfig
+from search.study import STAGE2_SUFFIX, Study, make_storage
+from tests.search.study_fixtures import save_tiny_model, write_config
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture()
+def tiny(tmp_path, smol_tokenizer, monkeypatch):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    return save_tiny_model(tmp_path / "model", smol_tokenizer)
+
+
+def _trials(storage: str, name: str, states=(TrialState.COMPLETE,)):
+    return optuna.load_study(study_name=name, storage=make_storage(storage)).get_trials(
+        states=states
+    )
+
+
+def _check_complete_study(storage: str, trials: int):
+    stage1 = _trials(storage, "tiny")
+    assert len(stage1) == trials
+    for t in stage1:
+        grouping = Grouping.from_json(t.user_attrs["grouping"])
+        assert grouping.kv_heads() == t.user_attrs["kv_heads"]
+        budget = t.params["budget"]
+        assert grouping.kv_heads() == 2 * round(budget * 2)  # K and V, 2 layers
+    scored = [t.user_attrs["key"] for t in stage1 if "duplicate_of" not in t.user_attrs]
+    assert len(scored) == len(set(scored)), "a grouping was scored twice"
+    stage2 = _trials(storage, "tiny" + STAGE2_SUFFIX)
+    items = [t.user_attrs["item_key"] for t in stage2]
+    assert len(items) == len(set(items)), "a stage-2 candidate was evaluated twice"
+    waiting = _trials(
+        storage, "tiny" + STAGE2_SUFFIX, states=(TrialState.WAITING, TrialState.RUNNING)
+    )
+    assert not waiting
+    kinds = Counter(json.loads(t.user_attrs["item"])["kind"] for t in stage2)
+    assert kinds["source"] == 1 and kinds["baseline"] >= 2 and kinds["searched"] >= 1
+    for t in stage2:
+        assert t.user_attrs["ppl"] > 1 and 0 <= t.user_attrs["acc_piqa"] <= 1
+    return stage1, stage2
+
+
+def test_study_runs_both_stages_and_resumes_without_new_work(tiny, tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = StudyConfig.load(write_config(tmp_path / "s.toml", tiny, storage))
+    Study(config, progress=False).run()
+    stage1, stage2 = _check_complete_study(storage, trials=12)
+    baselines = {
+        (t.params["budget"], t.params["strategy"]) for t in stage1 if not t.params["allocation"]
+    }
+    assert {(b, s) for b in (2.0, 1.5) for s in ("neighbour", "neighbour_kv")} <= baselines
+    Study(config, progress=False).run()  # resuming a finished study does nothing
+    again = _trials(storage, "tiny", states=None)
+    assert len([t for t in again if t.state == TrialState.COMPLETE]) == 12
+    assert len(_trials(storage, "tiny" + STAGE2_SUFFIX)) == len(stage2)
+
+
+def _run_cli(config, env_extra=None, storage=None):
+    env = dict(os.environ, **(env_extra or {}))
+    cmd = [sys.executable, "-m", "experiments.cli", "study", "--config", str(config)]
+    if storage:
+        cmd += ["--storage", storage]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("fault", ["stage1:4", "stage2:1"])
+def test_sigkill_then_resume_loses_and_duplicates_nothing(tiny, tmp_path, fault):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = write_config(tmp_path / "s.toml", tiny, storage)
+    killed = _run_cli(config, {"HEADGROUP_FAULT": fault})
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9
+    stage = "tiny" if fault.startswith("stage1") else "tiny" + STAGE2_SUFFIX
+    assert _trials(storage, stage, states=(TrialState.RUNNING,)), "the kill left no trial in flight"
+    resumed = _run_cli(config)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "stage 2: evaluated candidates" in out
+    _check_complete_study(storage, trials=12)
+    failed = _trials(storage, stage, states=(TrialState.FAIL,))
+    assert len(failed) == 1  # the killed trial, whose work was redone by a retry
+    retries = [
+        t for t in _trials(storage, stage) if t.user_attrs.get("retry_of") == failed[0].number
+    ]
+    assert len(retries) == 1
+
+
+def test_two_workers_on_journal_storage_share_the_work(tiny, tmp_path):
+    storage = f"journal:{tmp_path}/study.log"
+    config = write_config(tmp_path / "s.toml", tiny, storage, trials=16)
+    workers = [_run_cli(config) for _ in range(2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-2000:]
+    _check_complete_study(storage, trials=16)
