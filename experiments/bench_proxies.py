@@ -65,26 +65,28 @@ def random_partition(rng: random.Random, heads: int, groups: int) -> tuple:
             )
 
 
+def choose_partition(rng: random.Random, source: Grouping, layer: int, good: float) -> tuple:
+    """A source-group merge with probability `good`, else neighbour or a random partition."""
+    if rng.random() < good:
+        return rng.choice(source_merges(source, layer))
+    if rng.random() < 0.3:
+        return neighbour_partition(source.num_heads, 2)
+    return random_partition(rng, source.num_heads, 2)
+
+
 def population(source: Grouping, count: int, seed: int) -> list[tuple[Grouping, str]]:
     rng = random.Random(seed)
-    heads = source.num_heads
     out = []
     for i in range(count):
         good = rng.random()
-
-        def choose(layer: int) -> tuple:
-            if rng.random() < good:
-                return rng.choice(source_merges(source, layer))
-            return (
-                neighbour_partition(heads, 2)
-                if rng.random() < 0.3
-                else random_partition(rng, heads, 2)
-            )
-
         layers = tuple(
-            LayerGrouping(choose(layer), choose(layer)) for layer in range(source.num_layers)
+            LayerGrouping(
+                choose_partition(rng, source, layer, good),
+                choose_partition(rng, source, layer, good),
+            )
+            for layer in range(source.num_layers)
         )
-        out.append((Grouping(heads, layers), "query_aware" if i % 2 else "mean"))
+        out.append((Grouping(source.num_heads, layers), "query_aware" if i % 2 else "mean"))
     return out
 
 
