@@ -145,39 +145,20 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--tasks", default="ppl,arc_easy")
-    p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--ppl-windows", type=int, default=48)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--out", type=Path, default=Path("results/demo"))
+    p.add_argument("--config", type=Path, default=Path("experiments/configs/default.toml"))
+    p.add_argument(
+        "--out", type=Path, default=None, help="results folder (default results/<study>)"
+    )
 
 
 @command("demo", _demo_args)
 def run_demo(args: argparse.Namespace) -> None:
-    """Convert the model to neighbour groups and evaluate it against the original."""
-    start = time.time()
-    args.json = None
-    loaded = load_model(args.model)
-    source = evaluate_loaded(loaded, args)
-    adapter = get_adapter(loaded.model)
-    grouping = Grouping.neighbour(adapter.num_heads, adapter.num_layers, args.kv_heads)
-    gqa.convert(loaded.model, grouping)
-    loaded.name = f"{args.model} neighbour G={args.kv_heads}"
-    converted = evaluate_loaded(loaded, args)
-    print(format_results(source))
-    print(format_results(converted))
-    report = {
-        "command": "headgroup demo " + " ".join(sys.argv[2:]),
-        "wall_seconds": round(time.time() - start, 1),
-        "source": source,
-        "converted": converted,
-        "grouping": grouping.to_dict(),
-    }
-    write_text_atomic(args.out / "demo.json", json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out / 'demo.json'} ({report['wall_seconds']} s)")
+    """The main job: run a study config end to end, then write all reports and a README."""
+    from experiments.main_job import run_main_job
+
+    torch.set_grad_enabled(True)
+    readme = run_main_job(args.config, args.out)
+    print(f"wrote {readme.parent}/ (see {readme})")
 
 
 # -- study ---------------------------------------------------------------------------------------

@@ -98,10 +98,10 @@ def _panel(ax, frame, y, label, source_bytes, minimise=True, log=False):
 
 def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
     """pareto.png (proxy stage, perplexity, mean accuracy vs KV size) and pareto.csv."""
-    out.mkdir(parents=True, exist_ok=True)
     stage1, stage2 = stage1_frame(name, storage), stage2_frame(name, storage)
     if stage1.empty:
         raise ValueError(f"study {name!r} has no completed trials in this storage")
+    out.mkdir(parents=True, exist_ok=True)
     source_bytes = _source_bytes(stage2) if len(stage2) else None
     panels = 1 + (len(stage2) > 0) * (1 + ("mean_acc" in stage2))
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.8), squeeze=False)
@@ -203,11 +203,12 @@ def _mean_std(frame: pd.DataFrame, keys: list[str], cols: list[str]) -> pd.DataF
 def ablation_report(names: list[str], storage, out: Path) -> dict[str, Path]:
     """ablation.{md,csv,tex}: strategy x budget (stage 2 and stage 1), and the allocation ablation.
     Several study names are treated as seeds of one design: cells show mean +- std."""
-    out.mkdir(parents=True, exist_ok=True)
+    names = list(dict.fromkeys(names))
     stage1 = pd.concat([stage1_frame(n, storage).assign(study=n) for n in names], ignore_index=True)
     stage2 = pd.concat([stage2_frame(n, storage).assign(study=n) for n in names], ignore_index=True)
     if stage1.empty:
         raise ValueError(f"studies {names} have no completed trials in this storage")
+    out.mkdir(parents=True, exist_ok=True)
     sections: list[tuple[str, pd.DataFrame]] = []
     source_bytes = _source_bytes(stage2) if len(stage2) else None
     if len(stage2):

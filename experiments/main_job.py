@@ -1,0 +1,131 @@
+"""The main job (`make demo`, `headgroup demo`): run a study config end to end, then write every
+report into one results folder with a README that states the command, the wall time and what the
+numbers say.
+
+    results/<study>/  pareto.png  pareto.csv  ablation.{md,csv,tex}  trials.csv
+                      groupings/*.json  README.md
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.reports import ablation_report, pareto_report
+from gqa.grouping import Grouping
+from search.config import StudyConfig
+from search.results import stage1_frame, stage2_frame, summary_table
+from search.study import Study
+
+
+def write_groupings(stage2: pd.DataFrame, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for _, row in stage2.iterrows():
+        budget = "source" if row["kind"] == "source" else f"{row['budget']:g}kv"
+        path = folder / f"{budget}_{row['strategy'] or 'source'}_{row['key']}.json"
+        Grouping.from_json(row["grouping"]).save(path)
+        paths.append(path)
+    return paths
+
+
+def findings(stage2: pd.DataFrame) -> list[str]:
+    """Plain statements, per budget, of how the best searched candidate compares with baselines."""
+    if stage2.empty:
+        return ["Stage 2 evaluated nothing."]
+    lines = []
+    source = stage2[stage2["kind"] == "source"]
+    src_ppl = float(source["ppl"].iloc[0]) if len(source) and "ppl" in source else None
+    src_acc = float(source["mean_acc"].iloc[0]) if len(source) and "mean_acc" in source else None
+    if src_ppl is not None:
+        lines.append(
+            f"Source model: perplexity {src_ppl:.2f}"
+            + (f", mean accuracy {src_acc:.3f}." if src_acc is not None else ".")
+        )
+    for budget, group in stage2[stage2["kind"] != "source"].groupby("budget"):
+        searched = group[group["kind"] == "searched"].sort_values("ppl")
+        if searched.empty:
+            continue
+        best = searched.iloc[0]
+        text = f"At {budget:g} KV heads per layer the best searched candidate ({best['strategy']}"
+        text += ", budget allocated across layers)" if best.get("allocation") else ")"
+        text += f" reached perplexity {best['ppl']:.1f}"
+        if "mean_acc" in best:
+            text += f" and mean accuracy {best['mean_acc']:.3f}"
+        for _, base in group[group["kind"] == "baseline"].iterrows():
+            text += f"; {base['strategy']}: {base['ppl']:.1f}"
+            if "mean_acc" in base:
+                text += f" / {base['mean_acc']:.3f}"
+        if src_ppl is not None:
+            text += f" (source {src_ppl:.1f}"
+            text += f" / {src_acc:.3f})." if src_acc is not None else ")."
+        lines.append(text)
+    return lines
+
+
+def write_readme(
+    config: StudyConfig, out: Path, command: str, seconds: float, table: str, stage2: pd.DataFrame
+) -> Path:
+    lines = [
+        f"# Study `{config.name}`",
+        "",
+        f"Made by `{command}` in {seconds / 60:.1f} min (wall time, this machine).",
+        f"Config: `{config.path}`; storage: `{config.storage}` (rerunning the command resumes from it).",
+        f"Model `{config.model}`, proxy `{config.search.proxy}`, merge `{config.search.merge}`, "
+        f"{config.search.trials} stage-1 trials, budgets {list(config.search.budgets)} KV heads per layer "
+        f"(K and V each), recovery `{config.promote.recovery}`, tasks {list(config.promote.tasks)} "
+        f"(limit {config.promote.limit}), {config.promote.ppl_windows} x {config.promote.seq_len} held-out tokens.",
+        "",
+        "## What the numbers say",
+        "",
+        *[f"- {line}" for line in findings(stage2)],
+        "",
+        "![Pareto fronts](pareto.png)",
+        "",
+        "## Summary",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        "Files: `pareto.png`/`pareto.csv` (fronts), `ablation.md`/`.csv`/`.tex` (tables), `trials.csv` "
+        "(every stage-1 and stage-2 trial), `groupings/` (the evaluated groupings, loadable with "
+        "`headgroup convert --grouping`).",
+        "",
+    ]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_main_job(config_path: Path, out: Path | None = None, progress: bool = True) -> Path:
+    config = StudyConfig.load(config_path)
+    out = out or Path("results") / config.name
+    start = time.time()
+    Study(config, progress=progress).run()
+    seconds = time.time() - start
+    out.mkdir(parents=True, exist_ok=True)
+    pareto_report(config.name, config.storage, out)
+    ablation_report([config.name], config.storage, out)
+    stage1, stage2 = (
+        stage1_frame(config.name, config.storage),
+        stage2_frame(config.name, config.storage),
+    )
+    trials = pd.concat([stage1.assign(stage=1), stage2.assign(stage=2)], ignore_index=True)
+    trials.drop(columns=["grouping"], errors="ignore").to_csv(out / "trials.csv", index=False)
+    write_groupings(stage2, out / "groupings")
+    table = summary_table(config.name, config.storage)
+    command = (
+        "headgroup " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if sys.argv[1:]
+        else "headgroup demo"
+    )
+    readme = write_readme(config, out, command, seconds, table, stage2)
+    (out / "timing.json").write_text(json.dumps({"study_seconds": round(seconds, 1)}) + "\n")
+    print(table)
+    return readme

@@ -1,0 +1,140 @@
+"""Reports built from a tiny study's storage, and the main job's results folder."""
+
+import re
+
+import pandas as pd
+import pytest
+
+from experiments.cli import main
+from experiments.main_job import run_main_job
+from experiments.reports import pareto_front
+from gqa.grouping import Grouping
+from search.results import stage1_frame, stage2_frame
+from tests.search.study_fixtures import save_tiny_model, write_config
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, smol_tokenizer):
+    tmp = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADGROUP_CACHE", str(tmp / "cache"))
+        model = save_tiny_model(tmp / "model", smol_tokenizer)
+        storage = f"sqlite:///{tmp}/study.db"
+        config = write_config(tmp / "s.toml", model, storage, trials=10)
+        readme = run_main_job(config, tmp / "out", progress=False)
+    return tmp / "out", storage, readme
+
+
+def test_main_job_writes_every_file(finished):
+    out, storage, readme = finished
+    for name in (
+        "pareto.png",
+        "pareto.csv",
+        "ablation.md",
+        "ablation.csv",
+        "ablation.tex",
+        "trials.csv",
+        "README.md",
+    ):
+        assert (out / name).stat().st_size > 0, name
+    stage2 = stage2_frame("tiny", storage)
+    groupings = sorted((out / "groupings").glob("*.json"))
+    assert len(groupings) == len(stage2)
+    assert {Grouping.load(p) for p in groupings} == {
+        Grouping.from_json(g) for g in stage2["grouping"]
+    }
+    text = readme.read_text()
+    assert (
+        "What the numbers say" in text
+        and "Source model: perplexity" in text
+        and "min (wall time" in text
+    )
+
+
+def test_trials_csv_matches_storage(finished):
+    out, storage, _ = finished
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["stage"] == 1).sum() == len(stage1_frame("tiny", storage)) == 10
+    assert (trials["stage"] == 2).sum() == len(stage2_frame("tiny", storage))
+
+
+def test_pareto_csv_is_the_non_dominated_set(finished):
+    out, storage, _ = finished
+    front = pd.read_csv(out / "pareto.csv")
+    stage2 = stage2_frame("tiny", storage)
+    evaluated = front[(front["stage"] == "evaluated") & (front["metric"] == "ppl")]
+    candidates = stage2[stage2["kind"] != "source"]
+    for _, point in evaluated.iterrows():  # nothing evaluated dominates a front point
+        better = candidates[
+            (candidates["kv_bytes"] <= point["kv_bytes"])
+            & (candidates["ppl"] < point["ppl"] - 1e-12)
+        ]
+        assert better.empty
+    assert set(evaluated["key"]) <= set(candidates["key"])
+    assert ((front["kv_pct"] > 0) & (front["kv_pct"] <= 100)).all()
+
+
+def test_ablation_tables_cover_strategies_and_budgets(finished):
+    out, storage, _ = finished
+    table = pd.read_csv(out / "ablation.csv")
+    stage1 = stage1_frame("tiny", storage)
+    best = table[table["table"] == "Best proxy per strategy x budget (stage 1)"]
+    assert len(best) == stage1.groupby(["budget", "strategy"]).ngroups
+    md = (out / "ablation.md").read_text()
+    assert "## Evaluated candidates (stage 2)" in md and re.search(r"\|\s+budget\s+\|", md)
+    assert "\\begin{tabular}" in (out / "ablation.tex").read_text()
+
+
+def test_pareto_front_brute_force():
+    frame = pd.DataFrame({"kv_bytes": [1, 1, 2, 3, 3, 4], "y": [5.0, 4.0, 4.5, 2.0, 3.0, 2.5]})
+    front = pareto_front(frame, "kv_bytes", "y")
+    assert list(zip(front["kv_bytes"], front["y"], strict=True)) == [(1, 4.0), (3, 2.0)]
+
+
+def test_seeds_are_shown_as_mean_and_std():
+    from experiments.reports import _mean_std
+
+    frame = pd.DataFrame({"study": ["a", "b", "a"], "budget": [1, 1, 2], "ppl": [10.0, 14.0, 5.0]})
+    table = _mean_std(frame, ["budget"], ["ppl"])
+    assert list(table["ppl"]) == ["12 ± 2.8", "5"]
+    assert list(table["n"]) == [2, 1]
+
+
+def test_report_cli_and_errors(finished, tmp_path, capsys):
+    _, storage, _ = finished
+    assert (
+        main(["pareto", "--study", "tiny", "--storage", storage, "--out", str(tmp_path / "p")]) == 0
+    )
+    assert (tmp_path / "p" / "pareto.png").is_file()
+    assert (
+        main(
+            [
+                "ablate",
+                "--study",
+                "tiny",
+                "--study",
+                "tiny",
+                "--storage",
+                storage,
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "a" / "ablation.md").is_file()
+    code = main(["pareto", "--study", "nope", "--storage", storage, "--out", str(tmp_path / "x")])
+    assert code == 2 and "no completed trials" in capsys.readouterr().err
+    code = main(
+        [
+            "ablate",
+            "--study",
+            "tiny",
+            "--storage",
+            f"sqlite:///{tmp_path}/missing.db",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
