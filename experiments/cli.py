@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import optuna
 import torch
 from transformers.utils import logging as hf_logging
 
@@ -168,6 +169,9 @@ def _study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="study TOML file")
     p.add_argument("--storage", default=None, help="override [study] storage (e.g. journal:f.log)")
     p.add_argument("--stage", choices=("all", "1", "2"), default="all", help="run only one stage")
+    p.add_argument(
+        "--seed", type=int, default=None, help="another seed: study NAME-sSEED in the same storage"
+    )
 
 
 @command("study", _study_args)
@@ -180,6 +184,8 @@ def run_study(args: argparse.Namespace) -> None:
     config = StudyConfig.load(args.config)
     if args.storage:
         config = dataclasses.replace(config, storage=args.storage)
+    if args.seed is not None:
+        config = dataclasses.replace(config, seed=args.seed, name=f"{config.name}-s{args.seed}")
     torch.set_grad_enabled(True)  # calibration and recovery need gradients
     study = Study(config)
     start = time.time()
@@ -243,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hf_logging.disable_progress_bar()  # per-tensor loading bars are noise; our own bars remain
+    optuna.logging.set_verbosity(
+        optuna.logging.WARNING
+    )  # a line per trial drowns the progress bars
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     try:

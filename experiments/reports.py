@@ -49,18 +49,23 @@ def _source_bytes(stage2: pd.DataFrame) -> float | None:
     return float(source["kv_bytes"].iloc[0]) if len(source) else None
 
 
-def _panel(ax, frame, y, label, source_bytes, minimise=True, log=False):
+def _styles(*frames: pd.DataFrame) -> dict[str, dict]:
+    """One colour and marker per strategy, the same in every panel."""
+    names = sorted({str(s) for f in frames if "strategy" in f for s in f["strategy"].dropna()})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {
+        n: {"marker": MARKERS[i % len(MARKERS)], "color": colours[i % len(colours)]}
+        for i, n in enumerate(names)
+    }
+
+
+def _panel(ax, frame, y, label, source_bytes, styles, minimise=True, log=False):
     series = frame.assign(series=frame["strategy"].fillna("source"))
-    for i, (name, group) in enumerate(sorted(series.groupby("series"), key=lambda kv: str(kv[0]))):
+    for name, group in series.groupby("series"):
         if name == "source":
             continue
         ax.scatter(
-            group["kv_bytes"],
-            group[y],
-            label=name,
-            marker=MARKERS[i % len(MARKERS)],
-            alpha=0.75,
-            s=28,
+            group["kv_bytes"], group[y], label=name, alpha=0.8, s=36, zorder=3, **styles[name]
         )
     front = pareto_front(series[series["series"] != "source"], "kv_bytes", y, minimise)
     if len(front):
@@ -71,7 +76,7 @@ def _panel(ax, frame, y, label, source_bytes, minimise=True, log=False):
         for kind, style in (("baseline", dict(facecolors="none", edgecolors="red", s=90, lw=1.5)),):
             marked = series[series["kind"] == kind]
             if len(marked):
-                ax.scatter(marked["kv_bytes"], marked[y], label=f"{kind} (neighbour)", **style)
+                ax.scatter(marked["kv_bytes"], marked[y], label="baseline", zorder=2, **style)
         source = series[series["kind"] == "source"]
         if len(source):
             ax.scatter(
@@ -106,7 +111,10 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
     panels = 1 + (len(stage2) > 0) * (1 + ("mean_acc" in stage2))
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.8), squeeze=False)
     scored = stage1[stage1["duplicate_of"].isna()]
-    _panel(axes[0, 0], scored, "proxy", "proxy loss (lower is better)", source_bytes, log=True)
+    styles = _styles(stage1, stage2)
+    _panel(
+        axes[0, 0], scored, "proxy", "proxy loss (lower is better)", source_bytes, styles, log=True
+    )
     axes[0, 0].set_title(f"stage 1: {len(scored)} groupings scored by proxy")
     fronts = [pareto_front(scored, "kv_bytes", "proxy").assign(stage="proxy", metric="proxy")]
     if len(stage2):
@@ -116,6 +124,7 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
             "ppl",
             "held-out perplexity (lower is better)",
             source_bytes,
+            styles,
             log=True,
         )
         axes[0, 1].set_title("stage 2: recovered and evaluated")
@@ -131,6 +140,7 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
                 "mean_acc",
                 "mean accuracy (higher is better)",
                 source_bytes,
+                styles,
                 minimise=False,
             )
             axes[0, 2].set_title("stage 2: accuracy")

@@ -38,7 +38,6 @@ import objectives.merging  # noqa: F401  (registers query_aware)
 from gqa.grouping import Grouping
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import calibrate
-from objectives.data import TextSpec
 from objectives.evaluate import evaluate
 from objectives.proxies import make_proxy
 from objectives.recovery import recover
@@ -387,7 +386,6 @@ class Study:
                     "seconds": result.seconds,
                 }
         _fault("stage2", number)
-        spec = TextSpec("eval", promote.seq_len, promote.ppl_windows)
         results = evaluate(
             model,
             self.loaded.tokenizer,
@@ -404,6 +402,8 @@ class Study:
         }
         if recovery is not None:
             out["recovery"] = json.dumps(recovery)
+        if before is not None:
+            out["ppl_before_recovery"] = before["ppl"]["perplexity"]
         if "ppl" in results:
             out["ppl"] = results["ppl"]["perplexity"]
         accs = [v["acc"] for k, v in results.items() if k != "ppl"]

@@ -85,5 +85,7 @@ def test_missing_sections_and_files(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    for path in sorted(Path("experiments/configs").glob("*.toml")):
+    configs = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.toml"))
+    assert {p.stem for p in configs} >= {"default", "llama2_7b_mha", "llama3_8b_gqa"}
+    for path in configs:
         StudyConfig.load(path)
