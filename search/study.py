@@ -38,6 +38,7 @@ import objectives.merging  # noqa: F401  (registers query_aware)
 from gqa.grouping import Grouping
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import calibrate
+from objectives.data import TextSpec
 from objectives.evaluate import evaluate
 from objectives.proxies import make_proxy
 from objectives.recovery import recover
@@ -361,7 +362,8 @@ class Study:
         start = time.perf_counter()
         grouping = Grouping.from_json(item["grouping"])
         model = self.source
-        recovery = None
+        recovery = before = None
+        spec = TextSpec("eval", promote.seq_len, promote.ppl_windows)
         if item["kind"] != "source":
             model = gqa.convert(
                 copy.deepcopy(self.source),
@@ -370,6 +372,10 @@ class Study:
                 stats=self.stats,
             )
             if promote.recovery != "none":
+                if "ppl" in promote.tasks:  # the same held-out text, before recovery
+                    before = evaluate(
+                        model, self.loaded.tokenizer, ["ppl"], ppl_spec=spec, progress=False
+                    )
                 result = recover(
                     promote.recovery,
                     model,
