@@ -78,7 +78,7 @@ def write_readme(
         f"Config: `{config.path}`; storage: `{config.storage}` (rerunning the command resumes from it).",
         f"Model `{config.model}`, proxy `{config.search.proxy}`, merge `{config.search.merge}`, "
         f"{config.search.trials} stage-1 trials, budgets {list(config.search.budgets)} KV heads per layer "
-        f"(K and V each), recovery `{config.promote.recovery}`, tasks {list(config.promote.tasks)} "
+        f"(K and V each), recovery `{' then '.join(config.promote.recovery) or 'none'}`, tasks {list(config.promote.tasks)} "
         f"(limit {config.promote.limit}), {config.promote.ppl_windows} x {config.promote.seq_len} held-out tokens.",
         "",
         "## What the numbers say",

@@ -9,7 +9,8 @@
                        key = value            fixed
                        key = [a, b, c]        categorical
                        key = {low, high, log} int range if low and high are ints, else float range
-    [promote]      top_k, recovery ("none"|registered method), [promote.recovery_config], tasks,
+    [promote]      top_k, recovery ("none", a registered method, or a list run in order),
+                   [promote.recovery_config.METHOD] (that method's config fields), tasks,
                    limit, ppl_windows, seq_len, baselines
 Errors name the offending key: `ConfigError: search.budgets: ...`.
 """
@@ -92,8 +93,8 @@ class SearchConfig:
 @dataclass(frozen=True)
 class PromoteConfig:
     top_k: int = 2
-    recovery: str = "layerwise"
-    recovery_config: dict = field(default_factory=dict)
+    recovery: tuple[str, ...] = ("layerwise",)  # run in order; () for none
+    recovery_config: dict = field(default_factory=dict)  # method -> its config fields
     tasks: tuple[str, ...] = ("ppl", "arc_easy")
     limit: int | None = 100
     ppl_windows: int = 24
@@ -296,15 +297,23 @@ def _promote(table: dict) -> PromoteConfig:
     top_k = _get(table, "promote.top_k", int, defaults.top_k)
     if top_k < 0:
         raise ConfigError("promote.top_k: must be >= 0")
-    recovery = _get(table, "promote.recovery", str, defaults.recovery)
-    if recovery != "none" and recovery not in RECOVERIES:
-        raise ConfigError(
-            f"promote.recovery: unknown method {recovery!r} (available: none, {', '.join(sorted(RECOVERIES))})"
-        )
+    recovery = table.get("recovery", list(defaults.recovery))
+    recovery = [] if recovery == "none" else [recovery] if isinstance(recovery, str) else recovery
+    if not isinstance(recovery, list) or not all(isinstance(r, str) for r in recovery):
+        raise ConfigError("promote.recovery: expected 'none', a method name or a list of them")
+    for method in recovery:
+        if method not in RECOVERIES:
+            raise ConfigError(
+                f"promote.recovery: unknown method {method!r} (available: none, {', '.join(sorted(RECOVERIES))})"
+            )
     recovery_config = _get(table, "promote.recovery_config", dict, {})
-    if recovery != "none":
-        config_class = RECOVERIES[recovery].config_class
-        _dataclass_from(config_class, recovery_config, "promote.recovery_config")
+    for method, fields in recovery_config.items():
+        key = f"promote.recovery_config.{method}"
+        if method not in recovery:
+            raise ConfigError(f"{key}: {method!r} is not in promote.recovery")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"{key}: must be a table of {method} settings")
+        _dataclass_from(RECOVERIES[method].config_class, fields, key)
     tasks = _names(table.get("tasks", list(defaults.tasks)), "promote.tasks")
     for task in tasks:
         if task != "ppl" and task not in TASKS:
@@ -327,7 +336,7 @@ def _promote(table: dict) -> PromoteConfig:
             raise ConfigError(f"promote.{key}: must be at least 1")
     return PromoteConfig(
         top_k=top_k,
-        recovery=recovery,
+        recovery=tuple(recovery),
         recovery_config=recovery_config,
         tasks=tasks,
         limit=limit,

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
@@ -123,6 +124,8 @@ class Study:
         self.storage = make_storage(config.storage)
         self.loaded = loaded or load_model(config.model)
         self.source = self.loaded.model
+        if torch.cuda.is_available():  # the study works where the model fits: GPU when there is one
+            self.source.to("cuda")
         self.adapter = gqa.get_adapter(self.source)
         heads = self.adapter.num_heads
         for budget in config.search.budgets:
@@ -362,7 +365,7 @@ class Study:
         start = time.perf_counter()
         grouping = Grouping.from_json(item["grouping"])
         model = self.source
-        recovery = before = None
+        recovery = None
         spec = TextSpec("eval", promote.seq_len, promote.ppl_windows)
         if item["kind"] != "source":
             model = gqa.convert(
@@ -371,26 +374,30 @@ class Study:
                 merge=self.config.search.merge,
                 stats=self.stats,
             )
-            if promote.recovery != "none":
-                if "ppl" in promote.tasks:  # the same held-out text, before recovery
-                    before = evaluate(
+            recovery = []
+            for method in promote.recovery:
+                if "ppl" in promote.tasks:  # the same held-out text before each recovery step
+                    ppl = evaluate(
                         model, self.loaded.tokenizer, ["ppl"], ppl_spec=spec, progress=False
                     )
+                    recovery.append({"before": method, "ppl": ppl["ppl"]["perplexity"]})
                 result = recover(
-                    promote.recovery,
+                    method,
                     model,
                     self.source,
                     self.loaded.tokenizer,
                     self.stats,
-                    promote.recovery_config,
+                    promote.recovery_config.get(method),
                     progress=self.progress,
                 )
-                recovery = {
-                    "method": result.method,
-                    "initial_loss": result.initial_loss,
-                    "final_loss": result.final_loss,
-                    "seconds": result.seconds,
-                }
+                recovery.append(
+                    {
+                        "method": method,
+                        "initial_loss": result.initial_loss,
+                        "final_loss": result.final_loss,
+                        "seconds": result.seconds,
+                    }
+                )
         _fault("stage2", number)
         results = evaluate(
             model,
@@ -406,10 +413,13 @@ class Study:
             "kv_bytes": self.kv_bytes(grouping),
             "kv_heads": grouping.kv_heads(),
         }
-        if recovery is not None:
+        if recovery:
             out["recovery"] = json.dumps(recovery)
-        if before is not None:
-            out["ppl_before_recovery"] = before["ppl"]["perplexity"]
+            steps = [r for r in recovery if "before" in r]
+            if steps:
+                out["ppl_before_recovery"] = steps[0]["ppl"]
+            for previous, step in zip(steps, steps[1:], strict=False):
+                out[f"ppl_after_{previous['before']}"] = step["ppl"]
         if "ppl" in results:
             out["ppl"] = results["ppl"]["perplexity"]
         accs = [v["acc"] for k, v in results.items() if k != "ppl"]

@@ -41,7 +41,7 @@ n_init = [2, 3]
 [promote]
 top_k = 1
 recovery = "layerwise"
-recovery_config = {{steps = 2}}
+recovery_config = {{layerwise = {{steps = 2}}}}
 tasks = ["ppl", "piqa"]
 limit = 2
 ppl_windows = 2

@@ -57,7 +57,16 @@ def test_valid_config_parses_ranges():
         ),
         ("search.colour", "red", "search.colour: unknown key"),
         ("promote.recovery", "prayer", "promote.recovery: unknown method 'prayer'"),
-        ("promote.recovery_config", {"stepz": 3}, "promote.recovery_config.stepz: unknown key"),
+        (
+            "promote.recovery_config",
+            {"layerwise": {"stepz": 3}},
+            "promote.recovery_config.layerwise.stepz: unknown key",
+        ),
+        (
+            "promote.recovery_config",
+            {"finetune": {}},
+            "promote.recovery_config.finetune: 'finetune' is not in promote.recovery",
+        ),
         ("promote.tasks", ["ppl", "trivia"], "promote.tasks: unknown task 'trivia'"),
         ("promote.limit", 0, "promote.limit: expected a positive integer"),
         ("promote.baselines", ["nearest"], "promote.baselines: unknown strategy 'nearest'"),

@@ -51,6 +51,8 @@ def _check_complete_study(storage: str, trials: int):
     assert kinds["source"] == 1 and kinds["baseline"] >= 2 and kinds["searched"] >= 1
     for t in stage2:
         assert t.user_attrs["ppl"] > 1 and 0 <= t.user_attrs["acc_piqa"] <= 1
+        is_source = json.loads(t.user_attrs["item"])["kind"] == "source"
+        assert ("ppl_before_recovery" in t.user_attrs) != is_source
     return stage1, stage2
 
 
