@@ -64,18 +64,28 @@ class GroupTableProxy(Proxy):
     def __init__(self, model: nn.Module, stats: CalibrationStats, merge: str = "mean"):
         super().__init__(model, stats, merge)
         self._tables: dict[tuple[int, str], object] = {}
+        self._layers: dict[tuple[int, LayerGrouping], float] = {}  # scored layer groupings
 
     @abstractmethod
     def build_table(self, layer: int, kind: str):
         """A callable: group (tuple of query heads) -> error."""
 
-    def group_error(self, layer: int, kind: str, group: tuple[int, ...]) -> float:
+    def table(self, layer: int, kind: str):
         table = self._tables.get((layer, kind))
         if table is None:
             table = self._tables[(layer, kind)] = self.build_table(layer, kind)
-        return table(group)
+        return table
+
+    def group_error(self, layer: int, kind: str, group: tuple[int, ...]) -> float:
+        return self.table(layer, kind)(group)
 
     def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
-        return sum(self.group_error(layer, "k", g) for g in grouping.k) + sum(
-            self.group_error(layer, "v", g) for g in grouping.v
-        )
+        # Searches revisit the same layer groupings constantly: memoise whole layers too.
+        key = (layer, grouping)
+        value = self._layers.get(key)
+        if value is None:
+            value = sum(map(self.table(layer, "k"), grouping.k)) + sum(
+                map(self.table(layer, "v"), grouping.v)
+            )
+            self._layers[key] = value
+        return value

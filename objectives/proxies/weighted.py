@@ -37,7 +37,7 @@ class WeightedMergeProxy(GroupTableProxy):
         weigh = key_weights if kind == "k" else value_weights
         return weigh(self.adapter, layer, self.stats.layers[layer], fisher=MERGE_WEIGHTS[merge])
 
-    def gram(self, layer: int) -> torch.Tensor:
+    def gram(self, layer: int, kind: str) -> torch.Tensor:
         return self.stats.layers[layer].gram
 
     def build_table(self, layer: int, kind: str) -> MergeErrorTable:
@@ -45,7 +45,7 @@ class WeightedMergeProxy(GroupTableProxy):
         return MergeErrorTable(
             weights.detach().float().cpu(),
             self.adapter.source_kv_index(layer, kind).cpu(),
-            self.gram(layer),
+            self.gram(layer, kind),
             self.head_weights(layer, kind),
             self.merge_weights(layer, kind),
         )
@@ -56,7 +56,7 @@ class WeightSharingError(WeightedMergeProxy):
     name = "wse"
     merge_override = "mean"
 
-    def gram(self, layer: int) -> torch.Tensor:
+    def gram(self, layer: int, kind: str) -> torch.Tensor:
         return torch.eye(self.adapter.hidden_size)
 
 
@@ -73,6 +73,12 @@ class AttentionOutput(WeightedMergeProxy):
     def head_weights(self, layer: int, kind: str) -> torch.Tensor:
         weigh = key_weights if kind == "k" else value_weights
         return weigh(self.adapter, layer, self.stats.layers[layer], fisher=self.fisher)
+
+    def gram(self, layer: int, kind: str) -> torch.Tensor:
+        # A key error common to every token (from the mean input) shifts all of a query's logits
+        # equally, which softmax ignores: only the centred part of the keys matters.
+        stats = self.stats.layers[layer]
+        return stats.covariance if kind == "k" else stats.gram
 
 
 @register_proxy
