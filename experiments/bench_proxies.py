@@ -103,6 +103,11 @@ def main() -> None:
         "--throughput", type=int, default=10000, help="fresh candidates for the speed test"
     )
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument(
+        "--reuse-ppl",
+        action="store_true",
+        help="take the candidates' perplexities from an earlier proxies.csv of the same population",
+    )
     args = parser.parse_args()
     start = time.time()
 
@@ -114,7 +119,15 @@ def main() -> None:
     candidates = population(source, args.candidates, seed=0)
 
     rows = []
-    for i, (grouping, merge) in enumerate(tqdm(candidates, desc="held-out perplexity")):
+    earlier = args.out / "proxies.csv"
+    if args.reuse_ppl and earlier.is_file():
+        old = pd.read_csv(earlier)
+        if len(old) == len(candidates) and list(old["merge"]) == [m for _, m in candidates]:
+            rows = old[["candidate", "merge", "log_ppl", "ppl"]].to_dict("records")
+    pending = candidates[len(rows) :]
+    for i, (grouping, merge) in enumerate(
+        tqdm(pending, desc="held-out perplexity"), start=len(rows)
+    ):
         converted = gqa.convert(copy.deepcopy(model), grouping, merge=merge, stats=stats)
         ppl = perplexity(converted, windows, progress=False)
         rows.append(
@@ -182,7 +195,8 @@ def main() -> None:
     tmp.replace(args.out / "proxies.csv")
     report = {
         "command": f"python experiments/bench_proxies.py --candidates {args.candidates} --windows {args.windows} "
-        f"--kl-layers {args.kl_layers} --throughput {args.throughput}",
+        f"--kl-layers {args.kl_layers} --throughput {args.throughput}"
+        + (" --reuse-ppl" if args.reuse_ppl else ""),
         "wall_seconds": round(time.time() - start, 1),
         "budget": "2 KV heads per layer for K and for V",
         "ppl_range": [min(r["ppl"] for r in rows), max(r["ppl"] for r in rows)],

@@ -3,7 +3,8 @@
 Stage 1 (cheap): each Optuna trial chooses a budget, a strategy with its hyper-parameters and
 whether to allocate the budget across layers; the strategy proposes a grouping, which is scored
 by the proxy. Trials store the canonical grouping (JSON), its KV bytes and proxy value in
-`user_attrs`. Neighbour (and neighbour_kv) at every budget are enqueued as baselines. A grouping
+`user_attrs`; the value Optuna minimises is the proxy relative to the first baseline at the same
+budget (so budgets compete fairly for trials), or (proxy, KV bytes) with objective = "pareto". Neighbour (and neighbour_kv) at every budget are enqueued as baselines. A grouping
 already scored is not scored again (its value is copied). A global cap on trials holds across
 processes: trial numbers are allocated atomically by the storage, and a trial runs only while
 fewer than `trials` live trials (complete or running) have smaller numbers.
@@ -270,9 +271,25 @@ class Study:
                 trial.set_user_attr(attr, val)
             _fault("stage1", trial.number)
             bar.update(1)
-            return (value, kv) if search.objective == "pareto" else value
+            if search.objective == "pareto":
+                return value, kv
+            baselines = self.config.promote.baselines
+            if baselines and name == baselines[0] and not allocation:
+                return 1.0
+            return value / self._baseline_proxy(study, average)
 
         return objective
+
+    def _baseline_proxy(self, study: optuna.Study, average: float) -> float:
+        """The first baseline's proxy at this budget, so that constrained objectives are relative
+        to it and comparable across budgets (raw values would lead TPE to the largest budget)."""
+        baseline = self.config.promote.baselines[0] if self.config.promote.baselines else None
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            params = trial.params
+            same = params.get("budget") == average and params.get("strategy") == baseline
+            if same and not params.get("allocation") and trial.user_attrs.get("proxy", 0) > 0:
+                return trial.user_attrs["proxy"]
+        return 1.0
 
     # -- stage 2 -----------------------------------------------------------------------------
 

@@ -103,10 +103,19 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
             "one of the arguments --grouping --kv-heads is required",
         ),
         (["frobnicate"], "invalid choice"),
+        (["study", "--config", "{t}/bad.toml"], "not valid TOML"),
+        (["study", "--config", "{t}/nokey.toml"], "search.budgets: required"),
+        (["demo", "--config", "{t}/missing.toml"], "missing.toml does not exist"),
+        (
+            ["pareto", "--study", "s", "--storage", "sqlite:///{t}/none.db", "--out", "{t}/x"],
+            "does not exist",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, tiny_folder, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{oops")
+    (tmp_path / "bad.toml").write_text("[study\n")
+    (tmp_path / "nokey.toml").write_text('[study]\nname = "s"\n[model]\nname = "m"\n[search]\n')
     Grouping.neighbour(6, 3, 2).save(tmp_path / "three.json")
     argv = [a.format(m=tiny_folder, t=tmp_path) for a in argv]
     try:

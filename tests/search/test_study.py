@@ -65,6 +65,13 @@ def test_study_runs_both_stages_and_resumes_without_new_work(tiny, tmp_path):
         (t.params["budget"], t.params["strategy"]) for t in stage1 if not t.params["allocation"]
     }
     assert {(b, s) for b in (2.0, 1.5) for s in ("neighbour", "neighbour_kv")} <= baselines
+    reference = {
+        t.params["budget"]: t.user_attrs["proxy"]
+        for t in stage1
+        if t.params["strategy"] == "neighbour" and not t.params["allocation"]
+    }
+    for t in stage1:  # Optuna minimises the proxy relative to neighbour at the same budget
+        assert t.value == pytest.approx(t.user_attrs["proxy"] / reference[t.params["budget"]])
     Study(config, progress=False).run()  # resuming a finished study does nothing
     again = _trials(storage, "tiny", states=None)
     assert len([t for t in again if t.state == TrialState.COMPLETE]) == 12
