@@ -226,9 +226,10 @@ def ablation_report(names: list[str], storage, out: Path) -> dict[str, Path]:
         s2["strategy"] = s2["strategy"].fillna("source")
         if source_bytes:
             s2["kv_pct"] = 100 * s2["kv_bytes"] / source_bytes
-        metrics = [c for c in ("proxy", "kv_pct", "ppl", "mean_acc") if c in s2] + sorted(
-            c for c in s2 if c.startswith("acc_")
-        )
+        # The recovery ablation: perplexity before recovery and after each recovery step.
+        recovery = ["ppl_before_recovery"] + sorted(c for c in s2 if c.startswith("ppl_after_"))
+        metrics = [c for c in ("proxy", "kv_pct", *recovery, "ppl", "mean_acc") if c in s2]
+        metrics += sorted(c for c in s2 if c.startswith("acc_"))
         best = (
             s2.sort_values("proxy", na_position="first")
             .groupby(["study", "budget", "strategy", "kind"], dropna=False)
