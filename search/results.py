@@ -89,11 +89,9 @@ def summary_table(name: str, storage) -> str:
         ]
     s2 = stage2_frame(name, storage)
     if not s2.empty:
-        cols = [
-            c
-            for c in ("kind", "budget", "strategy", "proxy", "kv_heads", "ppl", "mean_acc")
-            if c in s2
-        ]
+        recovery = ["ppl_before_recovery"] + sorted(c for c in s2 if c.startswith("ppl_after_"))
+        wanted = ("kind", "budget", "strategy", "proxy", "kv_heads", *recovery, "ppl", "mean_acc")
+        cols = [c for c in wanted if c in s2]
         cols += sorted(c for c in s2.columns if c.startswith("acc_"))
         lines += [
             "stage 2: evaluated candidates",
