@@ -18,11 +18,10 @@ Errors name the offending key: `ConfigError: search.budgets: ...`.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from objectives.calibration import CalibrationConfig
 
