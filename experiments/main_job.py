@@ -55,10 +55,14 @@ def findings(stage2: pd.DataFrame) -> list[str]:
         text = f"At {budget:g} KV heads per layer the best searched candidate ({best['strategy']}"
         text += ", budget allocated across layers)" if best.get("allocation") else ")"
         text += f" reached perplexity {best['ppl']:.1f}"
+        if pd.notna(best.get("ppl_before_recovery")):
+            text += f" ({best['ppl_before_recovery']:.0f} before recovery)"
         if "mean_acc" in best:
             text += f" and mean accuracy {best['mean_acc']:.3f}"
         for _, base in group[group["kind"] == "baseline"].iterrows():
             text += f"; {base['strategy']}: {base['ppl']:.1f}"
+            if pd.notna(base.get("ppl_before_recovery")):
+                text += f" ({base['ppl_before_recovery']:.0f} before)"
             if "mean_acc" in base:
                 text += f" / {base['mean_acc']:.3f}"
         if src_ppl is not None:
@@ -74,7 +78,8 @@ def write_readme(
     lines = [
         f"# Study `{config.name}`",
         "",
-        f"Made by `{command}` in {seconds / 60:.1f} min (wall time, this machine).",
+        f"Made by `{command}` in {seconds / 60:.1f} min (wall time on this machine, summed over the runs "
+        "that did the study's work).",
         f"Config: `{config.path}`; storage: `{config.storage}` (rerunning the command resumes from it).",
         f"Model `{config.model}`, proxy `{config.search.proxy}`, merge `{config.search.merge}`, "
         f"{config.search.trials} stage-1 trials, budgets {list(config.search.budgets)} KV heads per layer "
@@ -107,8 +112,13 @@ def run_main_job(config_path: Path, out: Path | None = None, progress: bool = Tr
     config = StudyConfig.load(config_path)
     out = out or Path("results") / config.name
     start = time.time()
-    Study(config, progress=progress).run()
-    seconds = time.time() - start
+    study = Study(config, progress=progress)
+    study.run()
+    # The study's wall time is kept in its storage, summed over the runs that did its work, so a
+    # resumed (or finished) study still reports what the work cost.
+    stage1 = study.load_stage1()
+    seconds = stage1.user_attrs.get("wall_seconds", 0.0) + time.time() - start
+    stage1.set_user_attr("wall_seconds", seconds)
     out.mkdir(parents=True, exist_ok=True)
     pareto_report(config.name, config.storage, out)
     ablation_report([config.name], config.storage, out)
