@@ -253,13 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         optuna.logging.WARNING
     )  # a line per trial drowns the progress bars
     args = build_parser().parse_args(argv)
-    torch.set_grad_enabled(False)
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # commands that train (study, demo) turn it back on
     try:
         args.run(args)
     except (UsageError, *USER_ERRORS) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"headgroup: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_grad_enabled(grad)
     return 0
 
 
