@@ -28,7 +28,6 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 import gqa
-import objectives.merging  # noqa: F401  (registers query_aware)
 from gqa.grouping import (
     Grouping,
     LayerGrouping,

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import gqa
-import objectives.merging  # noqa: F401  (registers query_aware)
 from gqa.grouping import Grouping, write_text_atomic
 from gqa.models import load_model
 from objectives.calibration import CalibrationConfig, calibrate

@@ -36,7 +36,6 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import gqa
-import objectives.merging  # noqa: F401  (registers query_aware)
 from gqa.grouping import Grouping
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import calibrate
@@ -51,6 +50,7 @@ from search.strategies import SearchContext, make_strategy
 log = logging.getLogger(__name__)
 STAGE2_SUFFIX = ":stage2"
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
+SCORE_WAIT_S = 120.0  # longest wait for another worker scoring the same grouping
 FAULT_ENV = "HEADGROUP_FAULT"  # test hook: "stage1:N" or "stage2:N" kills this process mid-trial
 
 
@@ -98,7 +98,7 @@ def recover_dead_trials(study: optuna.Study) -> int:
         name, _, pid = worker.rpartition(":")
         if name != host or not pid.isdigit() or _pid_alive(int(pid)):
             continue
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
         attrs = {k: v for k, v in trial.user_attrs.items() if k in ("item", "item_key")}
         study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
         revived += 1
@@ -250,7 +250,8 @@ class Study:
             start = time.perf_counter()
             grouping = strategy.propose(self.context(), self.budget(average, allocation))
             key = grouping_key(grouping)
-            previous = _find_complete(study, "key", key)
+            trial.set_user_attr("key", key)  # visible to concurrent workers before we score
+            previous = _first_scored(study, key, trial.number)
             if previous is not None:
                 value, proxy_seconds = previous.user_attrs["proxy"], 0.0
                 trial.set_user_attr("duplicate_of", previous.number)
@@ -473,10 +474,26 @@ def _item(trial, kind: str) -> dict:
     }
 
 
-def _find_complete(study: optuna.Study, attr: str, value) -> optuna.trial.FrozenTrial | None:
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if trial.user_attrs.get(attr) == value and "duplicate_of" not in trial.user_attrs:
-            return trial
+def _first_scored(study: optuna.Study, key: str, number: int) -> optuna.trial.FrozenTrial | None:
+    """The earliest other trial that holds this grouping, once it is scored. A concurrent worker's
+    trial still running on the same grouping is waited for, so no grouping is scored twice; if it
+    dies (or has not finished after `SCORE_WAIT_S`), this trial scores the grouping itself."""
+    live = (TrialState.COMPLETE, TrialState.RUNNING)
+    deadline = time.monotonic() + SCORE_WAIT_S
+    while time.monotonic() < deadline:
+        holders = [
+            t
+            for t in study.get_trials(deepcopy=False, states=live)
+            if t.user_attrs.get("key") == key
+            and t.number != number
+            and "duplicate_of" not in t.user_attrs
+        ]
+        complete = [t for t in holders if t.state == TrialState.COMPLETE]
+        if complete:
+            return min(complete, key=lambda t: t.number)
+        if not any(t.number < number for t in holders):
+            return None
+        time.sleep(0.05)
     return None
 
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import gqa
-import objectives.merging  # noqa: F401  (registers query_aware)
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
 from objectives import calibration
