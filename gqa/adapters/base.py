@@ -116,9 +116,16 @@ class ModelAdapter:
         out, _ = module(
             hidden_states=x,
             position_embeddings=self.position_embeddings(x, module),
-            attention_mask=_window_mask(x, getattr(module, "sliding_window", None)),
+            attention_mask=_window_mask(x, self.sliding_window(module)),
         )
         return out
+
+    def sliding_window(self, module: nn.Module) -> int | None:
+        """The window the module passes to attention: its own attribute (Gemma 2/3, Qwen3, set
+        per layer) or else the config's (Mistral, Phi-3)."""
+        if hasattr(module, "sliding_window"):
+            return module.sliding_window
+        return getattr(module.config, "sliding_window", None)
 
     def attention(self, layer: int) -> nn.Module:
         return getattr(self.layers()[layer], self.attention_attr)

@@ -136,3 +136,21 @@ def test_olmo2_k_norm_gain_is_the_rescaled_mean_of_member_gains():
     for g, heads in enumerate(ASYM.layers[0].k):
         torch.testing.assert_close(new[g], gains[source[list(heads)]].mean(0) * float(c))
     assert float(c) < 1  # merged heads have less energy than the source heads
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+def test_standalone_attend_matches_the_layer_inside_the_model(family):
+    """`attend` (layer-local proxies, recovery) must see the sliding window the model uses."""
+    model = gqa.convert(family_model(family, sliding_window=4), ASYM)
+    adapter = gqa.get_adapter(model)
+    seen = {}
+
+    def hook(module, args, kwargs, output):
+        seen.update(x=kwargs["hidden_states"], y=output[0])
+
+    handle = adapter.attention(0).register_forward_hook(hook, with_kwargs=True)
+    logits(model, ids(length=11))
+    handle.remove()
+    with torch.no_grad():
+        y = adapter.attend(adapter.attention(0), seen["x"])
+    torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=0)

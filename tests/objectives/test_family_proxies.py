@@ -94,6 +94,22 @@ def test_wse_and_act_cos_include_biases(calibrated):
         assert cos.group_error(1, kind, group) == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
+def test_local_attn_is_zero_at_the_source_layout_and_matches_the_converted_layer(calibrated):
+    family, model, stats = calibrated
+    proxy = make_proxy("local_attn", model, stats)
+    own = gqa.current_grouping(model)
+    assert proxy.layer_score(0, own.layers[0]) == pytest.approx(0.0, abs=1e-10)
+    converted = gqa.convert(copy.deepcopy(model), ASYM)
+    a, b = get_adapter(model), get_adapter(converted)
+    x = stats.layers[0].inputs  # longer than the sliding windows: attend masks them
+    with torch.no_grad():
+        ref = a.attend(a.attention(0), x)
+        out = b.attend(b.attention(0), x)
+    expected = float((out - ref).pow(2).sum() / ref.pow(2).sum())
+    assert proxy.layer_score(0, ASYM.layers[0]) == pytest.approx(expected, rel=1e-4)
+    assert expected > 0
+
+
 STAGE1 = """
 [study]
 name = "tiny"
