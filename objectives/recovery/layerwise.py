@@ -202,7 +202,7 @@ def fit_layer(
 
 
 def _projection(module: nn.Module, adapter: ModelAdapter, which: str) -> nn.Module:
-    return getattr(module, adapter.projection_names[which])
+    return adapter.module_projection(module, which)
 
 
 @torch.no_grad()
