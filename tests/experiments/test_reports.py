@@ -141,3 +141,32 @@ def test_report_cli_and_errors(finished, tmp_path, capsys):
     )
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsys):
+    import json
+
+    from search.study import Study
+
+    out, _, _ = finished
+    monkeypatch.setenv("HEADGROUP_CACHE", str(out.parent / "cache"))
+    config = str(out.parent / "s.toml")
+    argv = ["compare", "--config", config, "--seeds", "0,1", "--windows", "4", "--limit", "3"]
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
+    answer = json.loads((out / "answer.json").read_text())
+    compared = [e for e in answer["budgets"].values() if "candidates" in e]
+    assert compared
+    for entry in compared:
+        searched = entry["candidates"]["searched"]
+        assert len(searched["test_ppl"]) == 2 and searched["questions"]["piqa"] == 3
+        for diff in entry["differences"].values():
+            assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
+    assert "paired bootstrap" in (out / "answer.md").read_text()
+    # A second run reads every (candidate, seed) result back: nothing is rebuilt.
+    monkeypatch.setattr(Study, "build_candidate", lambda *a, **k: pytest.fail("rebuilt"))
+    assert main(argv) == 0
+    assert json.loads((out / "answer.json").read_text())["budgets"] == answer["budgets"]
+    capsys.readouterr()
+    assert main(["compare", "--config", config, "--seeds", "x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
