@@ -5,8 +5,9 @@
   attn_out  output-aware: key errors weighted by query energies, values by o_proj (sensitivity)
   fisher    attn_out weighted by the gradient second moment at each attention output, so that
             layers are comparable
-Cost: tables of O(H^2 D^2) per layer built once (a few ms each); then O(H^3) per new group and a
-dictionary lookup per known group; no forward pass.
+Cost: tables of at most H^2 D^2 per layer and kind, built once on the model's device (one W C W^T
+product); then one batched D x D inverse per new group and a dictionary lookup per known group;
+no forward pass.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ class WeightedMergeProxy(GroupTableProxy):
     def build_table(self, layer: int, kind: str) -> MergeErrorTable:
         weights, _ = self.adapter.head_slices(layer, kind)
         return MergeErrorTable(
-            weights.detach().float().cpu(),
-            self.adapter.source_kv_index(layer, kind).cpu(),
+            weights.detach().float(),  # on the model's device: the table is built there
+            self.adapter.source_kv_index(layer, kind),
             self.gram(layer, kind),
             self.head_weights(layer, kind),
             self.merge_weights(layer, kind),
