@@ -33,7 +33,7 @@ K_bc itself is built blockwise from X = W C (one (n_src D x d) product) and neve
 building costs one pass of O(n_src D d^2) and memory stays O(H^2 D^2 / 2) per kind at most.
 
 Scoring: `errors(groups)` scores many groups at once, bucketed by size: the block sums are
-gathers, and the D x D algebra is one batched Cholesky inverse per bucket,
+gathers, and the D x D algebra is one batched inverse per bucket,
   tr(N_g^-1 A_g) = <N_g^-1, A_g^T>,   tr(N_g^-1 M_g N_g^-1 V_g) = <N_g^-1 M_g N_g^-1, V_g^T>,
 so a group costs ~ 5 D^3 flops and no Python loop per group. Group errors are memoised: a layer
 has at most 2^H - 1 distinct groups. Everything runs on the device of `weights`.
@@ -187,14 +187,8 @@ def _proportion(m: torch.Tensor, n: torch.Tensor) -> float | None:
 
 
 def _inverse(m: torch.Tensor) -> torch.Tensor:
-    """Batched inverse of symmetric positive (semi)definite matrices: Cholesky where it succeeds,
-    LU for the rest (a merge weighting with a null space, kept solvable by the ridge)."""
-    factor, info = torch.linalg.cholesky_ex(m)
-    inverse = torch.cholesky_inverse(factor)
-    bad = info != 0
-    if bool(bad.any()):
-        inverse[bad] = torch.linalg.inv(m[bad])
-    return inverse
+    """Batched inverse (LU): on a CPU 5x faster than a Cholesky inverse of the same batch."""
+    return torch.linalg.inv(m)
 
 
 def _regularised(m: torch.Tensor) -> torch.Tensor:
