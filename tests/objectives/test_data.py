@@ -16,7 +16,8 @@ def test_splits_are_disjoint_deterministic_and_sized():
     for split, size in SPLIT_SIZES.items():
         if size is not None:
             assert len(passages[split]) == size
-    assert len(passages["eval"]) == 2151
+    assert len(passages["eval"]) == 1551
+    assert len(passages["valid"]) == 600
     sets = [set(texts) for texts in passages.values()]
     assert sum(map(len, sets)) == sum(map(len, passages.values()))  # no duplicates inside
     assert len(set.union(*sets)) == sum(map(len, sets))  # and none across splits

@@ -209,3 +209,21 @@ def test_evaluate_returns_json_able_results(tiny_model, smol_tokenizer):
     assert results["ppl"]["perplexity"] == pytest.approx(math.exp(results["ppl"]["nll"]))
     assert results["boolq"]["n"] == 2
     assert json.loads(json.dumps(results)) == results
+
+
+@pytest.mark.parametrize("task", ["arc_easy", "hellaswag", "piqa"])
+def test_valid_and_test_questions_are_disjoint_and_cover_the_task(task):
+    every = load_questions(task, limit=60)
+    valid = load_questions(task, limit=12, subset="valid")
+    test = load_questions(task, limit=48, subset="test")
+    valid_ids = {q.doc_id for q in valid}
+    test_ids = {q.doc_id for q in test}
+    assert len(valid_ids) == 12 and len(test_ids) == 48
+    assert not valid_ids & test_ids
+    assert valid_ids | test_ids == {q.doc_id for q in every}
+    assert load_questions(task, limit=5, subset="test") == test[:5]  # a prefix, like `limit`
+
+
+def test_unknown_subset_is_named():
+    with pytest.raises(ValueError, match="unknown question subset 'dev'"):
+        load_questions("arc_easy", limit=3, subset="dev")
