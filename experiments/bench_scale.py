@@ -238,6 +238,7 @@ def main() -> None:
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(result, indent=2) + "\n")
+    Path(args.out + ".partial").unlink(missing_ok=True)
     print(json.dumps(result, indent=2))
 
 
