@@ -166,11 +166,13 @@ class MergeErrorTable:
         v_g = diag_blocks + upper + upper.transpose(1, 2)
         n_g = _regularised(self.n[index].sum(1))
         inverse = _inverse(n_g)
-        if self.p is None:
-            # M = c N, so A_g = c V_g and tr(N^-1 M N^-1 V) = c tr(N^-1 V): e = own - c tr(N^-1 V).
-            return (own - self.ratio * (inverse * v_g.transpose(1, 2)).sum((1, 2))).clamp_min(0.0)
-        a_g = self.p[index[:, :, None], index[:, None, :]].sum((1, 2))
         m_g = self.m[index].sum(1)
+        if self.p is None:  # M = c N, so A_g = c V_g
+            a_g = self.ratio * v_g
+        else:
+            a_g = self.p[index[:, :, None], index[:, None, :]].sum((1, 2))
+        # The full three-term form, not own - c tr(N^-1 V): its rounding cancels for groups of
+        # heads that read one source head, whose error is exactly zero.
         cross = (inverse * a_g.transpose(1, 2)).sum((1, 2))  # tr(N_g^-1 A_g)
         spread = (inverse @ m_g @ inverse * v_g.transpose(1, 2)).sum((1, 2))
         return (own - 2.0 * cross + spread).clamp_min(0.0)
