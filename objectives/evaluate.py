@@ -77,7 +77,9 @@ def window_nlls(
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()  # (B, L-1, V)
             targets = batch[:, 1:]  # (B, L-1)
-            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L-1)
+            nll = F.cross_entropy(
+                logits.flatten(0, 1), targets.flatten(), reduction="none"
+            ).view_as(targets)  # (B, L-1)
             means.append(nll.double().mean(1).cpu())
     return torch.cat(means)
 

@@ -29,14 +29,15 @@ def value_weights(
     adapter: ModelAdapter, layer: int, stats: LayerStats, fisher: bool = False
 ) -> torch.Tensor:
     """M_h^V = O_h^T F O_h for every query head: (H, D, D)."""
-    o = adapter.output_weight(layer).detach().float().cpu()  # (d, H*D)
+    # On the model's device: at 7B shape these products are ~70 GFLOP per layer.
+    o = adapter.output_weight(layer).detach().float()  # (d, H*D)
     o = o.view(o.shape[0], adapter.num_heads, adapter.head_dim).permute(1, 0, 2)  # (H, d, D)
     if fisher:
         if stats.grad is None:
             raise ValueError(
                 "the fisher weighting needs gradient statistics (calibration grad_seqs > 0)"
             )
-        return torch.einsum("hdi,de,hej->hij", o, stats.grad.float(), o)
+        return torch.einsum("hdi,de,hej->hij", o, stats.grad.float().to(o.device), o)
     return torch.einsum("hdi,hdj->hij", o, o)
 
 
@@ -76,14 +77,14 @@ def key_weights(
     scale2 = adapter.attention_scale(layer) ** 2
     m_v = value_weights(adapter, layer, stats, fisher)
     w_v, _ = adapter.head_slices(layer, "v")
-    source = adapter.source_kv_index(layer, "v").cpu()
-    w_v = w_v.detach().float().cpu()[source]  # (H, D, d)
-    cov_v = torch.einsum("hid,de,hje->hij", w_v, stats.covariance.float(), w_v)
+    w_v = w_v.detach().float()
+    w_v = w_v[adapter.source_kv_index(layer, "v").to(w_v.device)]  # (H, D, d)
+    cov_v = torch.einsum("hid,de,hje->hij", w_v, stats.covariance.float().to(w_v.device), w_v)
     beta = torch.einsum("hij,hji->h", m_v, cov_v).mean()
-    return rope_query_moment(adapter, stats.query, layer) * (beta * scale2)
+    return rope_query_moment(adapter, stats.query, layer).to(w_v.device) * (beta * scale2)
 
 
 def plain_weights(adapter: ModelAdapter) -> torch.Tensor:
     """M_h = I: unweighted reconstruction."""
-    eye = torch.eye(adapter.head_dim)
+    eye = torch.eye(adapter.head_dim, device=adapter.projection(0, "k").weight.device)
     return eye.expand(adapter.num_heads, -1, -1).clone()

@@ -19,16 +19,31 @@ class _CosineTable:
         self.norms = self.gram.diagonal().clamp_min(1e-30).sqrt()
         self.cache: dict[tuple[int, ...], float] = {}
 
+    @property
+    def nbytes(self) -> int:
+        return self.gram.numel() * self.gram.element_size() + self.norms.numel() * 8
+
     def __call__(self, group: tuple[int, ...]) -> float:
         value = self.cache.get(group)
         if value is None:
-            g = list(group)
-            n = len(g)
-            dots = self.gram[g][:, g].sum(1) / n  # <a_h, mean>
-            mean_norm = (self.gram[g][:, g].sum() / n**2).clamp_min(1e-30).sqrt()
-            value = float((1 - dots / (self.norms[g] * mean_norm)).sum())
-            self.cache[group] = value
+            value = self.errors([group])[0]
         return value
+
+    def errors(self, groups) -> list[float]:
+        """Losses of many groups; the unknown ones are scored together, one batch per size."""
+        groups = list(groups)
+        todo: dict[int, list[tuple[int, ...]]] = {}
+        for g in dict.fromkeys(groups):
+            if g not in self.cache:
+                todo.setdefault(len(g), []).append(g)
+        for size, bucket in todo.items():
+            g = torch.tensor(bucket, dtype=torch.long, device=self.gram.device).view(-1, size)
+            block = self.gram[g[:, :, None], g[:, None, :]]  # (B, n, n)
+            dots = block.sum(2) / size  # <a_h, mean>
+            mean_norm = (block.sum((1, 2)) / size**2).clamp_min(1e-30).sqrt()
+            loss = (1 - dots / (self.norms[g] * mean_norm[:, None])).sum(1)
+            self.cache.update(zip(bucket, loss.tolist(), strict=True))
+        return [self.cache[g] for g in groups]
 
 
 @register_proxy
@@ -39,8 +54,9 @@ class ActivationCosine(GroupTableProxy):
     def build_table(self, layer: int, kind: str) -> _CosineTable:
         x = self.stats.layers[layer].inputs.reshape(-1, self.adapter.hidden_size)  # (N, d)
         weights, biases = self.adapter.head_slices(layer, kind)
-        source = self.adapter.source_kv_index(layer, kind).cpu()
-        acts = torch.einsum("nd,hid->hni", x.float(), weights.detach().float().cpu()[source])
+        weights = weights.detach().float()
+        source = self.adapter.source_kv_index(layer, kind).to(weights.device)
+        acts = torch.einsum("nd,hid->hni", x.to(weights.device).float(), weights[source])
         if biases is not None:
-            acts = acts + biases.detach().float().cpu()[source][:, None]
+            acts = acts + biases.detach().float()[source][:, None]
         return _CosineTable(acts.reshape(acts.shape[0], -1))

@@ -92,13 +92,28 @@ class GroupTableProxy(Proxy):
     def group_error(self, layer: int, kind: str, group: tuple[int, ...]) -> float:
         return self.table(layer, kind)(group)
 
+    def group_errors(self, layer: int, kind: str, groups) -> list[float]:
+        """Errors of many groups (sorted tuples) at once: tables with an `errors` method score
+        the new ones as one batch (see objectives.merge_error); others one by one."""
+        table = self.table(layer, kind)
+        batched = getattr(table, "errors", None)
+        return batched(groups) if batched is not None else [table(g) for g in groups]
+
+    def table_bytes(self, layer: int | None = None) -> int:
+        """Bytes held by the built group tables (of one layer, or all), for benchmarks."""
+        return sum(
+            getattr(table, "nbytes", 0)
+            for (i, _), table in self._tables.items()
+            if layer is None or i == layer
+        )
+
     def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
         # Searches revisit the same layer groupings constantly: memoise whole layers too.
         key = (layer, grouping)
         value = self._layers.get(key)
         if value is None:
-            value = sum(map(self.table(layer, "k"), grouping.k)) + sum(
-                map(self.table(layer, "v"), grouping.v)
+            value = sum(self.group_errors(layer, "k", grouping.k)) + sum(
+                self.group_errors(layer, "v", grouping.v)
             )
             self._layers[key] = value
         return value

@@ -5,8 +5,9 @@
   attn_out  output-aware: key errors weighted by query energies, values by o_proj (sensitivity)
   fisher    attn_out weighted by the gradient second moment at each attention output, so that
             layers are comparable
-Cost: tables of O(H^2 D^2) per layer built once (a few ms each); then O(H^3) per new group and a
-dictionary lookup per known group; no forward pass.
+Cost: tables of at most H^2 D^2 per layer and kind, built once on the model's device (one W C W^T
+product); then one batched D x D inverse per new group and a dictionary lookup per known group;
+no forward pass.
 """
 
 from __future__ import annotations
@@ -46,18 +47,20 @@ class WeightedMergeProxy(GroupTableProxy):
 
     def build_table(self, layer: int, kind: str) -> MergeErrorTable:
         weights, biases = self.adapter.head_slices(layer, kind)
-        weights, gram = weights.detach().float().cpu(), self.gram(layer, kind)
+        weights = weights.detach().float()
+        gram = self.gram(layer, kind).to(weights.device)
         if biases is not None:
             # A bias is a weight on a constant input 1: W~ = [W | b], C~ = [[C, m], [m^T, s]].
             mean, one = self.bias_moments(layer, kind)
-            weights = torch.cat([weights, biases.detach().float().cpu()[..., None]], -1)
-            corner = torch.tensor([[one]], dtype=gram.dtype)
+            mean = mean.to(weights.device)
+            weights = torch.cat([weights, biases.detach().float()[..., None]], -1)
+            corner = torch.tensor([[one]], dtype=gram.dtype, device=weights.device)
             gram = torch.cat(
                 [torch.cat([gram, mean[:, None]], 1), torch.cat([mean[None], corner], 1)]
             )
         return MergeErrorTable(
-            weights,
-            self.adapter.source_kv_index(layer, kind).cpu(),
+            weights,  # on the model's device: the table is built there
+            self.adapter.source_kv_index(layer, kind),
             gram,
             self.head_weights(layer, kind),
             self.merge_weights(layer, kind),

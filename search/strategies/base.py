@@ -123,8 +123,25 @@ class SearchContext:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         return proxy.group_error(layer, kind, group)
 
+    def group_errors(self, layer: int, kind: str, groups) -> list[float]:
+        """`group_error` of many groups at once: the proxy scores the new ones as one batch."""
+        proxy = self.table_proxy()
+        groups = [tuple(sorted(g)) for g in groups]
+        if kind == "kv":
+            k, v = proxy.group_errors(layer, "k", groups), proxy.group_errors(layer, "v", groups)
+            return [a + b for a, b in zip(k, v, strict=True)]
+        if kind not in ("k", "v"):
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return proxy.group_errors(layer, kind, groups)
+
     def partition_error(self, layer: int, kind: str, partition) -> float:
-        return float(sum(self.group_error(layer, kind, g) for g in partition))
+        return float(sum(self.group_errors(layer, kind, partition)))
+
+    def partition_errors(self, layer: int, kind: str, partitions) -> list[float]:
+        """`partition_error` of many partitions, their new groups scored as one batch."""
+        partitions = list(partitions)
+        self.group_errors(layer, kind, [g for p in partitions for g in p])  # fills the memo
+        return [self.partition_error(layer, kind, p) for p in partitions]
 
     # -- other inputs ----------------------------------------------------------------------------
 

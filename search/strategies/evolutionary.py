@@ -54,13 +54,19 @@ class Evolutionary(Strategy):
     def propose_partition(self, ctx, layer, kind, num_groups, rng) -> Partition:
         h, g = ctx.num_heads, num_groups
         if stirling2(h, g) <= self.evaluations:  # the budget covers the whole space: be exact
-            return min(all_partitions(h, g), key=lambda p: (ctx.partition_error(layer, kind, p), p))
+            every = all_partitions(h, g)
+            errors = ctx.partition_errors(layer, kind, every)
+            return min(zip(errors, every, strict=True))[1]
         scores: dict[Partition, float] = {}
+        pending: dict[Partition, None] = {}  # this generation's new individuals, scored at its end
 
-        def score(p: Partition) -> float:
+        def score(p: Partition) -> None:
             if p not in scores:
-                scores[p] = ctx.partition_error(layer, kind, p)
-            return scores[p]
+                pending[p] = None
+
+        def score_pending() -> None:
+            scores.update(zip(pending, ctx.partition_errors(layer, kind, pending), strict=True))
+            pending.clear()
 
         population: list[Partition] = []
         seeds = []
@@ -79,6 +85,7 @@ class Evolutionary(Strategy):
             if p not in population:
                 population.append(p)
                 score(p)
+        score_pending()
 
         stalled = 0
         while len(scores) < self.evaluations and stalled < 10:
@@ -86,7 +93,10 @@ class Evolutionary(Strategy):
             ranked = sorted(population, key=lambda p: (scores[p], p))
             children = ranked[: self.elite]
             for _ in range(20 * self.population):
-                if len(children) >= self.population or len(scores) >= self.evaluations:
+                if (
+                    len(children) >= self.population
+                    or len(scores) + len(pending) >= self.evaluations
+                ):
                     break
                 child = self._pick(ranked, rng)
                 if rng.random() < self.crossover_rate:
@@ -100,6 +110,7 @@ class Evolutionary(Strategy):
                 if child not in children:
                     score(child)
                     children.append(child)
+            score_pending()
             population = children
             stalled = stalled + 1 if len(scores) == before else 0
         return min(scores, key=lambda p: (scores[p], p))

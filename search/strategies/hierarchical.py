@@ -41,10 +41,9 @@ class Hierarchical(Strategy):
 def pair_distances(ctx: SearchContext, layer: int, kind: str) -> np.ndarray:
     """(H, H) symmetric merge costs d(a, b), clipped at 0, zero diagonal."""
     h = ctx.num_heads
-    single = [ctx.group_error(layer, kind, (a,)) for a in range(h)]
+    single = ctx.group_errors(layer, kind, [(a,) for a in range(h)])
+    pairs = [(a, b) for a in range(h) for b in range(a + 1, h)]
     dist = np.zeros((h, h))
-    for a in range(h):
-        for b in range(a + 1, h):
-            d = ctx.group_error(layer, kind, (a, b)) - single[a] - single[b]
-            dist[a, b] = dist[b, a] = max(d, 0.0)
+    for (a, b), e in zip(pairs, ctx.group_errors(layer, kind, pairs), strict=True):  # one batch
+        dist[a, b] = dist[b, a] = max(e - single[a] - single[b], 0.0)
     return dist
