@@ -54,6 +54,13 @@ def stage1_frame(name: str, storage) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def skipped_repeats(name: str, storage) -> int:
+    """Stage-1 trials pruned because they repeated a deterministic configuration."""
+    study = _load(name, storage)
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if study else []
+    return sum(1 for t in pruned if "copy_of" in t.user_attrs)
+
+
 def stage2_frame(name: str, storage) -> pd.DataFrame:
     """One row per stage-2 candidate, complete or pruned (`state`): kind, budget, strategy, proxy,
     validation perplexity at each rung (`valid_ppl*`, what selection reads) and, for complete
@@ -62,6 +69,8 @@ def stage2_frame(name: str, storage) -> pd.DataFrame:
     rows = []
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     for t in study.get_trials(deepcopy=False, states=finished) if study else []:
+        if "duplicate_of" in t.user_attrs or "item" not in t.user_attrs:
+            continue  # an item enqueued twice by racing workers, or a claim that found none
         item = json.loads(t.user_attrs["item"])
         row = {
             k: item.get(k)
@@ -97,6 +106,13 @@ def summary_table(name: str, storage) -> str:
     lines = []
     s1 = stage1_frame(name, storage)
     if not s1.empty:
+        distinct = s1["key"].nunique()
+        copies = skipped_repeats(name, storage)
+        lines += [
+            f"stage 1: {len(s1)} trials, {distinct} distinct groupings "
+            f"({100 * distinct / len(s1):.0f}%); {copies} repeats of deterministic "
+            "configurations skipped (not counted as trials)",
+        ]
         best = s1.groupby(["budget", "strategy"]).agg(
             trials=("proxy", "size"), best_proxy=("proxy", "min"), kv_heads=("kv_heads", "first")
         )

@@ -240,9 +240,13 @@ class Study:
             disable=not self.progress,
         )
         objective = self._objective1(study, bar)
-        remaining = max(search.trials - done, 0)
-        if remaining:
-            study.optimize(objective, n_trials=remaining + 8, catch=())
+        while done < search.trials:
+            # Repeats of a deterministic configuration are pruned and do not count, so rounds
+            # continue until `trials` trials completed, or a round completed none (exhausted).
+            study.optimize(objective, n_trials=search.trials - done + 8, catch=())
+            before, done = done, self._live_before(study, None)
+            if done == before:
+                break
         bar.close()
         return study
 
@@ -277,6 +281,13 @@ class Study:
                 space.name: space.suggest(trial, name) for space in search.strategies.get(name, ())
             }
             strategy = make_strategy(name, seed=self.config.seed + trial.number, **params)
+            if not strategy.uses_seed():  # its grouping is known once it has run: never rerun
+                signature = json.dumps([average, name, allocation, params], sort_keys=True)
+                trial.set_user_attr("signature", signature)
+                earlier = _earlier_with(study, "signature", signature, trial.number)
+                if earlier is not None:
+                    trial.set_user_attr("copy_of", earlier)
+                    raise optuna.TrialPruned("repeats a deterministic configuration")
             start = time.perf_counter()
             grouping = strategy.propose(self.context(), self.budget(average, allocation))
             key = grouping_key(grouping)
@@ -419,7 +430,8 @@ class Study:
                 break
             trial.set_user_attr("worker", WORKER)
             item = json.loads(trial.user_attrs["item"])
-            if _claimed_earlier(study, item["key"], trial.number):
+            if _claimed_earlier(study, item["key"], trial.number):  # enqueued twice by a race
+                trial.set_user_attr("duplicate_of", item["key"])
                 study.tell(trial, state=TrialState.PRUNED)
                 continue
             try:
@@ -596,10 +608,25 @@ def _first_scored(study: optuna.Study, key: str, number: int) -> optuna.trial.Fr
     return None
 
 
-def _claimed_earlier(study: optuna.Study, key: str, number: int) -> bool:
+def _earlier_with(study: optuna.Study, attr: str, value: str, number: int) -> int | None:
+    """The number of the earliest live (complete or running) trial before `number` whose user
+    attribute `attr` equals `value`, or None."""
     live = (TrialState.COMPLETE, TrialState.RUNNING)
     trials = study.get_trials(deepcopy=False, states=live)
-    return any(t.user_attrs.get("item_key") == key and t.number < number for t in trials)
+    earlier = [t.number for t in trials if t.user_attrs.get(attr) == value and t.number < number]
+    return min(earlier, default=None)
+
+
+def _claimed_earlier(study: optuna.Study, key: str, number: int) -> bool:
+    """Whether an earlier trial took this stage-2 item (running, complete, or pruned by the
+    pruner; copies pruned as duplicates do not count)."""
+    states = (TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED)
+    return any(
+        t.user_attrs.get("item_key") == key
+        and t.number < number
+        and "duplicate_of" not in t.user_attrs
+        for t in study.get_trials(deepcopy=False, states=states)
+    )
 
 
 def _config_summary(config: StudyConfig) -> str:

@@ -199,6 +199,7 @@ class Strategy(ABC):
     name: ClassVar[str]
     needs_proxy: ClassVar[bool] = False
     needs_stats: ClassVar[bool] = False
+    seeded: ClassVar[bool] = True  # False: the proposal never depends on `seed`
 
     seed: int = 0
     share_kv: bool = False  # one partition per layer for K and V (where their budgets are equal)
@@ -282,6 +283,11 @@ class Strategy(ABC):
     def params(self) -> dict[str, Any]:
         """The hyper-parameters, e.g. to record with a trial."""
         return asdict(self)
+
+    def uses_seed(self) -> bool:
+        """Whether another seed can give another grouping (a study runs a strategy that does not
+        at most once per budget and setting: a second run would only repeat the first)."""
+        return self.seeded
 
     def fail(self, field_name: str, problem: str) -> None:
         raise ValueError(

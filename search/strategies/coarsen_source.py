@@ -25,6 +25,7 @@ from search.strategies.random_partition import stirling2
 @dataclass
 class CoarsenSource(Strategy):
     name = "coarsen_source"
+    seeded = False
     needs_proxy = True
 
     max_enumerate: int = 5000

@@ -47,6 +47,10 @@ class Greedy(Strategy):
         if self.start not in STRATEGIES:
             self.fail("start", f"must name a strategy ({', '.join(sorted(STRATEGIES))})")
 
+    def uses_seed(self) -> bool:
+        # "best" improvement from a fixed start, without random restarts, is deterministic.
+        return self.improvement == "first" or self.restarts > 0 or self.start_strategy().uses_seed()
+
     def start_strategy(self) -> Strategy:
         return make_strategy(self.start, seed=self.seed, share_kv=self.share_kv)
 

@@ -23,6 +23,7 @@ LINKAGES = ("average", "complete", "single")  # ward needs Euclidean features, n
 @dataclass
 class Hierarchical(Strategy):
     name = "hierarchical"
+    seeded = False
     needs_proxy = True
 
     linkage: str = "average"

@@ -14,6 +14,7 @@ class Neighbour(Strategy):
     """Heads 0..H-1 cut into G contiguous runs; the first H % G runs get one head more."""
 
     name = "neighbour"
+    seeded = False
 
     def propose_partition(self, ctx, layer, kind, num_groups, rng) -> Partition:
         return neighbour_partition(ctx.num_heads, num_groups)

@@ -19,6 +19,7 @@ from search.strategies.base import Strategy, register_strategy
 @dataclass
 class NeighbourKV(Strategy):
     name = "neighbour_kv"
+    seeded = False
 
     def propose_partition(self, ctx, layer, kind, num_groups, rng) -> Partition:
         source = ctx.source_partition(layer, kind)

@@ -41,7 +41,11 @@ def _check_complete_study(storage: str, trials: int):
     scored = [t.user_attrs["key"] for t in stage1 if "duplicate_of" not in t.user_attrs]
     assert len(scored) == len(set(scored)), "a grouping was scored twice"
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    stage2 = _trials(storage, "tiny" + STAGE2_SUFFIX, states=finished)
+    stage2 = [
+        t
+        for t in _trials(storage, "tiny" + STAGE2_SUFFIX, states=finished)
+        if "item" in t.user_attrs and "duplicate_of" not in t.user_attrs
+    ]
     items = [t.user_attrs["item_key"] for t in stage2]
     assert len(items) == len(set(items)), "a stage-2 candidate was evaluated twice"
     waiting = _trials(
@@ -129,3 +133,29 @@ def test_two_workers_on_journal_storage_share_the_work(tiny, tmp_path):
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err[-2000:]
     _check_complete_study(storage, trials=16)
+
+
+def test_deterministic_configurations_run_once_and_do_not_count(tiny, tmp_path):
+    """Only neighbour and neighbour_kv, two budgets: 4 distinct configurations. Repeats are
+    pruned without work and not counted, and the study stops once nothing new is left."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    path = write_config(tmp_path / "s.toml", tiny, storage, trials=10)
+    text = path.read_text()
+    start, end = text.index("[search.strategies.random]"), text.index("[promote]")
+    path.write_text(
+        text[:start].replace("allocation = [false, true]", "allocation = [false]") + text[end:]
+    )
+    study = Study(StudyConfig.load(path), progress=False)
+    stage1 = study.stage1()
+    complete = stage1.get_trials(states=(TrialState.COMPLETE,))
+    assert sorted((t.params["budget"], t.params["strategy"]) for t in complete) == [
+        (1.5, "neighbour"),
+        (1.5, "neighbour_kv"),
+        (2.0, "neighbour"),
+        (2.0, "neighbour_kv"),
+    ]
+    copies = stage1.get_trials(states=(TrialState.PRUNED,))
+    assert copies and all("copy_of" in t.user_attrs and "proxy" not in t.user_attrs for t in copies)
+    from search.results import summary_table
+
+    assert "4 trials, 4 distinct groupings (100%)" in summary_table("tiny", storage)
