@@ -338,6 +338,49 @@ def run_dashboard(args: argparse.Namespace) -> None:
     run_server(storage, host=args.host, port=args.port)
 
 
+# -- compare -------------------------------------------------------------------------------------
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="the finished study's TOML file")
+    p.add_argument("--budgets", type=_floats, default=None, help="e.g. 2,1.5 (default: all)")
+    p.add_argument("--seeds", type=_ints, default=(0, 1), help="recovery seeds (default 0,1)")
+    p.add_argument("--windows", type=int, default=48, help="test windows of seq_len tokens")
+    p.add_argument("--limit", type=int, default=300, help="test questions per task")
+    p.add_argument("--out", type=Path, default=None, help="default results/<study>")
+
+
+@command("compare", _compare_args)
+def run_compare_command(args: argparse.Namespace) -> None:
+    """After recovery, the searched winner vs neighbour_kv and neighbour on test data, with CIs."""
+    from experiments.compare import CompareConfig, run_compare
+
+    if not args.seeds or args.windows < 2 or args.limit < 1:
+        raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 1")
+    torch.set_grad_enabled(True)  # recovery trains
+    options = CompareConfig(args.budgets, args.seeds, args.windows, args.limit)
+    path = run_compare(args.config, options, args.out)
+    print(path.read_text())
+
+
 # -- entry point -----------------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.reports import ablation_report, pareto_report
+from experiments.reports import ablation_report, pareto_report, rungs_report
 from gqa.grouping import Grouping
 from search.config import StudyConfig
 from search.results import stage1_frame, stage2_frame, summary_table
@@ -47,24 +47,28 @@ def findings(stage2: pd.DataFrame) -> list[str]:
             f"Source model: perplexity {src_ppl:.2f}"
             + (f", mean accuracy {src_acc:.3f}." if src_acc is not None else ".")
         )
-    for budget, group in stage2[stage2["kind"] != "source"].groupby("budget"):
-        searched = group[group["kind"] == "searched"].sort_values("ppl")
+    complete = stage2[stage2["state"] == "complete"]
+    for budget, group in complete[complete["kind"] != "source"].groupby("budget"):
+        searched = group[group["kind"] == "searched"].sort_values("valid_ppl")
         if searched.empty:
             continue
-        best = searched.iloc[0]
-        text = f"At {budget:g} KV heads per layer the best searched candidate ({best['strategy']}"
+        best = searched.iloc[0]  # chosen on validation perplexity; test numbers reported
+        pruned = stage2[(stage2["budget"] == budget) & (stage2["state"] == "pruned")]
+        text = f"At {budget:g} KV heads per layer the searched winner on validation ({best['strategy']}"
         text += ", budget allocated across layers)" if best.get("allocation") else ")"
-        text += f" reached perplexity {best['ppl']:.1f}"
-        if pd.notna(best.get("ppl_before_recovery")):
-            text += f" ({best['ppl_before_recovery']:.0f} before recovery)"
+        text += f" reached test perplexity {best['ppl']:.1f}"
+        if pd.notna(best.get("valid_ppl_merged")):
+            text += f" (validation {best['valid_ppl_merged']:.0f} merged, {best['valid_ppl']:.1f} recovered)"
         if "mean_acc" in best:
             text += f" and mean accuracy {best['mean_acc']:.3f}"
         for _, base in group[group["kind"] == "baseline"].iterrows():
             text += f"; {base['strategy']}: {base['ppl']:.1f}"
-            if pd.notna(base.get("ppl_before_recovery")):
-                text += f" ({base['ppl_before_recovery']:.0f} before)"
+            if pd.notna(base.get("valid_ppl_merged")):
+                text += f" (validation {base['valid_ppl_merged']:.0f} / {base['valid_ppl']:.1f})"
             if "mean_acc" in base:
                 text += f" / {base['mean_acc']:.3f}"
+        if len(pruned):
+            text += f"; {len(pruned)} searched candidate(s) pruned"
         if src_ppl is not None:
             text += f" (source {src_ppl:.1f}"
             text += f" / {src_acc:.3f})." if src_acc is not None else ")."
@@ -84,13 +88,16 @@ def write_readme(
         f"Model `{config.model}`, proxy `{config.search.proxy}`, merge `{config.search.merge}`, "
         f"{config.search.trials} stage-1 trials, budgets {list(config.search.budgets)} KV heads per layer "
         f"(K and V each), recovery `{' then '.join(config.promote.recovery) or 'none'}`, tasks {list(config.promote.tasks)} "
-        f"(limit {config.promote.limit}), {config.promote.ppl_windows} x {config.promote.seq_len} held-out tokens.",
+        f"(limit {config.promote.limit} test questions), {config.promote.ppl_windows} x {config.promote.seq_len} test tokens; "
+        f"selection and pruning read {config.promote.valid_windows} x {config.promote.seq_len} validation tokens.",
         "",
         "## What the numbers say",
         "",
         *[f"- {line}" for line in findings(stage2)],
         "",
         "![Pareto fronts](pareto.png)",
+        "",
+        "![Validation perplexity against recovery effort](rungs.png)",
         "",
         "## Summary",
         "",
@@ -122,6 +129,7 @@ def run_main_job(config_path: Path, out: Path | None = None, progress: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     pareto_report(config.name, config.storage, out)
     ablation_report([config.name], config.storage, out)
+    rungs_report(config.name, config.storage, out)
     stage1, stage2 = (
         stage1_frame(config.name, config.storage),
         stage2_frame(config.name, config.storage),

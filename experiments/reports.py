@@ -6,6 +6,7 @@ regenerated from it.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -15,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from search.results import stage1_frame, stage2_frame  # noqa: E402
+from search.results import rung_columns, stage1_frame, stage2_frame  # noqa: E402
 
 MARKERS = "os^Dv<>pPXh*"
 
@@ -108,7 +109,8 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
         raise ValueError(f"study {name!r} has no completed trials in this storage")
     out.mkdir(parents=True, exist_ok=True)
     source_bytes = _source_bytes(stage2) if len(stage2) else None
-    panels = 1 + (len(stage2) > 0) * (1 + ("mean_acc" in stage2))
+    complete = stage2[stage2["state"] == "complete"] if len(stage2) else stage2
+    panels = 1 + (len(complete) > 0) * (1 + ("mean_acc" in complete))
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.8), squeeze=False)
     scored = stage1[stage1["duplicate_of"].isna()]
     styles = _styles(stage1, stage2)
@@ -117,37 +119,38 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
     )
     axes[0, 0].set_title(f"stage 1: {len(scored)} groupings scored by proxy")
     fronts = [pareto_front(scored, "kv_bytes", "proxy").assign(stage="proxy", metric="proxy")]
-    if len(stage2):
+    if len(complete):
+        # Selection reads validation data only, so the perplexity panel and its front do too.
         _panel(
             axes[0, 1],
-            stage2,
-            "ppl",
-            "held-out perplexity (lower is better)",
+            complete,
+            "valid_ppl",
+            "validation perplexity after recovery",
             source_bytes,
             styles,
             log=True,
         )
-        axes[0, 1].set_title("stage 2: recovered and evaluated")
+        axes[0, 1].set_title("stage 2: recovered (validation)")
         fronts.append(
-            pareto_front(stage2[stage2["kind"] != "source"], "kv_bytes", "ppl").assign(
-                stage="evaluated", metric="ppl"
+            pareto_front(complete[complete["kind"] != "source"], "kv_bytes", "valid_ppl").assign(
+                stage="recovered", metric="valid_ppl"
             )
         )
-        if "mean_acc" in stage2:
+        if "mean_acc" in complete:
             _panel(
                 axes[0, 2],
-                stage2,
+                complete,
                 "mean_acc",
-                "mean accuracy (higher is better)",
+                "mean accuracy, test questions (higher is better)",
                 source_bytes,
                 styles,
                 minimise=False,
             )
-            axes[0, 2].set_title("stage 2: accuracy")
+            axes[0, 2].set_title("stage 2: accuracy (test)")
             fronts.append(
                 pareto_front(
-                    stage2[stage2["kind"] != "source"], "kv_bytes", "mean_acc", minimise=False
-                ).assign(stage="evaluated", metric="mean_acc")
+                    complete[complete["kind"] != "source"], "kv_bytes", "mean_acc", minimise=False
+                ).assign(stage="recovered", metric="mean_acc")
             )
     handles, labels = {}, []
     for ax in axes[0]:
@@ -181,6 +184,8 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
             "kv_bytes",
             "kv_heads",
             "proxy",
+            "rank",
+            "valid_ppl",
             "ppl",
             "mean_acc",
             "key",
@@ -194,6 +199,52 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
         )
     _write_csv(front, out / "pareto.csv")
     return {"png": png, "csv": out / "pareto.csv"}
+
+
+def rungs_report(name: str, storage, out: Path) -> Path:
+    """rungs.png: validation perplexity against recovery effort (rung) per candidate, one panel
+    per budget; pruned candidates dashed, baselines in red."""
+    stage2 = stage2_frame(name, storage)
+    candidates = stage2[stage2["kind"] != "source"] if len(stage2) else stage2
+    if candidates.empty:
+        raise ValueError(f"study {name!r} has no stage-2 candidates in this storage")
+    budgets = sorted(candidates["budget"].unique(), reverse=True)
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4.4), squeeze=False)
+    styles = _styles(candidates)
+    source = stage2[stage2["kind"] == "source"]
+    for ax, budget in zip(axes[0], budgets, strict=True):
+        names: list[str] = []
+        for _, row in candidates[candidates["budget"] == budget].iterrows():
+            rungs = json.loads(row["rungs"])
+            names = max(names, [r["after"] for r in rungs], key=len)
+            style = styles[row["strategy"]]
+            ax.plot(
+                range(len(rungs)),
+                [r["valid_ppl"] for r in rungs],
+                marker=style["marker"],
+                color="red" if row["kind"] == "baseline" else style["color"],
+                ls="--" if row["state"] == "pruned" else "-",
+                alpha=0.85,
+                label=f"{row['strategy']} ({row['kind']}, {row['state']})",
+            )
+        if len(source):
+            ax.axhline(source["valid_ppl"].iloc[0], color="gold", lw=1.5, label="source model")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yscale("log")
+        ax.set_title(f"{budget:g} KV heads per layer")
+        ax.set_xlabel("recovery rung")
+        ax.set_ylabel("validation perplexity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"study {name}: validation perplexity against recovery effort")
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "rungs.png"
+    tmp = out / ".rungs.png.tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)
+    return png
 
 
 def _mean_std(frame: pd.DataFrame, keys: list[str], cols: list[str]) -> pd.DataFrame:
@@ -226,19 +277,35 @@ def ablation_report(names: list[str], storage, out: Path) -> dict[str, Path]:
         s2["strategy"] = s2["strategy"].fillna("source")
         if source_bytes:
             s2["kv_pct"] = 100 * s2["kv_bytes"] / source_bytes
-        # The recovery ablation: perplexity before recovery and after each recovery step.
-        recovery = ["ppl_before_recovery"] + sorted(c for c in s2 if c.startswith("ppl_after_"))
-        metrics = [c for c in ("proxy", "kv_pct", *recovery, "ppl", "mean_acc") if c in s2]
+        # The recovery ablation: validation perplexity at each rung (merged, after each method).
+        metrics = [c for c in ("proxy", "rank", "kv_pct", *rung_columns(s2)) if c in s2]
+        metrics += [c for c in ("ppl", "mean_acc") if c in s2]
         metrics += sorted(c for c in s2 if c.startswith("acc_"))
-        best = (
-            s2.sort_values("proxy", na_position="first")
+        done = s2[s2["state"] == "complete"]
+        best = (  # per strategy the candidate best on validation data; its test numbers shown
+            done.sort_values("valid_ppl", na_position="first")
             .groupby(["study", "budget", "strategy", "kind"], dropna=False)
             .head(1)
         )
         sections.append(
             (
-                "Evaluated candidates (stage 2): strategy x budget",
+                "Recovered candidates (stage 2): strategy x budget, best on validation "
+                "(valid_ppl*: validation; ppl, acc: test)",
                 _mean_std(best, ["budget", "strategy", "kind"], metrics),
+            )
+        )
+        pruning = (
+            s2[s2["kind"] == "searched"]
+            .groupby(["study", "budget", "state"])
+            .size()
+            .unstack(fill_value=0)
+            .reset_index()
+        )
+        counts = [c for c in ("complete", "pruned") if c in pruning]
+        sections.append(
+            (
+                "Stage-2 pruning: searched candidates per budget",
+                _mean_std(pruning, ["budget"], counts),
             )
         )
     per_run = (
@@ -251,11 +318,12 @@ def ablation_report(names: list[str], storage, out: Path) -> dict[str, Path]:
         )
     )
     if stage1["allocation"].nunique() > 1:
-        alloc = stage1.groupby(["study", "budget", "allocation"])["proxy"].min().reset_index()
+        scores = [c for c in ("proxy", "rank") if c in stage1]
+        alloc = stage1.groupby(["study", "budget", "allocation"])[scores].min().reset_index()
         sections.append(
             (
-                "Budget allocation across layers (stage 1, best proxy)",
-                _mean_std(alloc, ["budget", "allocation"], ["proxy"]),
+                "Budget allocation across layers (stage 1, best score)",
+                _mean_std(alloc, ["budget", "allocation"], scores),
             )
         )
     md = [f"# Ablations: {', '.join(names)}", ""]

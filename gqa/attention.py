@@ -20,6 +20,7 @@ it, so that stock transformers runs the checkpoint where headgroup is not instal
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -56,7 +57,7 @@ def _group_of(partition: Sequence[Sequence[int]], num_heads: int) -> list[int]:
 
 def install_plan(module: nn.Module, layer: LayerGroups, num_heads: int) -> None:
     """Attach the index buffers that map grouped K/V heads onto this module's query heads."""
-    device = module.q_proj.weight.device
+    device = next(module.parameters()).device
     k_index = _group_of(layer.k, num_heads)
     v_index = _group_of(layer.v, num_heads)
     cells: dict[tuple[int, int], list[int]] = {}
@@ -146,6 +147,7 @@ def grouped_sdpa_attention(
         query.shape[2] == 1
         and dropout == 0.0
         and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None  # F.scaled_dot_product_attention cannot soft-cap
         and (attention_mask is None or attention_mask.shape[1] == 1)
     )
     if packable:
@@ -166,9 +168,11 @@ def grouped_eager_attention(
     dropout: float = 0.0,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path: expand K/V to the query heads, then transformers' eager attention."""
+    """The reference path: expand K/V to the query heads, then the family's own eager attention
+    (Gemma 2's soft-caps, GPT-2's does not repeat K/V), LLaMA's when the family has none."""
     key, value = expand_kv(module, key, value)
-    return eager_attention_forward(
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    return (eager or eager_attention_forward)(
         module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
     )
 

@@ -34,7 +34,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` (and `tokenizer`) to `path` atomically; returns the path."""
     path = Path(path)
     grouping = model_grouping(model)
-    if grouping is not None and grouping.is_uniform_shared():
+    if grouping is not None and grouping.is_uniform_shared() and get_adapter(model).stock_gqa:
         model = to_plain_gqa(copy.deepcopy(model))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -90,10 +90,9 @@ def _load_grouped_projections(model: nn.Module, path: Path) -> None:
     names = {id(module): name for name, module in model.named_modules()}
     wanted: dict[str, torch.Tensor] = {}
     for layer in range(adapter.num_layers):
-        for which in ("k", "v"):
-            proj = adapter.projection(layer, which)
-            for pname, param in proj.named_parameters():
-                wanted[f"{names[id(proj)]}.{pname}"] = param
+        for module in adapter.regrouped_modules(layer):
+            for pname, param in module.named_parameters():
+                wanted[f"{names[id(module)]}.{pname}"] = param
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118  (safe_open is not a dict)

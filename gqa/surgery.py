@@ -8,6 +8,8 @@ onto the query heads after the cache update (see `gqa.attention`).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -86,6 +88,38 @@ def merged_projections(
     return k, v
 
 
+@torch.no_grad()
+def regroup_module(
+    adapter: ModelAdapter,
+    layer: int,
+    module: nn.Module,
+    grouping: LayerGrouping,
+    merge: str = "mean",
+    stats=None,
+) -> nn.Module:
+    """Give `module` (layer `layer`'s attention, or a copy of it) the merged K/V projections,
+    K-width norms and head plan of `grouping`."""
+    k, v = merged_projections(adapter, layer, grouping, merge, stats)
+    adapter.regroup_norms(module, layer, grouping.k, k)
+    adapter.set_module_projection(module, "k", k)
+    adapter.set_module_projection(module, "v", v)
+    attention.install_plan(module, grouping, adapter.num_heads)
+    return module
+
+
+@torch.no_grad()
+def converted_attention(
+    adapter: ModelAdapter, layer: int, grouping: LayerGrouping, merge: str = "mean", stats=None
+) -> nn.Module:
+    """A standalone copy of one attention layer converted to `grouping` (the model is untouched),
+    for layer-local errors and fits; run it with `adapter.attend`."""
+    module = copy.deepcopy(adapter.attention(layer))
+    module.config = copy.copy(module.config)
+    impl = attention.grouped_implementation(module.config._attn_implementation)
+    module.config._attn_implementation = impl  # the model's eager or sdpa, grouped
+    return regroup_module(adapter, layer, module, grouping, merge, stats)
+
+
 def _mark_converted(model: nn.Module, grouping: Grouping) -> None:
     setattr(model.config, CONFIG_KEY, grouping.to_dict())
     implementation = attention.grouped_implementation(model.config._attn_implementation)
@@ -101,10 +135,7 @@ def convert(
     grouping.check_model(adapter.num_layers, adapter.num_heads)
     get_merge(merge)  # fail on an unknown name before any change
     for layer, layer_grouping in enumerate(grouping.layers):
-        k, v = merged_projections(adapter, layer, layer_grouping, merge, stats)
-        adapter.set_projection(layer, "k", k)
-        adapter.set_projection(layer, "v", v)
-        attention.install_plan(adapter.attention(layer), layer_grouping, adapter.num_heads)
+        regroup_module(adapter, layer, adapter.attention(layer), layer_grouping, merge, stats)
     _mark_converted(model, grouping)
     return model
 
@@ -114,6 +145,7 @@ def apply_layout(model: nn.Module, grouping: Grouping) -> nn.Module:
     adapter = get_adapter(model)
     grouping.check_model(adapter.num_layers, adapter.num_heads)
     for layer, layer_grouping in enumerate(grouping.layers):
+        adapter.regroup_norms(adapter.attention(layer), layer, layer_grouping.k, None)
         for which, groups in (("k", layer_grouping.k), ("v", layer_grouping.v)):
             old = adapter.projection(layer, which)
             adapter.set_projection(layer, which, _new_linear(old, len(groups) * adapter.head_dim))
@@ -122,14 +154,14 @@ def apply_layout(model: nn.Module, grouping: Grouping) -> nn.Module:
     return model
 
 
-def _permute_heads_(linear: nn.Linear, order: list[int], head_dim: int, dim: int) -> None:
-    """Reorder whole heads of a projection: along its output (dim=0) or input (dim=1)."""
+def _permute_heads_(tensor: torch.Tensor | None, order: list[int], head_dim: int, dim: int) -> None:
+    """Reorder whole heads of a weight or bias, in place, along `dim`."""
+    if tensor is None:
+        return
     index = torch.tensor(
-        [h * head_dim + i for h in order for i in range(head_dim)], device=linear.weight.device
+        [h * head_dim + i for h in order for i in range(head_dim)], device=tensor.device
     )
-    linear.weight.copy_(linear.weight.index_select(dim, index))
-    if dim == 0 and linear.bias is not None:
-        linear.bias.copy_(linear.bias.index_select(0, index))
+    tensor.copy_(tensor.index_select(dim, index))
 
 
 @torch.no_grad()
@@ -140,12 +172,14 @@ def permute_query_heads(
     q_proj outputs and o_proj inputs, which leaves the model's function unchanged. With
     `with_kv` (stock MHA models) K/V heads move along; otherwise the caller fixes the K/V map."""
     adapter = get_adapter(model)
+    d = adapter.head_dim
     for layer, order in enumerate(orders):
-        _permute_heads_(adapter.projection(layer, "q"), order, adapter.head_dim, dim=0)
-        _permute_heads_(adapter.projection(layer, "o"), order, adapter.head_dim, dim=1)
-        if with_kv:
-            for which in ("k", "v"):
-                _permute_heads_(adapter.projection(layer, which), order, adapter.head_dim, dim=0)
+        outputs = [adapter.projection(layer, w) for w in ("q", "k", "v")[: 3 if with_kv else 1]]
+        for tensor in [t for p in outputs for t in (p.weight, p.bias)]:
+            _permute_heads_(tensor, order, d, dim=0)
+        for tensor in adapter.query_head_tensors(layer):
+            _permute_heads_(tensor, order, d, dim=0)
+        _permute_heads_(adapter.output_weight(layer), order, d, dim=1)
     return model
 
 
@@ -160,11 +194,17 @@ def to_plain_gqa(model: nn.Module) -> nn.Module:
     if not grouping.is_uniform_shared():
         raise GroupingError("only a uniform grouping with shared K/V partitions is plain HF GQA")
     adapter = get_adapter(model)
+    if not adapter.stock_gqa:
+        raise GroupingError(
+            f"stock transformers has no GQA for model_type {model.config.model_type!r}; "
+            "expand_to_mha exports it at full KV cost"
+        )
     num_groups = grouping.layers[0].num_k_groups
     orders = [[head for group in layer.k for head in group] for layer in grouping.layers]
     permute_query_heads(model, orders)
     for layer in range(adapter.num_layers):
         attention.remove_plan(adapter.attention(layer), adapter.num_heads // num_groups)
+        adapter.to_stock(layer)
     model.config.num_key_value_heads = num_groups
     delattr(model.config, CONFIG_KEY)
     model.set_attn_implementation(attention.base_implementation(model.config._attn_implementation))
@@ -179,6 +219,7 @@ def expand_to_mha(model: nn.Module) -> nn.Module:
     adapter = get_adapter(model)
     converted = model_grouping(model) is not None
     for layer in range(adapter.num_layers):
+        adapter.expand_norms(adapter.attention(layer), adapter.source_kv_index(layer, "k"))
         for which in ("k", "v"):
             source = adapter.source_kv_index(layer, which)
             weights, biases = adapter.head_slices(layer, which)
@@ -191,6 +232,7 @@ def expand_to_mha(model: nn.Module) -> nn.Module:
         if converted:
             attention.remove_plan(adapter.attention(layer), 1)
         adapter.attention(layer).num_key_value_groups = 1
+        adapter.to_stock(layer)
     model.config.num_key_value_heads = adapter.num_heads
     if converted:
         delattr(model.config, CONFIG_KEY)

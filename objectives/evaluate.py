@@ -63,15 +63,15 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def perplexity(
+def window_nlls(
     model: nn.Module, windows: torch.LongTensor, batch_size: int = 8, progress: bool = True
-) -> PerplexityResult:
-    """Perplexity of `windows` (N, L), each scored on its own: tokens 1..L-1 from their prefix."""
+) -> torch.Tensor:
+    """(N,) mean negative log-likelihood of each window (N, L): tokens 1..L-1 from their prefix.
+    Paired comparisons of two models resample these (objectives.significance)."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must have shape (N, L) with L >= 2, got {tuple(windows.shape)}")
     device = _device(model)
-    total_nll = 0.0
-    tokens = 0
+    means = []
     with _eval_mode(model):
         for start in tqdm(
             range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress
@@ -79,11 +79,20 @@ def perplexity(
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()  # (B, L-1, V)
             targets = batch[:, 1:]  # (B, L-1)
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
-            total_nll += nll.item()
-            tokens += targets.numel()
-    mean_nll = total_nll / tokens
-    return PerplexityResult(perplexity=math.exp(mean_nll), nll=mean_nll, tokens=tokens)
+            nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, L-1)
+            means.append(nll.double().mean(1).cpu())
+    return torch.cat(means)
+
+
+def perplexity(
+    model: nn.Module, windows: torch.LongTensor, batch_size: int = 8, progress: bool = True
+) -> PerplexityResult:
+    """Perplexity of `windows` (N, L), each scored on its own: tokens 1..L-1 from their prefix."""
+    nlls = window_nlls(model, windows, batch_size, progress)
+    mean_nll = float(nlls.mean())  # every window has L-1 scored tokens
+    return PerplexityResult(
+        perplexity=math.exp(mean_nll), nll=mean_nll, tokens=nlls.numel() * (windows.shape[1] - 1)
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ slice O_h (d x D), so its energy is tr(O_h^T F O_h dv dv^T): M_h^V = O_h^T F O_h
 (`attn_out`) or F = E[g g^T], the second moment of the loss gradient at the attention output
 (`fisher`, which makes errors comparable across layers).
 
-Keys. A key error dk changes head h's logit by scale * q^T R_delta dk, where R_delta is the RoPE
+Keys. A key error dk changes head h's logit by scale * q^T R_delta dk (scale: the module's own, e.g.
+1/sqrt(D), Granite's multiplier or Gemma's query pre-scaling), where R_delta is the RoPE
 rotation for the query-key distance delta. Its mean square is dk^T S~_h dk * scale^2 with the
 RoPE-aware query moment S~_h = E_delta[R_delta^T S_h R_delta], S_h = E[q q^T] before RoPE, and
 delta uniform over the nearest `ROPE_WINDOW` positions: high-frequency pairs average out, low
@@ -28,7 +29,7 @@ def value_weights(
     adapter: ModelAdapter, layer: int, stats: LayerStats, fisher: bool = False
 ) -> torch.Tensor:
     """M_h^V = O_h^T F O_h for every query head: (H, D, D)."""
-    o = adapter.projection(layer, "o").weight.detach().float().cpu()  # (d, H*D)
+    o = adapter.output_weight(layer).detach().float().cpu()  # (d, H*D)
     o = o.view(o.shape[0], adapter.num_heads, adapter.head_dim).permute(1, 0, 2)  # (H, d, D)
     if fisher:
         if stats.grad is None:
@@ -43,21 +44,26 @@ ROPE_WINDOW = 64
 _ROPE_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def rope_query_moment(adapter: ModelAdapter, query: torch.Tensor) -> torch.Tensor:
-    """S~_h = mean over delta < ROPE_WINDOW of R_delta^T S_h R_delta: (H, D, D). Memoised."""
+def rope_query_moment(adapter: ModelAdapter, query: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """S~_h = mean over delta < ROPE_WINDOW of R_delta^T S_h R_delta: (H, D, D). Memoised.
+    Without RoPE (GPT-2) S~ = S; with partial RoPE the unrotated dims keep R = I."""
     hit = _ROPE_CACHE.get(id(query))
     if hit is not None and hit[0] is query:
         return hit[1]
     d = adapter.head_dim
-    inv_freq = adapter.rope_inv_freq().double().cpu()  # (D/2,)
-    angles = -torch.arange(ROPE_WINDOW, dtype=torch.float64)[:, None] * inv_freq  # (W, D/2)
+    inv_freq = adapter.rope_inv_freq(layer)
+    if inv_freq is None:
+        return query.float()
+    inv_freq = inv_freq.double().cpu()  # (R/2,), R the rotated dims
+    r = 2 * inv_freq.numel()
+    angles = -torch.arange(ROPE_WINDOW, dtype=torch.float64)[:, None] * inv_freq  # (W, R/2)
     cos, sin = angles.cos(), angles.sin()
-    rot = torch.zeros(ROPE_WINDOW, d, d, dtype=torch.float64)
-    half = torch.arange(d // 2)
+    rot = torch.eye(d, dtype=torch.float64).repeat(ROPE_WINDOW, 1, 1)
+    half = torch.arange(r // 2)
     rot[:, half, half] = cos
-    rot[:, half + d // 2, half + d // 2] = cos
-    rot[:, half, half + d // 2] = -sin
-    rot[:, half + d // 2, half] = sin
+    rot[:, half + r // 2, half + r // 2] = cos
+    rot[:, half, half + r // 2] = -sin
+    rot[:, half + r // 2, half] = sin
     moment = torch.einsum("wji,hjk,wkl->hil", rot, query.double(), rot) / ROPE_WINDOW
     _ROPE_CACHE[id(query)] = (query, moment.float())
     return moment.float()
@@ -67,14 +73,14 @@ def key_weights(
     adapter: ModelAdapter, layer: int, stats: LayerStats, fisher: bool = False
 ) -> torch.Tensor:
     """M_h^K = beta * scale^2 * S~_h, in output-energy units: (H, D, D)."""
-    scale2 = 1.0 / adapter.head_dim
+    scale2 = adapter.attention_scale(layer) ** 2
     m_v = value_weights(adapter, layer, stats, fisher)
     w_v, _ = adapter.head_slices(layer, "v")
     source = adapter.source_kv_index(layer, "v").cpu()
     w_v = w_v.detach().float().cpu()[source]  # (H, D, d)
     cov_v = torch.einsum("hid,de,hje->hij", w_v, stats.covariance.float(), w_v)
     beta = torch.einsum("hij,hji->h", m_v, cov_v).mean()
-    return rope_query_moment(adapter, stats.query) * (beta * scale2)
+    return rope_query_moment(adapter, stats.query, layer) * (beta * scale2)
 
 
 def plain_weights(adapter: ModelAdapter) -> torch.Tensor:

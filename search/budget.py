@@ -213,8 +213,9 @@ def _allocate(curves: Sequence[Sequence[float]], total: int, kind: str) -> tuple
     return tuple(reversed(counts))
 
 
-def error_curves(strategy, ctx, kind: str) -> list[list[float]]:
-    """curves[l][G-1] = the proxy error of `strategy`'s partition of layer l into G groups.
+def error_curves(strategy, ctx, kind: str, score=None) -> list[list[float]]:
+    """curves[l][G-1] = the proxy error of `strategy`'s partition of layer l into G groups, or
+    `score(layer, partition)` of it when given (e.g. a recoverability score).
 
     kind is "k", "v" or "kv" (K + V error of one shared partition). Cost: the strategy is run
     once per layer and per G = 2..H-1 (G = 1 and G = H have a single partition), i.e. about
@@ -225,9 +226,11 @@ def error_curves(strategy, ctx, kind: str) -> list[list[float]]:
         raise ValueError(f"kind must be 'k', 'v' or 'kv', got {kind!r}")
     strategy.check_context(ctx)
     ctx.table_proxy("error_curves")
+    if score is None:
+        score = lambda layer, partition: ctx.partition_error(layer, kind, partition)  # noqa: E731
     return [
         [
-            ctx.partition_error(layer, kind, strategy.layer_partition(ctx, layer, kind, g))
+            score(layer, strategy.layer_partition(ctx, layer, kind, g))
             for g in range(1, ctx.num_heads + 1)
         ]
         for layer in range(ctx.num_layers)

@@ -9,9 +9,11 @@
                        key = value            fixed
                        key = [a, b, c]        categorical
                        key = {low, high, log} int range if low and high are ints, else float range
-    [promote]      top_k, recovery ("none", a registered method, or a list run in order),
-                   [promote.recovery_config.METHOD] (that method's config fields), tasks,
-                   limit, ppl_windows, seq_len, baselines
+                   rank_proxy (optional second proxy that ranks and re-ranks), rerank_top
+    [promote]      top_k, recovery ("none", a registered method, or a list run in order: the
+                   rungs), [promote.recovery_config.METHOD] (that method's config fields),
+                   valid_windows, pruner ("successive_halving" | "median" | "none"),
+                   reduction_factor, tasks, limit, ppl_windows, seq_len, baselines
 Errors name the offending key: `ConfigError: search.budgets: ...`.
 """
 
@@ -87,11 +89,18 @@ class SearchConfig:
     allocation: tuple[bool, ...] = (False, True)
     objective: str = "constrained"
     strategies: dict[str, tuple[ParamSpace, ...]] = field(default_factory=dict)
+    # A second proxy that ranks what the guide `proxy` found: it is the trials' objective and the
+    # promotion order, re-ranks strategies' per-layer candidates, and drives allocation.
+    rank_proxy: str | None = None
+    rerank_top: int = 4  # per-layer candidates (by the guide proxy) the rank proxy re-ranks
+
+
+PRUNERS = ("successive_halving", "median", "none")
 
 
 @dataclass(frozen=True)
 class PromoteConfig:
-    top_k: int = 2
+    top_k: int = 6
     recovery: tuple[str, ...] = ("layerwise",)  # run in order; () for none
     recovery_config: dict = field(default_factory=dict)  # method -> its config fields
     tasks: tuple[str, ...] = ("ppl", "arc_easy")
@@ -100,6 +109,9 @@ class PromoteConfig:
     seq_len: int = 256
     baselines: tuple[str, ...] = ("neighbour", "neighbour_kv")
     batch_size: int = 16
+    valid_windows: int = 12  # validation windows scored at every rung (selection reads these)
+    pruner: str = "successive_halving"  # per budget, on validation perplexity after each rung
+    reduction_factor: int = 2
 
 
 @dataclass(frozen=True)
@@ -214,7 +226,17 @@ def _search(table: dict) -> SearchConfig:
     _only(
         table,
         "search",
-        {"budgets", "proxy", "merge", "trials", "allocation", "objective", "strategies"},
+        {
+            "budgets",
+            "proxy",
+            "merge",
+            "trials",
+            "allocation",
+            "objective",
+            "strategies",
+            "rank_proxy",
+            "rerank_top",
+        },
     )
     budgets = _get(table, "search.budgets", list)
     if not budgets or not all(
@@ -233,6 +255,14 @@ def _search(table: dict) -> SearchConfig:
         raise ConfigError(
             f"search.merge: unknown merge {merge!r} (available: {', '.join(sorted(MERGES))})"
         )
+    rank_proxy = table.get("rank_proxy")
+    if rank_proxy is not None and rank_proxy not in PROXIES:
+        raise ConfigError(
+            f"search.rank_proxy: unknown proxy {rank_proxy!r} (available: {', '.join(sorted(PROXIES))})"
+        )
+    rerank_top = _get(table, "search.rerank_top", int, 4)
+    if rerank_top < 1:
+        raise ConfigError("search.rerank_top: must be at least 1")
     trials = _get(table, "search.trials", int, 60)
     if trials < 1:
         raise ConfigError("search.trials: must be at least 1")
@@ -282,6 +312,8 @@ def _search(table: dict) -> SearchConfig:
         allocation=tuple(allocation),
         objective=objective,
         strategies=strategies,
+        rank_proxy=rank_proxy,
+        rerank_top=rerank_top,
     )
 
 
@@ -328,8 +360,13 @@ def _promote(table: dict) -> PromoteConfig:
             raise ConfigError(f"promote.baselines: unknown strategy {name!r}")
     ints = {
         k: _get(table, f"promote.{k}", int, getattr(defaults, k))
-        for k in ("ppl_windows", "seq_len", "batch_size")
+        for k in ("ppl_windows", "seq_len", "batch_size", "valid_windows", "reduction_factor")
     }
+    if ints["reduction_factor"] < 2:
+        raise ConfigError("promote.reduction_factor: must be at least 2")
+    pruner = _get(table, "promote.pruner", str, defaults.pruner)
+    if pruner not in PRUNERS:
+        raise ConfigError(f"promote.pruner: expected one of {', '.join(PRUNERS)}, got {pruner!r}")
     for key, value in ints.items():
         if value < 1:
             raise ConfigError(f"promote.{key}: must be at least 1")
@@ -340,5 +377,6 @@ def _promote(table: dict) -> PromoteConfig:
         tasks=tasks,
         limit=limit,
         baselines=baselines,
+        pruner=pruner,
         **ints,
     )

@@ -8,7 +8,6 @@ and checked: its perplexity on the study's validation windows must match the stu
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from gqa.grouping import Grouping
 from objectives.calibration import CalibrationConfig
 from objectives.data import TextSpec
 from objectives.evaluate import evaluate
-from objectives.recovery import recover
 from search.config import PromoteConfig, SearchConfig, StudyConfig
 from search.storage import make_storage
 
@@ -120,24 +118,6 @@ def pick_trial(
     return min(complete, key=lambda t: t.user_attrs[key])
 
 
-def _build_candidate(study, grouping: Grouping, recovery_seed: int | None) -> object:
-    """Stand-in for `Study.build_candidate` on studies that predate it: the study's merge and
-    statistics, then its recovery chain (seeded as recorded)."""
-    promote = study.config.promote
-    model = gqa.convert(
-        copy.deepcopy(study.source), grouping, merge=study.config.search.merge, stats=study.stats
-    )
-    for method in promote.recovery:
-        config = dict(promote.recovery_config.get(method) or {})
-        if recovery_seed is not None:
-            config["seed"] = recovery_seed
-        recover(
-            method, model, study.source, study.loaded.tokenizer, study.stats, config,
-            progress=study.progress,
-        )  # fmt: skip
-    return model
-
-
 def _ppl(study, model, split: str) -> float:
     promote = study.config.promote
     spec = TextSpec(split, promote.seq_len, promote.ppl_windows)
@@ -165,17 +145,10 @@ def export(
     seed = chosen.user_attrs.get("recovery_seed")
     if item.get("kind") == "source":
         model = study.source
-    elif hasattr(study, "build_candidate"):
-        model = study.build_candidate(grouping, recovery_seed=seed or 0, progress=progress)
     else:
-        model = _build_candidate(study, grouping, seed)
+        model = study.build_candidate(grouping, recovery_seed=seed, progress=progress)
     if "valid_ppl" in chosen.user_attrs:
-        metric = "valid_ppl"
-        measured = (
-            study.validation_ppl(model)
-            if hasattr(study, "validation_ppl")
-            else _ppl(study, model, "valid")
-        )
+        metric, measured = "valid_ppl", study.validation_ppl(model)
     else:  # older studies recorded only the test perplexity
         metric, measured = "ppl", _ppl(study, model, "eval")
     folder = gqa.save(model.to("cpu"), out, tokenizer=study.loaded.tokenizer)

@@ -55,23 +55,41 @@ def stage1_frame(name: str, storage) -> pd.DataFrame:
 
 
 def stage2_frame(name: str, storage) -> pd.DataFrame:
-    """One row per evaluated candidate: kind, budget, strategy, proxy, perplexity, accuracies."""
+    """One row per stage-2 candidate, complete or pruned (`state`): kind, budget, strategy, proxy,
+    validation perplexity at each rung (`valid_ppl*`, what selection reads) and, for complete
+    candidates, test perplexity (`ppl`) and accuracies on the test questions."""
     study = _load(name + STAGE2_SUFFIX, storage)
     rows = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []:
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    for t in study.get_trials(deepcopy=False, states=finished) if study else []:
         item = json.loads(t.user_attrs["item"])
-        row = {k: item.get(k) for k in ("key", "kind", "budget", "strategy", "allocation", "proxy")}
+        row = {
+            k: item.get(k)
+            for k in ("key", "kind", "budget", "strategy", "allocation", "proxy", "rank")
+        }
+        row["state"] = "complete" if t.state == TrialState.COMPLETE else "pruned"
         row.update(
             {
                 k: v
                 for k, v in t.user_attrs.items()
-                if k not in ("item", "item_key", "worker", "results", "recovery")
+                if k not in ("item", "item_key", "worker", "results", "budget")
             }
         )
+        rungs = json.loads(t.user_attrs.get("rungs", "[]"))
+        if rungs and row["kind"] != "source":  # pruned candidates store only their rungs
+            row.setdefault("valid_ppl_merged", rungs[0]["valid_ppl"])
+            for rung in rungs[1:]:
+                row.setdefault(f"valid_ppl_after_{rung['after']}", rung["valid_ppl"])
         row["trial"] = t.number
         row["grouping"] = item.get("grouping")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def rung_columns(stage2: pd.DataFrame) -> list[str]:
+    """The validation-perplexity columns in rung order: merged, after each method, final."""
+    after = [c for c in stage2 if c.startswith("valid_ppl_after_")]
+    return [c for c in ("valid_ppl_merged", *after, "valid_ppl") if c in stage2]
 
 
 def summary_table(name: str, storage) -> str:
@@ -89,12 +107,15 @@ def summary_table(name: str, storage) -> str:
         ]
     s2 = stage2_frame(name, storage)
     if not s2.empty:
-        recovery = ["ppl_before_recovery"] + sorted(c for c in s2 if c.startswith("ppl_after_"))
-        wanted = ("kind", "budget", "strategy", "proxy", "kv_heads", *recovery, "ppl", "mean_acc")
+        wanted = ("kind", "budget", "strategy", "proxy", "rank", "kv_heads", "state")
+        wanted += (*rung_columns(s2), "ppl", "mean_acc")
         cols = [c for c in wanted if c in s2]
         cols += sorted(c for c in s2.columns if c.startswith("acc_"))
         lines += [
-            "stage 2: evaluated candidates",
-            s2.sort_values(["budget", "ppl"], na_position="first")[cols].to_string(index=False),
+            "stage 2: candidates (valid_ppl*: validation perplexity at each rung, what selects;"
+            " ppl and acc_*: test data, complete candidates only)",
+            s2.sort_values(["budget", "valid_ppl"], na_position="first")[cols].to_string(
+                index=False
+            ),
         ]
     return "\n".join(lines) if lines else f"study {name}: no results yet"

@@ -21,6 +21,7 @@ marked failed and its work re-enqueued; across machines Optuna's heartbeat does 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -35,15 +36,16 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import gqa
-from gqa.grouping import Grouping
+from gqa.grouping import Grouping, LayerGrouping
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import calibrate
-from objectives.data import TextSpec
-from objectives.evaluate import evaluate
+from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
+from objectives.evaluate import evaluate, perplexity
 from objectives.proxies import make_proxy
-from objectives.recovery import recover
+from objectives.recovery import recover, recovery_config
 from search.budget import Budget, allocate, error_curves
 from search.config import StudyConfig
+from search.pruning import make_pruner
 from search.storage import make_storage
 from search.strategies import SearchContext, make_strategy
 
@@ -84,7 +86,7 @@ def recover_dead_trials(study: optuna.Study) -> int:
         if name != host or not pid.isdigit() or _pid_alive(int(pid)):
             continue
         study.tell(trial.number, state=TrialState.FAIL)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("item", "item_key")}
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("item", "item_key", "budget")}
         study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
         revived += 1
     if revived:
@@ -122,7 +124,9 @@ class Study:
         self.source_grouping = gqa.current_grouping(self.source)
         self._stats = None
         self._proxy = None
+        self._rank_proxy = None
         self._ctx = None
+        self._valid_windows = None
         self._curves: dict[str, tuple[list, list]] = {}
 
     # -- shared state ------------------------------------------------------------------------
@@ -147,9 +151,25 @@ class Study:
             )
         return self._proxy
 
+    @property
+    def rank_proxy(self):
+        """The proxy that ranks trials and re-ranks strategies' candidates (None: the guide)."""
+        name = self.config.search.rank_proxy
+        if name and self._rank_proxy is None:
+            self._rank_proxy = make_proxy(
+                name,
+                self.source,
+                self.stats,
+                self.config.search.merge,
+                recovery=self.config.promote.recovery_config.get("layerwise"),
+            )
+        return self._rank_proxy
+
     def context(self) -> SearchContext:
         if self._ctx is None:  # one context: strategies memoise features in it
             self._ctx = SearchContext.from_model(self.source, proxy=self.proxy, stats=self.stats)
+            self._ctx.reranker = self.rank_proxy
+            self._ctx.rerank_top = self.config.search.rerank_top
         return self._ctx
 
     def budget(self, average: float, allocation: bool) -> Budget:
@@ -157,10 +177,20 @@ class Study:
         spread = Budget.from_average(layers, average)
         if not allocation:
             return spread
-        if "k" not in self._curves:
+        if not self._curves:
             ctx = self.context()
-            strategy = make_strategy("greedy", start="neighbour_kv")
-            self._curves = {kind: error_curves(strategy, ctx, kind) for kind in ("k", "v")}
+            rank = self.rank_proxy
+            if rank is None:  # the guide proxy's curves of greedy partitions, K and V apart
+                strategy = make_strategy("greedy", start="neighbour_kv")
+                self._curves = {kind: error_curves(strategy, ctx, kind) for kind in ("k", "v")}
+            else:  # what recovery leaves of each layer's best coarsening, weighted end to end
+                curves = error_curves(
+                    make_strategy("coarsen_source"),
+                    ctx,
+                    "kv",
+                    score=lambda layer, p: rank.layer_score(layer, LayerGrouping(p, p)),
+                )
+                self._curves = {"k": curves, "v": curves}
         return allocate(self._curves["k"], self._curves["v"], sum(spread.k), sum(spread.v))
 
     def kv_bytes(self, grouping: Grouping) -> int:
@@ -237,18 +267,25 @@ class Study:
             key = grouping_key(grouping)
             trial.set_user_attr("key", key)  # visible to concurrent workers before we score
             previous = _first_scored(study, key, trial.number)
+            scores = {}
             if previous is not None:
-                value, proxy_seconds = previous.user_attrs["proxy"], 0.0
+                scores = {
+                    a: previous.user_attrs[a] for a in ("proxy", "rank") if a in previous.user_attrs
+                }
+                proxy_seconds = 0.0
                 trial.set_user_attr("duplicate_of", previous.number)
             else:
                 t0 = time.perf_counter()
-                value = self.proxy.score(grouping)
+                scores["proxy"] = self.proxy.score(grouping)
+                if self.rank_proxy is not None:
+                    scores["rank"] = self.rank_proxy.score(grouping)
                 proxy_seconds = time.perf_counter() - t0
+            value = _ranking_value(scores)
             kv = self.kv_bytes(grouping)
             for attr, val in {
+                **scores,
                 "key": key,
                 "grouping": grouping.to_json(),
-                "proxy": value,
                 "kv_bytes": kv,
                 "kv_heads": grouping.kv_heads(),
                 "strategy_seconds": time.perf_counter() - start - proxy_seconds,
@@ -273,8 +310,9 @@ class Study:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             params = trial.params
             same = params.get("budget") == average and params.get("strategy") == baseline
-            if same and not params.get("allocation") and trial.user_attrs.get("proxy", 0) > 0:
-                return trial.user_attrs["proxy"]
+            value = _ranking_value(trial.user_attrs) if "proxy" in trial.user_attrs else 0
+            if same and not params.get("allocation") and value > 0:
+                return value
         return 1.0
 
     # -- stage 2 -----------------------------------------------------------------------------
@@ -297,7 +335,7 @@ class Study:
         for average in self.config.search.budgets:
             at_budget = sorted(
                 (t for t in trials if t.params.get("budget") == average),
-                key=lambda t: t.user_attrs["proxy"],
+                key=lambda t: _ranking_value(t.user_attrs),
             )
             picked = 0
             for trial in at_budget:
@@ -315,8 +353,13 @@ class Study:
         return list(items.values())
 
     def stage2(self, stage1: optuna.Study) -> optuna.Study:
+        promote = self.config.promote
         study = optuna.create_study(
-            study_name=self.config.name + STAGE2_SUFFIX, storage=self.storage, load_if_exists=True
+            study_name=self.config.name + STAGE2_SUFFIX,
+            storage=self.storage,
+            load_if_exists=True,
+            direction="minimize",  # validation perplexity after the full recovery chain
+            pruner=make_pruner(promote.pruner, promote.reduction_factor),
         )
         if not study.user_attrs.get("enqueued"):
             groupings = {
@@ -328,9 +371,16 @@ class Study:
             for item in self.candidates(stage1):
                 if item["key"] in queued:
                     continue
-                item["grouping"] = groupings.get(item["key"], self.source_grouping.to_json())
+                item.setdefault(
+                    "grouping", groupings.get(item["key"], self.source_grouping.to_json())
+                )
                 study.enqueue_trial(
-                    {}, user_attrs={"item": json.dumps(item), "item_key": item["key"]}
+                    {},
+                    user_attrs={
+                        "item": json.dumps(item),
+                        "item_key": item["key"],
+                        "budget": item["budget"],
+                    },
                 )
             study.set_user_attr("enqueued", True)
         recover_dead_trials(study)
@@ -340,10 +390,12 @@ class Study:
             for t in study.get_trials(deepcopy=False)
             if "item_key" in t.user_attrs
         }
-        total = len(items)
-        complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        done = {
+            t.user_attrs.get("item_key") for t in study.get_trials(deepcopy=False, states=finished)
+        }
         bar = tqdm(
-            total=total, initial=complete, desc="stage 2 (evaluate)", disable=not self.progress
+            total=len(items), initial=len(done), desc="stage 2 (recover)", disable=not self.progress
         )
         while waiting():
             trial = study.ask()
@@ -355,74 +407,115 @@ class Study:
             if _claimed_earlier(study, item["key"], trial.number):
                 study.tell(trial, state=TrialState.PRUNED)
                 continue
-            results = self.evaluate_item(item, trial.number)
-            for attr, value in results.items():
-                trial.set_user_attr(attr, value)
-            study.tell(trial, results["ppl"] if "ppl" in results else results.get("mean_acc", 0.0))
+            try:
+                results = self.evaluate_item(item, trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED)
+            else:
+                for attr, value in results.items():
+                    trial.set_user_attr(attr, value)
+                study.tell(trial, results["valid_ppl"])
             bar.update(1)
         bar.close()
         return study
 
-    def evaluate_item(self, item: dict, number: int) -> dict:
+    # -- candidates: conversion, recovery in rungs, evaluation -----------------------------------
+
+    def recovery_chain(self, recovery_seed: int | None = None) -> list[tuple[str, object]]:
+        """(method, config) in order; `recovery_seed` replaces every method's own seed."""
+        chain = []
+        for method in self.config.promote.recovery:
+            config = recovery_config(method, self.config.promote.recovery_config.get(method))
+            if recovery_seed is not None:
+                config = dataclasses.replace(config, seed=recovery_seed)
+            chain.append((method, config))
+        return chain
+
+    def build_candidate(
+        self,
+        grouping: Grouping,
+        *,
+        recovery_seed: int | None = None,
+        progress: bool = True,
+        on_rung=None,
+    ) -> torch.nn.Module:
+        """A copy of the source converted to `grouping` with the study's merge and statistics,
+        then recovered by the study's chain. `on_rung(model, after)` is called on the merged
+        model ("merge") and after each method; it may raise optuna.TrialPruned to stop."""
+        merge = self.config.search.merge
+        model = gqa.convert(copy.deepcopy(self.source), grouping, merge=merge, stats=self.stats)
+        if on_rung:
+            on_rung(model, "merge")
+        for method, config in self.recovery_chain(recovery_seed):
+            recover(
+                method,
+                model,
+                self.source,
+                self.loaded.tokenizer,
+                self.stats,
+                config,
+                progress=progress,
+                merge=merge,
+            )
+            if on_rung:
+                on_rung(model, method)
+        return model
+
+    def validation_ppl(self, model: torch.nn.Module) -> float:
+        """Perplexity on the validation windows: what stage 2 ranks and prunes by."""
+        if self._valid_windows is None:
+            promote = self.config.promote
+            spec = TextSpec(VALID_SPLIT, promote.seq_len, promote.valid_windows)
+            self._valid_windows = token_windows(self.loaded.tokenizer, spec)
+        return perplexity(model, self._valid_windows, progress=False).perplexity
+
+    def evaluate_item(self, item: dict, trial: optuna.Trial | None = None) -> dict:
+        """Recover one candidate in rungs, reporting validation perplexity after each (searched
+        candidates may be pruned there), then evaluate the survivor on the test data."""
         promote = self.config.promote
         start = time.perf_counter()
         grouping = Grouping.from_json(item["grouping"])
-        model = self.source
-        recovery = None
-        spec = TextSpec("eval", promote.seq_len, promote.ppl_windows)
-        if item["kind"] != "source":
-            model = gqa.convert(
-                copy.deepcopy(self.source),
-                grouping,
-                merge=self.config.search.merge,
-                stats=self.stats,
-            )
-            recovery = []
-            for method in promote.recovery:
-                if "ppl" in promote.tasks:  # the same held-out text before each recovery step
-                    ppl = evaluate(
-                        model, self.loaded.tokenizer, ["ppl"], ppl_spec=spec, progress=False
-                    )
-                    recovery.append({"before": method, "ppl": ppl["ppl"]["perplexity"]})
-                result = recover(
-                    method,
-                    model,
-                    self.source,
-                    self.loaded.tokenizer,
-                    self.stats,
-                    promote.recovery_config.get(method),
-                    progress=self.progress,
-                )
-                recovery.append(
-                    {
-                        "method": method,
-                        "initial_loss": result.initial_loss,
-                        "final_loss": result.final_loss,
-                        "seconds": result.seconds,
-                    }
-                )
-        _fault("stage2", number)
+        rungs: list[dict] = []
+
+        def on_rung(model, after: str) -> None:
+            ppl = self.validation_ppl(model)
+            rungs.append({"after": after, "valid_ppl": ppl, "seconds": time.perf_counter() - start})
+            if trial is None:
+                return
+            trial.set_user_attr("rungs", json.dumps(rungs))
+            trial.report(ppl, len(rungs) - 1)
+            # Baselines and the source report (so candidates compete with them) but always finish.
+            if len(rungs) > 1 and trial.should_prune() and item["kind"] == "searched":
+                trial.set_user_attr("pruned_after", after)
+                raise optuna.TrialPruned(f"pruned after {after}: validation ppl {ppl:.2f}")
+
+        if item["kind"] == "source":
+            model = self.source
+            on_rung(model, "source")
+        else:
+            model = self.build_candidate(grouping, progress=self.progress, on_rung=on_rung)
+        _fault("stage2", trial.number if trial is not None else -1)
         results = evaluate(
             model,
             self.loaded.tokenizer,
             list(promote.tasks),
             limit=promote.limit,
-            ppl_spec=spec,
+            ppl_spec=TextSpec(TEST_SPLIT, promote.seq_len, promote.ppl_windows),
             batch_size=promote.batch_size,
             progress=self.progress,
+            subset="test",
         )
         out = {
             "results": json.dumps(results),
+            "rungs": json.dumps(rungs),
             "kv_bytes": self.kv_bytes(grouping),
             "kv_heads": grouping.kv_heads(),
+            "valid_ppl": rungs[-1]["valid_ppl"],
         }
-        if recovery:
-            out["recovery"] = json.dumps(recovery)
-            steps = [r for r in recovery if "before" in r]
-            if steps:
-                out["ppl_before_recovery"] = steps[0]["ppl"]
-            for previous, step in zip(steps, steps[1:], strict=False):
-                out[f"ppl_after_{previous['before']}"] = step["ppl"]
+        if item["kind"] != "source":
+            out["valid_ppl_merged"] = rungs[0]["valid_ppl"]
+            for rung in rungs[1:]:
+                out[f"valid_ppl_after_{rung['after']}"] = rung["valid_ppl"]
         if "ppl" in results:
             out["ppl"] = results["ppl"]["perplexity"]
         accs = [v["acc"] for k, v in results.items() if k != "ppl"]
@@ -447,6 +540,11 @@ class Study:
         )
 
 
+def _ranking_value(attrs: dict) -> float:
+    """What ranks stage-1 trials: the rank proxy's score when there is one, else the proxy's."""
+    return attrs["rank"] if "rank" in attrs else attrs["proxy"]
+
+
 def _item(trial, kind: str) -> dict:
     return {
         "key": trial.user_attrs["key"],
@@ -455,6 +553,7 @@ def _item(trial, kind: str) -> dict:
         "strategy": trial.params.get("strategy"),
         "allocation": trial.params.get("allocation"),
         "proxy": trial.user_attrs["proxy"],
+        "rank": trial.user_attrs.get("rank"),
         "stage1_trial": trial.number,
     }
 

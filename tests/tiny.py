@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM
 
-CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+# Family settings on top of the common tiny ones: each family's distinctive attention features
+# switched on and made large enough to matter (soft-capping that bites, windows shorter than the
+# test sequences, head_dim independent of hidden_size, biases, multipliers, partial RoPE).
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"attention_bias": True},
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16},
+    "gemma": {"head_dim": 12},
+    "gemma2": {
+        "head_dim": 12,
+        "attn_logit_softcapping": 1.5,
+        "sliding_window": 4,
+        "query_pre_attn_scalar": 7,
+    },
+    "gemma3_text": {
+        "head_dim": 12,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "query_pre_attn_scalar": 7,
+    },
+    "phi3": {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+    "olmo2": {},
+    "granite": {
+        "attention_bias": True,
+        "attention_multiplier": 0.2,
+        "embedding_multiplier": 3.0,
+        "residual_multiplier": 0.5,
+        "logits_scaling": 2.0,
+    },
+    "gpt2": {"n_positions": 128, "n_inner": 64},
+}
+CONFIGS = FAMILIES  # the families tiny_model can build
+RANDOMISED = ("proj", "c_attn", "q_norm", "k_norm")  # weights drawn larger than the default init
 
 
 def tiny_model(
@@ -23,7 +52,8 @@ def tiny_model(
     seed: int = 0,
     **overrides,
 ):
-    """A random decoder with `num_heads` query heads; biases on for qwen2 (as in the real one)."""
+    """A random decoder of a family in FAMILIES with `num_heads` query heads (biases on for qwen2,
+    as in the real one)."""
     torch.manual_seed(seed)
     settings = dict(
         vocab_size=97,
@@ -38,11 +68,13 @@ def tiny_model(
         eos_token_id=1,
         bos_token_id=2,
     )
-    config = CONFIGS[model_type](**{**settings, **overrides})
+    config = AutoConfig.for_model(model_type, **{**settings, **FAMILIES[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init, so errors are not hidden
         for name, param in model.named_parameters():
-            if "proj" in name:
+            if "norm" in name and any(key in name for key in RANDOMISED):
+                param.uniform_(0.5, 1.5)  # per-dimension q/k norm gains that differ
+            elif any(key in name for key in RANDOMISED):
                 param.normal_(0, 0.3)
     return model.eval()
 

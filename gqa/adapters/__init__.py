@@ -1,6 +1,19 @@
 """Model-family adapters, registered by `model_type`. Importing this package registers them all."""
 
-from gqa.adapters import llama, mistral, qwen2  # noqa: F401  (registration side effects)
+from gqa.adapters import (  # noqa: F401  (registration side effects)
+    gemma,
+    gemma2,
+    gemma3,
+    gpt2,
+    granite,
+    llama,
+    mistral,
+    olmo2,
+    phi3,
+    qwen2,
+    qwen3,
+    qwen3_moe,
+)
 from gqa.adapters.base import (
     ADAPTERS,
     ModelAdapter,

@@ -2,6 +2,9 @@
 
 Surgery, calibration and proxies only talk to an adapter, never to a concrete model class, so
 supporting a new family is one short file in `gqa/adapters/` (see docs/adding_a_model.md).
+Families that differ from the LLaMA layout override a class attribute or one of the hooks below
+(`output_weight`, `rope_inv_freq`, `position_embeddings`, `query_head_tensors`,
+`regroup_norms`, `expand_norms`, `to_stock`); `gqa.adapters.fused` handles fused q/k/v.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {}
 
 
 class UnsupportedModelError(ValueError):
-    """No adapter is registered for a model's `model_type`."""
+    """No adapter is registered for a model's `model_type`, or its configuration is unsupported."""
 
 
 def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
@@ -32,7 +35,9 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
             f"model_type {model_type!r} has no headgroup adapter (supported: {', '.join(sorted(ADAPTERS))}); "
             "see docs/adding_a_model.md to add one"
         )
-    return ADAPTERS[model_type](model)
+    adapter = ADAPTERS[model_type](model)
+    adapter.check_supported()
+    return adapter
 
 
 class ModelAdapter:
@@ -40,7 +45,7 @@ class ModelAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     layers_path: ClassVar[str] = "model.layers"
-    rotary_path: ClassVar[str] = "model.rotary_emb"
+    rotary_path: ClassVar[str | None] = "model.rotary_emb"  # None: no RoPE
     attention_attr: ClassVar[str] = "self_attn"
     projection_names: ClassVar[dict[str, str]] = {
         "q": "q_proj",
@@ -48,10 +53,16 @@ class ModelAdapter:
         "v": "v_proj",
         "o": "o_proj",
     }
+    # Stock transformers can express a uniform grouping as `num_key_value_heads` (False for
+    # MHA-only families: their converted models always save in headgroup's format).
+    stock_gqa: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+
+    def check_supported(self) -> None:
+        """Raise UnsupportedModelError (one line, saying why) for configurations not handled."""
 
     # -- sizes -----------------------------------------------------------------------------------
 
@@ -71,6 +82,10 @@ class ModelAdapter:
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    def attention_scale(self, layer: int) -> float:
+        """The factor on q.k logits (1/sqrt(D), Granite's multiplier, Gemma's pre-scaling...)."""
+        return float(getattr(self.attention(layer), "scaling", self.head_dim**-0.5))
+
     # -- modules ---------------------------------------------------------------------------------
 
     def _get(self, path: str) -> nn.Module:
@@ -82,22 +97,35 @@ class ModelAdapter:
     def layers(self) -> nn.ModuleList:
         return self._get(self.layers_path)
 
-    def rope_inv_freq(self) -> torch.Tensor:
-        """RoPE inverse frequencies (D/2,): pair i rotates dims i and i + D/2 by position * f_i."""
+    def rope_inv_freq(self, layer: int = 0) -> torch.Tensor | None:
+        """RoPE inverse frequencies (R/2,) of `layer`, R <= D the rotated dims: pair i rotates
+        dims i and i + R/2 by position * f_i. None for a model without RoPE."""
+        if self.rotary_path is None:
+            return None
         return self._get(self.rotary_path).inv_freq
 
-    def position_embeddings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE (cos, sin) for positions 0..T-1 of x (B, T, d), as the attention modules take them."""
+    def position_embeddings(self, x: torch.Tensor, module: nn.Module | None = None):
+        """RoPE (cos, sin) for positions 0..T-1 of x (B, T, d), as `module` takes them."""
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         return self._get(self.rotary_path)(x, positions)
 
     def attend(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Run one attention module standalone on whole sequences x (B, T, d): causal, positions
-        0..T-1, no padding. Used for layer-local errors and layer-wise recovery."""
+        """Run one attention module standalone on whole sequences x (B, T, d): causal (within the
+        module's sliding window, if any), positions 0..T-1, no padding. Used for layer-local
+        errors and layer-wise recovery."""
         out, _ = module(
-            hidden_states=x, position_embeddings=self.position_embeddings(x), attention_mask=None
+            hidden_states=x,
+            position_embeddings=self.position_embeddings(x, module),
+            attention_mask=_window_mask(x, self.sliding_window(module)),
         )
         return out
+
+    def sliding_window(self, module: nn.Module) -> int | None:
+        """The window the module passes to attention: its own attribute (Gemma 2/3, Qwen3, set
+        per layer) or else the config's (Mistral, Phi-3)."""
+        if hasattr(module, "sliding_window"):
+            return module.sliding_window
+        return getattr(module.config, "sliding_window", None)
 
     def attention(self, layer: int) -> nn.Module:
         return getattr(self.layers()[layer], self.attention_attr)
@@ -105,12 +133,25 @@ class ModelAdapter:
     def attentions(self) -> list[nn.Module]:
         return [self.attention(i) for i in range(self.num_layers)]
 
+    # -- projections -----------------------------------------------------------------------------
+
+    def module_projection(self, module: nn.Module, which: str) -> nn.Module:
+        """The q/k/v/o projection of one attention module (which in {'q', 'k', 'v', 'o'})."""
+        return getattr(module, self.projection_names[which])
+
+    def set_module_projection(self, module: nn.Module, which: str, linear: nn.Linear) -> None:
+        setattr(module, self.projection_names[which], linear)
+
     def projection(self, layer: int, which: str) -> nn.Linear:
         """which in {'q', 'k', 'v', 'o'}."""
-        return getattr(self.attention(layer), self.projection_names[which])
+        return self.module_projection(self.attention(layer), which)
 
     def set_projection(self, layer: int, which: str, linear: nn.Linear) -> None:
-        setattr(self.attention(layer), self.projection_names[which], linear)
+        self.set_module_projection(self.attention(layer), which, linear)
+
+    def output_weight(self, layer: int) -> torch.Tensor:
+        """The output projection's weight as (d, H*D), a view (writes reach the model)."""
+        return self.projection(layer, "o").weight
 
     def source_kv_index(self, layer: int, which: str) -> torch.Tensor:
         """For each query head, the index of the K ('k') or V ('v') head it currently reads."""
@@ -119,9 +160,8 @@ class ModelAdapter:
         if index is not None:
             return index.clone()
         kv_heads = self.projection(layer, which).out_features // self.head_dim
-        return torch.arange(self.num_heads, device=attn.q_proj.weight.device) // (
-            self.num_heads // kv_heads
-        )
+        device = self.projection(layer, "q").weight.device
+        return torch.arange(self.num_heads, device=device) // (self.num_heads // kv_heads)
 
     def head_slices(self, layer: int, which: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-head weights (n, D, hidden) and biases (n, D) of the q/k/v projection."""
@@ -129,3 +169,37 @@ class ModelAdapter:
         weight = proj.weight.view(-1, self.head_dim, proj.in_features)
         bias = None if proj.bias is None else proj.bias.view(-1, self.head_dim)
         return weight, bias
+
+    # -- hooks for families whose attention has more than projections ----------------------------
+
+    def query_head_tensors(self, layer: int) -> list[torch.Tensor]:
+        """Tensors besides q_proj indexed by query head along dim 0 (as (H*D,)), which move with
+        the query heads when they are reordered (OLMo 2's q_norm gain)."""
+        return []
+
+    def regroup_norms(
+        self, module: nn.Module, layer: int, groups, merged_k: nn.Linear | None
+    ) -> None:
+        """Adapt norms whose width depends on the number of K heads to `groups` (called before
+        the projections are replaced; merged_k None: shapes only, weights are loaded next)."""
+
+    def expand_norms(self, module: nn.Module, k_index: torch.Tensor) -> None:
+        """Give K-width norms one slice per query head (k_index: the group each head reads)."""
+
+    def regrouped_modules(self, layer: int) -> list[nn.Module]:
+        """Modules whose shapes depend on the grouping: loaded from a converted checkpoint."""
+        return [self.projection(layer, "k"), self.projection(layer, "v")]
+
+    def to_stock(self, layer: int) -> None:
+        """Restore the family's stock module layout once K/V are plain GQA or MHA again."""
+
+
+def _window_mask(x: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Additive (1, 1, T, T) mask of causal attention within `window` tokens (None: not needed)."""
+    length = x.shape[1]
+    if window is None or length <= window:
+        return None
+    i = torch.arange(length, device=x.device)
+    allowed = (i[None] <= i[:, None]) & (i[None] > i[:, None] - window)
+    mask = torch.zeros(length, length, dtype=x.dtype, device=x.device)
+    return mask.masked_fill(~allowed, torch.finfo(x.dtype).min)[None, None]

@@ -1,6 +1,6 @@
 """Proxies: cheap scores of candidate groupings. Importing this package registers them all."""
 
-from objectives.proxies import act_cos, exact, weighted  # noqa: F401  (registration)
+from objectives.proxies import act_cos, exact, recoverable, weighted  # noqa: F401  (registration)
 from objectives.proxies.base import (
     PROXIES,
     GroupTableProxy,

@@ -38,7 +38,9 @@ class ActivationCosine(GroupTableProxy):
 
     def build_table(self, layer: int, kind: str) -> _CosineTable:
         x = self.stats.layers[layer].inputs.reshape(-1, self.adapter.hidden_size)  # (N, d)
-        weights, _ = self.adapter.head_slices(layer, kind)
+        weights, biases = self.adapter.head_slices(layer, kind)
         source = self.adapter.source_kv_index(layer, kind).cpu()
         acts = torch.einsum("nd,hid->hni", x.float(), weights.detach().float().cpu()[source])
+        if biases is not None:
+            acts = acts + biases.detach().float().cpu()[source][:, None]
         return _CosineTable(acts.reshape(acts.shape[0], -1))

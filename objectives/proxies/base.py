@@ -30,14 +30,27 @@ def get_proxy(name: str) -> type[Proxy]:
     return PROXIES[name]
 
 
-def make_proxy(name: str, model: nn.Module, stats: CalibrationStats, merge: str = "mean") -> Proxy:
-    return get_proxy(name)(model, stats, merge=merge)
+def make_proxy(
+    name: str,
+    model: nn.Module,
+    stats: CalibrationStats,
+    merge: str = "mean",
+    *,
+    recovery: object = None,
+) -> Proxy:
+    """Proxy `name` for `model`; `recovery` (a layer-wise recovery config or its fields) goes to
+    the proxies that fit layers (`uses_recovery`), so they fit the way stage 2 recovers."""
+    cls = get_proxy(name)
+    if cls.uses_recovery:
+        return cls(model, stats, merge=merge, recovery=recovery)
+    return cls(model, stats, merge=merge)
 
 
 class Proxy(ABC):
     name: ClassVar[str]
     cost: ClassVar[str]  # what scoring one candidate costs, in words
     decomposes: ClassVar[bool] = True  # score == sum of layer scores
+    uses_recovery: ClassVar[bool] = False  # takes the study's layer-wise recovery config
 
     def __init__(self, model: nn.Module, stats: CalibrationStats, merge: str = "mean"):
         self.model = model

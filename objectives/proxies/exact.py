@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gqa import attention
 from gqa.grouping import Grouping, LayerGrouping
-from gqa.surgery import convert, current_grouping, merged_projections
+from gqa.surgery import convert, converted_attention, current_grouping
 from objectives.calibration import CalibrationStats
 from objectives.proxies.base import Proxy, register_proxy
 
@@ -44,12 +43,7 @@ class LocalAttentionError(Proxy):
         if key not in self._cache:
             if layer not in self._reference:
                 self._reference[layer] = self._run(self.adapter.attention(layer), layer)
-            module = copy.deepcopy(self.adapter.attention(layer))
-            module.config = copy.copy(module.config)
-            module.config._attn_implementation = attention.SDPA
-            k, v = merged_projections(self.adapter, layer, grouping, self.merge, self.stats)
-            module.k_proj, module.v_proj = k, v
-            attention.install_plan(module, grouping, self.adapter.num_heads)
+            module = converted_attention(self.adapter, layer, grouping, self.merge, self.stats)
             ref = self._reference[layer]
             err = (self._run(module, layer) - ref).pow(2).sum() / ref.pow(2).sum()
             self._cache[key] = float(err)

@@ -40,12 +40,25 @@ class WeightedMergeProxy(GroupTableProxy):
     def gram(self, layer: int, kind: str) -> torch.Tensor:
         return self.stats.layers[layer].gram
 
+    def bias_moments(self, layer: int, kind: str) -> tuple[torch.Tensor, float]:
+        """E[x] and E[1] paired with `gram`: the moments of the constant input a bias sees."""
+        return self.stats.layers[layer].mean, 1.0
+
     def build_table(self, layer: int, kind: str) -> MergeErrorTable:
-        weights, _ = self.adapter.head_slices(layer, kind)
+        weights, biases = self.adapter.head_slices(layer, kind)
+        weights, gram = weights.detach().float().cpu(), self.gram(layer, kind)
+        if biases is not None:
+            # A bias is a weight on a constant input 1: W~ = [W | b], C~ = [[C, m], [m^T, s]].
+            mean, one = self.bias_moments(layer, kind)
+            weights = torch.cat([weights, biases.detach().float().cpu()[..., None]], -1)
+            corner = torch.tensor([[one]], dtype=gram.dtype)
+            gram = torch.cat(
+                [torch.cat([gram, mean[:, None]], 1), torch.cat([mean[None], corner], 1)]
+            )
         return MergeErrorTable(
-            weights.detach().float().cpu(),
+            weights,
             self.adapter.source_kv_index(layer, kind).cpu(),
-            self.gram(layer, kind),
+            gram,
             self.head_weights(layer, kind),
             self.merge_weights(layer, kind),
         )
@@ -58,6 +71,9 @@ class WeightSharingError(WeightedMergeProxy):
 
     def gram(self, layer: int, kind: str) -> torch.Tensor:
         return torch.eye(self.adapter.hidden_size)
+
+    def bias_moments(self, layer: int, kind: str) -> tuple[torch.Tensor, float]:
+        return torch.zeros(self.adapter.hidden_size), 1.0  # biases count like weight columns
 
 
 @register_proxy
@@ -79,6 +95,11 @@ class AttentionOutput(WeightedMergeProxy):
         # equally, which softmax ignores: only the centred part of the keys matters.
         stats = self.stats.layers[layer]
         return stats.covariance if kind == "k" else stats.gram
+
+    def bias_moments(self, layer: int, kind: str) -> tuple[torch.Tensor, float]:
+        if kind == "k":  # a key bias shifts every logit of a query equally: centred, it vanishes
+            return torch.zeros(self.adapter.hidden_size), 0.0
+        return super().bias_moments(layer, kind)
 
 
 @register_proxy

@@ -2,6 +2,7 @@
 registers them all; a new strategy is one file here with `@register_strategy`."""
 
 from search.strategies import (  # noqa: F401  (registration)
+    coarsen_source,
     evolutionary,
     greedy,
     hierarchical,

@@ -15,7 +15,13 @@ import numpy as np
 from torch import nn
 
 from gqa.adapters import ModelAdapter, get_adapter
-from gqa.grouping import Grouping, Partition, canonical_partition, partition_from_index
+from gqa.grouping import (
+    Grouping,
+    LayerGrouping,
+    Partition,
+    canonical_partition,
+    partition_from_index,
+)
 from gqa.surgery import current_grouping
 from objectives.calibration import CalibrationStats
 from objectives.proxies import GroupTableProxy, Proxy
@@ -63,6 +69,10 @@ class SearchContext:
     source: Grouping
     stats: CalibrationStats | None = None
     adapter: ModelAdapter | None = None
+    # Optional re-ranker of a layer's candidate partitions (e.g. the `recoverable` proxy): the best
+    # `rerank_top` candidates by the guide proxy are re-ranked by it (see Strategy.layer_partition).
+    reranker: Proxy | None = None
+    rerank_top: int = 4
     # Per-context memo for derived data strategies reuse across calls (e.g. activation features).
     memo: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -142,6 +152,28 @@ class SearchContext:
         return self.stats, self.adapter
 
 
+def _rerank(ctx: SearchContext, layer: int, kind: str, candidates: list[Partition]) -> Partition:
+    """The first candidate, or with several: the best of the guide proxy's top `ctx.rerank_top`
+    by `ctx.reranker`. The re-ranker scores a whole layer grouping; a K (V) candidate is scored
+    with V (K) as in the source, a shared candidate as both."""
+    candidates = list(dict.fromkeys(candidates))
+    if len(candidates) == 1:
+        return candidates[0]
+    if ctx.proxy is not None:
+        candidates.sort(key=lambda p: ctx.partition_error(layer, kind, p))
+    if ctx.reranker is None:
+        return candidates[0]
+    source = ctx.source.layers[layer]
+
+    def layer_grouping(p: Partition) -> LayerGrouping:
+        if kind == "kv":
+            return LayerGrouping(p, p)
+        return LayerGrouping(p, source.v) if kind == "k" else LayerGrouping(source.k, p)
+
+    top = candidates[: max(1, ctx.rerank_top)]
+    return min(top, key=lambda p: ctx.reranker.layer_score(layer, layer_grouping(p)))
+
+
 @dataclass
 class Strategy(ABC):
     """Proposes a grouping for a budget. Hyper-parameters are fields; subclasses validate theirs
@@ -152,7 +184,7 @@ class Strategy(ABC):
     needs_stats: ClassVar[bool] = False
 
     seed: int = 0
-    share_kv: bool = False  # one partition per layer for K and V, optimised for their summed error
+    share_kv: bool = False  # one partition per layer for K and V (where their budgets are equal)
 
     def __post_init__(self) -> None:
         self.check_int("seed", minimum=0)
@@ -164,15 +196,12 @@ class Strategy(ABC):
     def propose(self, ctx: SearchContext, budget: Budget) -> Grouping:
         """A grouping with exactly budget.k[l] K groups and budget.v[l] V groups in layer l."""
         budget.check(ctx.num_layers, ctx.num_heads)
-        if self.share_kv and budget.k != budget.v:
-            raise ValueError(
-                f"strategy {self.name!r} with share_kv needs equal K and V budgets, "
-                f"got k={budget.k} and v={budget.v}"
-            )
         self.check_context(ctx)
         k, v = [], []
         for layer in range(ctx.num_layers):
-            if self.share_kv:
+            # share_kv shares where it can: a layer given unequal K and V budgets (e.g. by an
+            # allocation of K and V apart) gets one partition of each.
+            if self.share_kv and budget.k[layer] == budget.v[layer]:
                 shared = self.layer_partition(ctx, layer, "kv", budget.k[layer])
                 k.append(shared)
                 v.append(shared)
@@ -186,6 +215,13 @@ class Strategy(ABC):
         self, ctx: SearchContext, layer: int, kind: str, num_groups: int, rng: np.random.Generator
     ) -> Partition:
         """A partition of range(num_heads) into exactly `num_groups` groups (1 < G < H)."""
+
+    def candidate_partitions(
+        self, ctx: SearchContext, layer: int, kind: str, num_groups: int, rng: np.random.Generator
+    ) -> list[Partition]:
+        """Partitions worth comparing for this layer, for re-ranking; by default the one proposed.
+        Strategies that see several good candidates (enumerations, populations) return them all."""
+        return [self.propose_partition(ctx, layer, kind, num_groups, rng)]
 
     def check_context(self, ctx: SearchContext) -> None:
         """Fail early, before any work, when the context lacks what this strategy reads."""
@@ -213,11 +249,12 @@ class Strategy(ABC):
         if num_groups == h:
             return tuple((i,) for i in range(h))
         rng = np.random.default_rng([self.seed, layer, _KIND_CODE[kind], num_groups])
-        partition = canonical_partition(
-            self.propose_partition(ctx, layer, kind, num_groups, rng),
-            h,
-            f"strategy {self.name!r}, layer {layer} {kind}",
-        )
+        where = f"strategy {self.name!r}, layer {layer} {kind}"
+        candidates = [
+            canonical_partition(p, h, where)
+            for p in self.candidate_partitions(ctx, layer, kind, num_groups, rng)
+        ]
+        partition = _rerank(ctx, layer, kind, candidates)
         if len(partition) != num_groups:
             raise RuntimeError(
                 f"strategy {self.name!r} returned {len(partition)} groups for layer {layer} "

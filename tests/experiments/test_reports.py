@@ -34,6 +34,7 @@ def test_main_job_writes_every_file(finished):
         "ablation.csv",
         "ablation.tex",
         "trials.csv",
+        "rungs.png",
         "README.md",
     ):
         assert (out / name).stat().st_size > 0, name
@@ -62,12 +63,13 @@ def test_pareto_csv_is_the_non_dominated_set(finished):
     out, storage, _ = finished
     front = pd.read_csv(out / "pareto.csv")
     stage2 = stage2_frame("tiny", storage)
-    evaluated = front[(front["stage"] == "evaluated") & (front["metric"] == "ppl")]
-    candidates = stage2[stage2["kind"] != "source"]
-    for _, point in evaluated.iterrows():  # nothing evaluated dominates a front point
+    evaluated = front[(front["stage"] == "recovered") & (front["metric"] == "valid_ppl")]
+    assert len(evaluated)
+    candidates = stage2[(stage2["kind"] != "source") & (stage2["state"] == "complete")]
+    for _, point in evaluated.iterrows():  # nothing recovered dominates a front point
         better = candidates[
             (candidates["kv_bytes"] <= point["kv_bytes"])
-            & (candidates["ppl"] < point["ppl"] - 1e-12)
+            & (candidates["valid_ppl"] < point["valid_ppl"] - 1e-12)
         ]
         assert better.empty
     assert set(evaluated["key"]) <= set(candidates["key"])
@@ -81,7 +83,8 @@ def test_ablation_tables_cover_strategies_and_budgets(finished):
     best = table[table["table"] == "Best proxy per strategy x budget (stage 1)"]
     assert len(best) == stage1.groupby(["budget", "strategy"]).ngroups
     md = (out / "ablation.md").read_text()
-    assert "## Evaluated candidates (stage 2)" in md and re.search(r"\|\s+budget\s+\|", md)
+    assert "## Recovered candidates (stage 2)" in md and re.search(r"\|\s+budget\s+\|", md)
+    assert "## Stage-2 pruning" in md
     assert "\\begin{tabular}" in (out / "ablation.tex").read_text()
 
 
@@ -138,3 +141,32 @@ def test_report_cli_and_errors(finished, tmp_path, capsys):
     )
     assert code == 2 and "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsys):
+    import json
+
+    from search.study import Study
+
+    out, _, _ = finished
+    monkeypatch.setenv("HEADGROUP_CACHE", str(out.parent / "cache"))
+    config = str(out.parent / "s.toml")
+    argv = ["compare", "--config", config, "--seeds", "0,1", "--windows", "4", "--limit", "3"]
+    argv += ["--out", str(out)]
+    assert main(argv) == 0
+    answer = json.loads((out / "answer.json").read_text())
+    compared = [e for e in answer["budgets"].values() if "candidates" in e]
+    assert compared
+    for entry in compared:
+        searched = entry["candidates"]["searched"]
+        assert len(searched["test_ppl"]) == 2 and searched["questions"]["piqa"] == 3
+        for diff in entry["differences"].values():
+            assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
+    assert "paired bootstrap" in (out / "answer.md").read_text()
+    # A second run reads every (candidate, seed) result back: nothing is rebuilt.
+    monkeypatch.setattr(Study, "build_candidate", lambda *a, **k: pytest.fail("rebuilt"))
+    assert main(argv) == 0
+    assert json.loads((out / "answer.json").read_text())["budgets"] == answer["budgets"]
+    capsys.readouterr()
+    assert main(["compare", "--config", config, "--seeds", "x"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err

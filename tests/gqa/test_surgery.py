@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, OPTConfig
 
 import gqa
 from gqa.adapters import UnsupportedModelError, get_adapter
@@ -162,10 +162,12 @@ def test_unknown_merge_method():
 
 def test_unsupported_model_type_names_it_and_the_docs():
     model = AutoModelForCausalLM.from_config(
-        GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=11)
+        OPTConfig(
+            num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=8, vocab_size=11
+        )
     )
     with pytest.raises(
         UnsupportedModelError,
-        match="model_type 'gpt2' has no headgroup adapter.*docs/adding_a_model.md",
+        match="model_type 'opt' has no headgroup adapter.*docs/adding_a_model.md",
     ):
         get_adapter(model)

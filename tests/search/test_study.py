@@ -40,7 +40,8 @@ def _check_complete_study(storage: str, trials: int):
         assert grouping.kv_heads() == 2 * round(budget * 2)  # K and V, 2 layers
     scored = [t.user_attrs["key"] for t in stage1 if "duplicate_of" not in t.user_attrs]
     assert len(scored) == len(set(scored)), "a grouping was scored twice"
-    stage2 = _trials(storage, "tiny" + STAGE2_SUFFIX)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    stage2 = _trials(storage, "tiny" + STAGE2_SUFFIX, states=finished)
     items = [t.user_attrs["item_key"] for t in stage2]
     assert len(items) == len(set(items)), "a stage-2 candidate was evaluated twice"
     waiting = _trials(
@@ -50,9 +51,20 @@ def _check_complete_study(storage: str, trials: int):
     kinds = Counter(json.loads(t.user_attrs["item"])["kind"] for t in stage2)
     assert kinds["source"] == 1 and kinds["baseline"] >= 2 and kinds["searched"] >= 1
     for t in stage2:
+        kind = json.loads(t.user_attrs["item"])["kind"]
+        rungs = json.loads(t.user_attrs["rungs"])
+        # Rungs: the merged model, then one per recovery method (the source has just itself).
+        assert [r["after"] for r in rungs] == (
+            ["source"] if kind == "source" else ["merge", "layerwise"]
+        )[: len(rungs)]
+        assert all(r["valid_ppl"] > 1 for r in rungs)
+        if t.state == TrialState.PRUNED:
+            assert kind == "searched" and t.user_attrs["pruned_after"] == "layerwise"
+            assert "ppl" not in t.user_attrs  # a pruned candidate never reads the test data
+            continue
         assert t.user_attrs["ppl"] > 1 and 0 <= t.user_attrs["acc_piqa"] <= 1
-        is_source = json.loads(t.user_attrs["item"])["kind"] == "source"
-        assert ("ppl_before_recovery" in t.user_attrs) != is_source
+        assert t.value == t.user_attrs["valid_ppl"] == rungs[-1]["valid_ppl"]
+        assert ("valid_ppl_merged" in t.user_attrs) != (kind == "source")
     return stage1, stage2
 
 
@@ -75,7 +87,8 @@ def test_study_runs_both_stages_and_resumes_without_new_work(tiny, tmp_path):
     Study(config, progress=False).run()  # resuming a finished study does nothing
     again = _trials(storage, "tiny", states=None)
     assert len([t for t in again if t.state == TrialState.COMPLETE]) == 12
-    assert len(_trials(storage, "tiny" + STAGE2_SUFFIX)) == len(stage2)
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    assert len(_trials(storage, "tiny" + STAGE2_SUFFIX, states=finished)) == len(stage2)
 
 
 def _run_cli(config, env_extra=None, storage=None):
@@ -98,7 +111,7 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tiny, tmp_path, fault)
     resumed = _run_cli(config)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
-    assert "stage 2: evaluated candidates" in out
+    assert "stage 2: candidates" in out
     _check_complete_study(storage, trials=12)
     failed = _trials(storage, stage, states=(TrialState.FAIL,))
     assert len(failed) == 1  # the killed trial, whose work was redone by a retry

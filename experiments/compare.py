@@ -1,0 +1,185 @@
+"""The answer to "does the searched grouping beat the baselines after recovery?" for a finished study.
+
+Per budget, the searched winner (the complete stage-2 candidate with the least *validation*
+perplexity), `neighbour_kv` and `neighbour` are rebuilt with the study's merge and recovery chain
+under several recovery seeds, and measured on test data only: perplexity on `windows` test windows
+(per-window NLLs kept, so each difference gets a paired bootstrap 95% interval, resampling
+windows), and accuracy on `limit` test questions per multiple-choice task (first seed only).
+Every (candidate, seed) result is written to `<out>/compare/` as it finishes, so a stopped run
+resumes; `answer.json` and `answer.md` are rewritten at the end.
+
+    headgroup compare --config F [--budgets 2,1.5] [--seeds 0,1] [--windows 48] [--limit 300]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from gqa.grouping import Grouping, write_text_atomic
+from objectives.data import TEST_SPLIT, TextSpec, token_windows
+from objectives.evaluate import evaluate, window_nlls
+from objectives.significance import paired_bootstrap
+from search.config import StudyConfig
+from search.results import stage2_frame
+from search.study import Study
+
+BASELINES = ("neighbour_kv", "neighbour")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    budgets: tuple[float, ...] | None = None  # None: every budget of the study
+    seeds: tuple[int, ...] = (0, 1)
+    windows: int = 48
+    limit: int = 300
+    resamples: int = 2000
+
+
+def finalists(stage2: pd.DataFrame, budget: float) -> dict[str, dict]:
+    """The searched winner on validation data and the baselines, at one budget."""
+    rows = stage2[(stage2["budget"] == budget) & (stage2["state"] == "complete")]
+    searched = rows[rows["kind"] == "searched"].sort_values("valid_ppl")
+    if searched.empty:
+        raise ValueError(f"budget {budget:g}: the study has no complete searched candidate")
+    out = {"searched": searched.iloc[0].to_dict()}
+    for name in BASELINES:
+        base = rows[(rows["kind"] == "baseline") & (rows["strategy"] == name)]
+        if len(base):
+            out[name] = base.iloc[0].to_dict()
+    return out
+
+
+def _cached(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_text_atomic(path, json.dumps(value) + "\n")
+    return value
+
+
+def run_compare(config_path: Path, options: CompareConfig, out: Path | None = None) -> Path:
+    config = StudyConfig.load(config_path)
+    out = out or Path("results") / config.name
+    stage2 = stage2_frame(config.name, config.storage)
+    if stage2.empty:
+        raise ValueError(f"study {config.name!r} has no stage-2 results: run the study first")
+    budgets = options.budgets or tuple(sorted(b for b in stage2["budget"].dropna().unique()))
+    study = Study(config, progress=False)
+    windows = token_windows(
+        study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
+    )
+    tasks = [t for t in config.promote.tasks if t != "ppl"]
+    folder = out / "compare"
+    start = time.time()
+    report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
+    for budget in budgets:
+        try:
+            chosen = finalists(stage2, budget)
+        except ValueError as exc:  # e.g. every searched candidate was pruned at this budget
+            report["budgets"][f"{budget:g}"] = {"skipped": str(exc)}
+            continue
+        entry: dict = {"candidates": {}, "differences": {}}
+        nlls: dict[str, np.ndarray] = {}
+        for label, row in chosen.items():
+            grouping = Grouping.from_json(row["grouping"])
+            per_seed = []
+            for seed in options.seeds:
+                path = folder / f"{budget:g}kv_{label}_seed{seed}.json"
+
+                def measure(grouping=grouping, seed=seed, label=label, budget=budget):
+                    t0 = time.time()
+                    model = study.build_candidate(grouping, recovery_seed=seed, progress=False)
+                    nll = window_nlls(model, windows, progress=False)
+                    result = {"nll": nll.tolist(), "ppl": float(np.exp(nll.mean()))}
+                    if seed == options.seeds[0] and tasks:
+                        accs = evaluate(
+                            model,
+                            study.loaded.tokenizer,
+                            tasks,
+                            limit=options.limit,
+                            progress=False,
+                            subset="test",
+                        )
+                        result["acc"] = {t: accs[t]["acc"] for t in tasks}
+                        result["questions"] = {t: accs[t]["n"] for t in tasks}
+                    result["seconds"] = round(time.time() - t0, 1)
+                    print(
+                        f"{budget:g} KV heads, {label}, seed {seed}: test ppl {result['ppl']:.2f}"
+                    )
+                    return result
+
+                per_seed.append(_cached(path, measure))
+            ppls = [r["ppl"] for r in per_seed]
+            nlls[label] = np.mean([r["nll"] for r in per_seed], axis=0)  # seed-averaged windows
+            first = per_seed[0]
+            entry["candidates"][label] = {
+                "strategy": row["strategy"],
+                "valid_ppl": row["valid_ppl"],
+                "test_ppl": ppls,
+                "test_ppl_mean": statistics.fmean(ppls),
+                "test_ppl_std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
+                "acc": first.get("acc", {}),
+                "mean_acc": statistics.fmean(first["acc"].values()) if first.get("acc") else None,
+                "questions": first.get("questions", {}),
+                "kv_heads": int(row["kv_heads"]),
+            }
+        for base in BASELINES:
+            if base in nlls:
+                diff = paired_bootstrap(nlls["searched"], nlls[base], options.resamples)
+                entry["differences"][f"searched - {base}"] = {
+                    "ppl": diff.difference,
+                    "ci95": [diff.low, diff.high],
+                    "excludes_zero": diff.excludes_zero,
+                }
+        report["budgets"][f"{budget:g}"] = entry
+    if not any("candidates" in e for e in report["budgets"].values()):
+        raise ValueError(f"study {config.name!r}: no budget has a complete searched candidate")
+    report["seconds"] = round(time.time() - start, 1)
+    write_text_atomic(out / "answer.json", json.dumps(report, indent=2) + "\n")
+    path = out / "answer.md"
+    write_text_atomic(path, answer_markdown(report))
+    return path
+
+
+def answer_markdown(report: dict) -> str:
+    opts = report["options"]
+    seeds = ", ".join(map(str, opts["seeds"]))
+    lines = [
+        f"# After recovery: searched winner vs baselines (study `{report['study']}`)",
+        "",
+        f"Test perplexity on {opts['windows']} x 256 test tokens, recovery seeds {seeds} "
+        f"(mean ± std); differences use seed-averaged per-window NLLs with a paired bootstrap "
+        f"95% interval ({opts['resamples']} resamples of windows). Accuracy: first seed, up to "
+        f"{opts['limit']} test questions per task. The winner was chosen on validation data.",
+        "",
+    ]
+    for budget, entry in report["budgets"].items():
+        lines += [f"## {budget} KV heads per layer", ""]
+        if "skipped" in entry:
+            lines += [f"Skipped: {entry['skipped']}.", ""]
+            continue
+        lines += ["| candidate | strategy | validation ppl | test ppl | mean acc | accuracies |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for label, c in entry["candidates"].items():
+            accs = ", ".join(f"{t} {a:.3f} (n={c['questions'][t]})" for t, a in c["acc"].items())
+            mean_acc = f"{c['mean_acc']:.3f}" if c["mean_acc"] is not None else "-"
+            lines.append(
+                f"| {label} | {c['strategy']} | {c['valid_ppl']:.2f} | "
+                f"{c['test_ppl_mean']:.2f} ± {c['test_ppl_std']:.2f} | {mean_acc} | {accs} |"
+            )
+        lines.append("")
+        for name, d in entry["differences"].items():
+            verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
+            lines.append(
+                f"- {name}: {d['ppl']:+.2f} perplexity, 95% CI [{d['ci95'][0]:+.2f}, "
+                f"{d['ci95'][1]:+.2f}] ({verdict})"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""`recoverable`: the error a layer grouping keeps *after* layer-wise recovery, weighted by how
+much the layer matters end to end.
+
+Layer-wise recovery fits each layer alone on the source's attention inputs, so what a layer keeps
+after recovery depends only on that layer's grouping. For layer l under grouping g:
+
+    score_l(g) = fisher_l(g) * e_l^after(g) / e_l^before(g)
+
+  fisher_l(g)     the closed-form, gradient-weighted output error of the merged layer (the
+                  `fisher` proxy): how much the merge costs end to end before recovery;
+  e_l^before/after  the layer's relative attention-output error on held-out calibration sequences
+                  before and after a fit of the configured `layerwise` recovery: the share of the
+                  error that recovery cannot remove.
+
+An exact layer (g equals the source) scores 0. The score decomposes over layers. Fits are stored
+per (layer, grouping) in `LayerFitCache`, which stage-2 recovery reads too, so no layer grouping is
+fitted twice and a promoted candidate's layer-wise recovery costs nothing new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gqa.grouping import LayerGrouping
+from gqa.surgery import converted_attention
+from objectives.calibration import CalibrationStats
+from objectives.proxies.base import Proxy, make_proxy, register_proxy
+from objectives.recovery import LayerFit, LayerFitCache, LayerwiseConfig, fit_layer, recovery_config
+from objectives.recovery.layerwise import check_stats, source_outputs
+
+
+@register_proxy
+class Recoverable(Proxy):
+    name = "recoverable"
+    cost = "one short layer-wise fit per new layer grouping (cached on disk), plus fisher"
+    uses_recovery: ClassVar[bool] = True  # the study passes its layer-wise recovery config
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stats: CalibrationStats,
+        merge: str = "mean",
+        recovery: LayerwiseConfig | Mapping[str, Any] | None = None,
+        weighting: str = "fisher",
+    ):
+        super().__init__(model, stats, merge)
+        check_stats(stats, self.adapter.num_layers)
+        self.config: LayerwiseConfig = recovery_config("layerwise", recovery)
+        self.weighting = make_proxy(weighting, model, stats, merge)
+        self.cache = LayerFitCache(stats, merge, self.config) if self.config.cache else None
+        self._fits: dict[tuple[int, LayerGrouping], LayerFit] = {}
+        self._targets: dict[int, torch.Tensor] = {}
+        self.fitted = 0  # fits computed by this proxy (not read from the cache)
+
+    def fit(self, layer: int, grouping: LayerGrouping) -> LayerFit:
+        """The layer's fit under `grouping`: from memory, the disk cache, or computed now."""
+        key = (layer, grouping)
+        fit = self._fits.get(key)
+        if fit is None:
+            fit = self.cache.get(layer, grouping) if self.cache else None
+            if fit is None:
+                fit = self._fit(layer, grouping)
+                if self.cache:
+                    self.cache.put(layer, grouping, fit)
+            fit.weights, fit.history = {}, []  # keep only the errors in memory
+            self._fits[key] = fit
+        return fit
+
+    def _fit(self, layer: int, grouping: LayerGrouping) -> LayerFit:
+        inputs = self.stats.layers[layer].inputs
+        if layer not in self._targets:
+            self._targets[layer] = source_outputs(
+                self.adapter, layer, inputs, self.config.batch_size
+            )
+        module = converted_attention(self.adapter, layer, grouping, self.merge, self.stats)
+        self.fitted += 1
+        return fit_layer(module, self.adapter, inputs, self._targets[layer], self.config, layer)
+
+    def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
+        fit = self.fit(layer, grouping)
+        if fit.initial <= self.config.exact_tol:
+            return 0.0
+        return self.weighting.layer_score(layer, grouping) * fit.ratio

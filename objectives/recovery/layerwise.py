@@ -1,0 +1,366 @@
+"""`layerwise` recovery: fit each converted attention layer alone to the source layer's output.
+
+Layer l trains on the source model's attention inputs of layer l (calibration statistics), not on
+what the converted layers below it produce, so its fit depends only on (layer, its grouping, the
+merge, the statistics, the config). Fits are therefore independent across layers, seeded per
+layer, and stored by `LayerFitCache`: no layer grouping is fitted twice, whether by the
+`recoverable` proxy in stage 1 or by stage-2 recovery.
+
+Per layer, with y the converted attention output and y_src the source's on the same inputs:
+  e(W) = ||y - y_src||^2 / ||y_src||^2    (the `local_attn` proxy's error)
+  - the sampled calibration sequences are split: the last `holdout` fraction measure e, the others
+    are fitted (so the reported error is on sequences the fit never saw);
+  - Adam on the `train` projections for `steps` random batches of fitted sequences; e is measured
+    every `check_every` steps and the best weights seen are kept, so a layer never ends worse than
+    it started;
+  - a layer whose held-out error is already at most `exact_tol` (its grouping is the source's) is
+    left exactly as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from gqa.adapters import ModelAdapter, get_adapter
+from gqa.assets import cache_dir
+from gqa.grouping import LayerGrouping
+from gqa.surgery import current_grouping
+from objectives.calibration import CalibrationStats
+from objectives.recovery.base import (
+    RecoveryResult,
+    check_projections,
+    diverged,
+    only_trainable,
+    projection_params,
+    register_recovery,
+    restore,
+    snapshot,
+)
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig:
+    """Per-layer local fit of the converted attention to the source attention."""
+
+    steps: int = 100  # Adam steps per layer
+    lr: float = 1e-3
+    batch_size: int = 4  # calibration sequences per step
+    train: tuple[str, ...] = ("k", "v")  # projections trained, a subset of q, k, v, o
+    seed: int = 0
+    holdout: float = 0.25  # share of the sampled sequences that measure the error, never fitted
+    check_every: int = 10  # steps between held-out checks (the best weights seen are kept)
+    exact_tol: float = 1e-10  # a layer at most this far from the source is not trained
+    cache: bool = True  # store and reuse per-layer fits in $HEADGROUP_CACHE/layer_fits
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "train", tuple(self.train))
+        check_projections(self.train, "layerwise train")
+        for name in ("steps", "batch_size", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"layerwise {name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"layerwise lr must be positive, got {self.lr}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"layerwise holdout must be in [0, 1), got {self.holdout}")
+        if self.exact_tol < 0:
+            raise ValueError(f"layerwise exact_tol must be >= 0, got {self.exact_tol}")
+
+    def fit_key(self) -> dict[str, Any]:
+        """The fields that change a fit (`cache` does not)."""
+        data = asdict(self)
+        data.pop("cache")
+        return data
+
+
+@dataclass
+class LayerFit:
+    """One layer's fit: held-out errors before and after, and the trained projection weights."""
+
+    initial: float
+    final: float
+    steps: int
+    seconds: float
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # "k.weight" -> tensor
+    history: list[float] = field(default_factory=list)  # training loss per step
+
+    @property
+    def ratio(self) -> float:
+        """final / initial: the share of the merge error that recovery leaves (0 for exact)."""
+        return self.final / self.initial if self.initial > 0 else 0.0
+
+
+def _module_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    param = next(module.parameters())
+    return x.to(device=param.device, dtype=param.dtype)
+
+
+def holdout_split(num_seqs: int, holdout: float) -> tuple[slice, slice]:
+    """(fitted, held-out) slices of the sampled sequences; with one sequence, both are it."""
+    held = min(num_seqs - 1, math.ceil(num_seqs * holdout)) if holdout > 0 else 0
+    if held == 0:
+        return slice(0, num_seqs), slice(0, num_seqs)
+    return slice(0, num_seqs - held), slice(num_seqs - held, num_seqs)
+
+
+@torch.no_grad()
+def source_outputs(
+    adapter: ModelAdapter, layer: int, inputs: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """The source attention output of `layer` on `inputs` (n, T, d), float32."""
+    module = adapter.attention(layer)
+    return torch.cat(
+        [adapter.attend(module, _module_input(module, x)).float() for x in inputs.split(batch_size)]
+    )
+
+
+@torch.no_grad()
+def relative_error(
+    module: nn.Module,
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,  # (n, T, d)
+    target: torch.Tensor,  # (n, T, d), float32
+    batch_size: int,
+) -> float:
+    """||y - y_src||^2 / ||y_src||^2 over all of `inputs`."""
+    err = norm = 0.0
+    for x, y in zip(inputs.split(batch_size), target.split(batch_size), strict=True):
+        out = adapter.attend(module, _module_input(module, x)).float()
+        y = y.to(out.device)
+        err += float((out - y).pow(2).sum())
+        norm += float(y.pow(2).sum())
+    return err / norm
+
+
+def fit_layer(
+    module: nn.Module,
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,  # (n, T, d) source attention inputs of this layer
+    target: torch.Tensor,  # (n, T, d) source attention outputs, float32
+    config: LayerwiseConfig,
+    layer: int,
+) -> LayerFit:
+    """Train `module`'s `config.train` projections in place (see the module docstring) and return
+    the fit; the module ends with the best weights seen on the held-out sequences."""
+    start = time.perf_counter()
+    names = config.train
+    params = [p for which in names for p in _projection(module, adapter, which).parameters()]
+    fitted, held = holdout_split(inputs.shape[0], config.holdout)
+    fit_x, fit_y = inputs[fitted], target[fitted]
+    initial = best = relative_error(module, adapter, inputs[held], target[held], config.batch_size)
+    history: list[float] = []
+    steps = 0
+    if not math.isfinite(initial):
+        raise diverged(f"layerwise layer {layer} before training", initial, config.lr)
+    if initial > config.exact_tol:
+        best_weights = snapshot(params)
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
+        optimizer = torch.optim.Adam(params, lr=config.lr)
+        where = f"layerwise layer {layer}"
+        try:
+            with only_trainable(module, params):
+                for step in range(config.steps):
+                    rows = torch.randperm(fit_x.shape[0], generator=generator)[: config.batch_size]
+                    y_src = fit_y[rows].to(params[0].device)
+                    y = adapter.attend(module, _module_input(module, fit_x[rows])).float()
+                    loss = (y - y_src).pow(2).sum() / y_src.pow(2).sum()
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
+                        raise diverged(f"{where} step {step + 1}", value, config.lr)
+                    history.append(value)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    if steps % config.check_every == 0 or steps == config.steps:
+                        error = relative_error(
+                            module, adapter, inputs[held], target[held], config.batch_size
+                        )
+                        if error < best:
+                            best, best_weights = error, snapshot(params)
+        finally:
+            restore(params, best_weights)  # the best seen, or the start on any failure
+    weights = {
+        f"{which}.{name}": p.detach().cpu().clone()
+        for which in names
+        for name, p in _projection(module, adapter, which).named_parameters()
+    }
+    return LayerFit(initial, best, steps, time.perf_counter() - start, weights, history)
+
+
+def _projection(module: nn.Module, adapter: ModelAdapter, which: str) -> nn.Module:
+    return adapter.module_projection(module, which)
+
+
+@torch.no_grad()
+def load_fit(module: nn.Module, adapter: ModelAdapter, fit: LayerFit) -> None:
+    """Copy a fit's trained weights into `module` (a layer converted to the fit's grouping)."""
+    for key, value in fit.weights.items():
+        which, name = key.split(".", 1)
+        param = getattr(_projection(module, adapter, which), name)
+        if param.shape != value.shape:
+            raise ValueError(f"cached fit {key} has shape {tuple(value.shape)}, not {param.shape}")
+        param.copy_(value.to(param.device, param.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk cache of per-layer fits
+
+
+def stats_fingerprint(stats: CalibrationStats) -> str:
+    """A cheap identity of calibration statistics: their config, model and a few of their values."""
+    digest = hashlib.sha1()
+    digest.update(json.dumps([stats.model, asdict(stats.config), stats.tokens]).encode())
+    for layer in (stats.layers[0], stats.layers[-1]):
+        digest.update(layer.mean.double().numpy().tobytes())
+        digest.update(layer.inputs.reshape(-1)[:4096].double().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class LayerFitCache:
+    """Per-layer fits on disk, one safetensors file each, under a folder keyed by (statistics,
+    merge, config). Written atomically, so concurrent workers at worst fit a layer twice."""
+
+    def __init__(
+        self,
+        stats: CalibrationStats,
+        merge: str,
+        config: LayerwiseConfig,
+        root: Path | None = None,
+    ):
+        key = json.dumps(
+            {"stats": stats_fingerprint(stats), "merge": merge, "fit": config.fit_key()},
+            sort_keys=True,
+        )
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        self.folder = (root or cache_dir() / "layer_fits") / digest
+        self.hits = self.misses = 0
+
+    def path(self, layer: int, grouping: LayerGrouping) -> Path:
+        text = json.dumps([grouping.k, grouping.v])
+        return (
+            self.folder / f"{layer:03d}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.safetensors"
+        )
+
+    def get(self, layer: int, grouping: LayerGrouping) -> LayerFit | None:
+        path = self.path(layer, grouping)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+            weights = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118
+        self.hits += 1
+        return LayerFit(
+            float(meta["initial"]),
+            float(meta["final"]),
+            int(meta["steps"]),
+            float(meta["seconds"]),
+            weights,
+        )
+
+    def put(self, layer: int, grouping: LayerGrouping, fit: LayerFit) -> None:
+        path = self.path(layer, grouping)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        meta = {
+            "initial": repr(fit.initial),
+            "final": repr(fit.final),
+            "steps": str(fit.steps),
+            "seconds": repr(fit.seconds),
+        }
+        try:
+            save_file({k: v.contiguous() for k, v in fit.weights.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# The recovery method
+
+
+def check_stats(stats: CalibrationStats | None, num_layers: int) -> CalibrationStats:
+    if stats is None:
+        raise ValueError("recovery 'layerwise' needs calibration statistics (stats=...)")
+    if len(stats.layers) != num_layers or stats.layers[0].inputs.numel() == 0:
+        raise ValueError(
+            "calibration statistics must hold attention inputs for every layer "
+            "(CalibrationConfig.sample_seqs >= 1)"
+        )
+    return stats
+
+
+@register_recovery("layerwise", LayerwiseConfig)
+def layerwise(
+    converted: nn.Module,
+    source: nn.Module,
+    tokenizer: Any,
+    stats: CalibrationStats | None,
+    config: LayerwiseConfig,
+    progress: bool = True,
+    *,
+    merge: str | None = None,
+) -> RecoveryResult:
+    """Fit every layer of `converted` (see the module docstring). The result's losses are sums
+    over layers of the held-out relative errors before and after. With `merge` (the merge the
+    model was converted with) and `config.cache`, fits are read from and written to
+    `LayerFitCache`. On any failure every trained projection is restored."""
+    a, s = get_adapter(converted), get_adapter(source)
+    if (a.num_layers, a.num_heads) != (s.num_layers, s.num_heads):
+        raise ValueError("the converted and source models differ in layers or heads")
+    stats = check_stats(stats, a.num_layers)
+    cache = LayerFitCache(stats, merge, config) if merge and config.cache else None
+    grouping = current_grouping(converted)
+    start = time.perf_counter()
+    all_params = [p for i in range(a.num_layers) for p in projection_params(a, i, config.train)]
+    saved = snapshot(all_params)
+    layer_losses: list[tuple[float, float]] = []
+    history: list[float] = []
+    steps = 0
+    bar = tqdm(range(a.num_layers), desc="layerwise recovery", disable=not progress)
+    try:
+        for layer in bar:
+            module, lg = a.attention(layer), grouping.layers[layer]
+            fit = cache.get(layer, lg) if cache else None
+            if fit is not None:
+                load_fit(module, a, fit)
+            else:
+                inputs = stats.layers[layer].inputs
+                target = source_outputs(s, layer, inputs, config.batch_size)
+                with only_trainable(converted, []):  # fit_layer enables only its own params
+                    fit = fit_layer(module, a, inputs, target, config, layer)
+                if cache:
+                    cache.put(layer, lg, fit)
+            layer_losses.append((fit.initial, fit.final))
+            history += fit.history
+            steps += fit.steps
+            bar.set_postfix(layer=layer, initial=f"{fit.initial:.3g}", final=f"{fit.final:.3g}")
+    except BaseException:
+        restore(all_params, saved)
+        raise
+    return RecoveryResult(
+        method="layerwise",
+        seconds=time.perf_counter() - start,
+        steps=steps,
+        initial_loss=sum(i for i, _ in layer_losses),
+        final_loss=sum(f for _, f in layer_losses),
+        trainable_parameters=sum(p.numel() for p in all_params),
+        layer_losses=layer_losses,
+        history=history,
+    )
