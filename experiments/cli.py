@@ -7,6 +7,7 @@ exits with status 2; nothing is half-written because results are written atomica
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -20,12 +21,22 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import gqa
+import gqa.merge
 from gqa.adapters import get_adapter
 from gqa.assets import MissingAssetError
 from gqa.grouping import Grouping, GroupingError, write_text_atomic
 from gqa.models import LoadedModel, load_model
 
-USER_ERRORS = (GroupingError, MissingAssetError, FileNotFoundError, ValueError, KeyError, OSError)
+# ImportError: an optional extra (harness, dashboard, postgres) that is not installed.
+USER_ERRORS = (
+    GroupingError,
+    MissingAssetError,
+    FileNotFoundError,
+    ValueError,
+    KeyError,
+    OSError,
+    ImportError,
+)
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
 
 
@@ -59,7 +70,17 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--grouping", type=Path, help="grouping JSON file")
     how.add_argument("--kv-heads", type=int, help="neighbour grouping with G KV heads per layer")
-    p.add_argument("--merge", default="mean", help="merge method (default: mean)")
+    p.add_argument(
+        "--merge",
+        default="mean",
+        help="merge method (default: mean); query_aware calibrates (cached) first",
+    )
+    p.add_argument(
+        "--recovery",
+        action="append",
+        default=[],
+        help="recovery method run after the merge (repeat for a chain), default configs",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (HF format)")
 
 
@@ -72,7 +93,22 @@ def run_convert(args: argparse.Namespace) -> None:
     else:
         grouping = Grouping.neighbour(adapter.num_heads, adapter.num_layers, args.kv_heads)
     before = kv_summary(loaded)
-    gqa.convert(loaded.model, grouping, merge=args.merge)
+    gqa.merge.get_merge(args.merge)  # fail on an unknown merge before any work
+    stats = source = None
+    if args.merge != "mean" or args.recovery:
+        from objectives.calibration import calibrate
+        from objectives.recovery import get_recovery
+
+        for method in args.recovery:
+            get_recovery(method)
+        torch.set_grad_enabled(True)  # gradient statistics and recovery train
+        stats = calibrate(loaded.model, loaded.tokenizer, model_name=args.model)
+        source = copy.deepcopy(loaded.model) if args.recovery else None
+    gqa.convert(loaded.model, grouping, merge=args.merge, stats=stats)
+    for method in args.recovery:
+        from objectives.recovery import recover
+
+        recover(method, loaded.model, source, loaded.tokenizer, stats)
     gqa.save(loaded.model, args.out, tokenizer=loaded.tokenizer)
     after = kv_summary(loaded)
     print(
@@ -101,6 +137,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per ppl window (default 256)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--json", type=Path, default=None, help="write results as JSON here")
+    p.add_argument(
+        "--harness",
+        choices=("headgroup", "lm-eval"),
+        default="headgroup",
+        help="multiple-choice scorer: headgroup's own, or lm-eval's HFLM (headgroup[harness])",
+    )
 
 
 def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
@@ -111,14 +153,24 @@ def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     spec = TextSpec("eval", args.seq_len, args.ppl_windows)
+    harness = getattr(args, "harness", "headgroup")
+    own = [t for t in tasks if harness == "headgroup" or t == "ppl"]
     results = evaluate(
         loaded.model,
         loaded.tokenizer,
-        tasks,
+        own,
         limit=args.limit,
         ppl_spec=spec,
         batch_size=args.batch_size,
     )
+    if harness == "lm-eval":  # perplexity stays ours: lm-eval has no such task offline
+        from objectives.harness import evaluate_harness
+
+        choice = [t for t in tasks if t != "ppl"]
+        results.update(
+            evaluate_harness(loaded.model, loaded.tokenizer, choice, args.limit, args.batch_size)
+        )
+        results = {task: results[task] for task in tasks}
     return {"model": loaded.name, **kv_summary(loaded), "limit": args.limit, "results": results}
 
 
@@ -226,6 +278,66 @@ def run_ablate(args: argparse.Namespace) -> None:
     print(f"wrote {paths['md']}, {paths['csv']} and {paths['tex']}")
 
 
+# -- export ----------------------------------------------------------------------------------------
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", required=True, help="the study's storage URL")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="stage-2 trial number")
+    which.add_argument(
+        "--budget", type=float, help="the best searched candidate at this budget (validation)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+
+
+@command("export", _export_args)
+def run_export(args: argparse.Namespace) -> int:
+    """Rebuild a stage-2 candidate (merge, calibration, recovery), save it with a model card."""
+    from search.export import export
+
+    torch.set_grad_enabled(True)  # recovery trains
+    command = "headgroup " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["export"] else ""
+    result = export(
+        args.study, args.storage, args.out, trial=args.trial, budget=args.budget, command=command
+    )
+    verdict = "matches" if result.matches else "DOES NOT MATCH"
+    print(
+        f"exported stage-2 trial {result.trial.number} of {args.study} -> {result.folder} "
+        f"(model card {result.folder / 'README.md'})\n"
+        f"{result.metric}: {result.measured:.4f} recomputed, {result.recorded:.4f} recorded "
+        f"by the study: {verdict}"
+    )
+    return 0 if result.matches else 1
+
+
+# -- dashboard -------------------------------------------------------------------------------------
+
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", required=True, help="storage URL, e.g. sqlite:///study.db")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+
+
+@command("dashboard", _dashboard_args)
+def run_dashboard(args: argparse.Namespace) -> None:
+    """Serve optuna-dashboard on a study storage (until interrupted)."""
+    from search.storage import make_storage
+
+    storage = make_storage(args.storage)  # bad URL or server: one line, exit 2
+    try:
+        from optuna_dashboard import run_server
+    except ImportError:
+        raise UsageError(
+            "dashboard needs optuna-dashboard: pip install 'headgroup[dashboard]'"
+        ) from None
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {args.storage})")
+    sys.stdout.flush()
+    run_server(storage, host=args.host, port=args.port)
+
+
 # -- compare -------------------------------------------------------------------------------------
 
 
@@ -299,14 +411,14 @@ def main(argv: list[str] | None = None) -> int:
     grad = torch.is_grad_enabled()
     torch.set_grad_enabled(False)  # commands that train (study, demo) turn it back on
     try:
-        args.run(args)
+        code = args.run(args) or 0
     except (UsageError, *USER_ERRORS) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"headgroup: error: {message}", file=sys.stderr)
         return 2
     finally:
         torch.set_grad_enabled(grad)
-    return 0
+    return code
 
 
 if __name__ == "__main__":

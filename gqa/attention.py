@@ -13,11 +13,16 @@ cell_v[c]; padded to the largest cell size s, the query is reshaped to (B, R, s,
 to (B, R, S, D) keys, so decoding never materialises H copies of the cache (like `pack_gqa` in
 transformers for uniform GQA). When K and V share one partition, R = G and cell_k = cell_v =
 arange(G), so the cache is used as is.
+
+This module imports only torch and transformers: a saved asymmetric checkpoint carries a copy of
+it, so that stock transformers runs the checkpoint where headgroup is not installed (gqa.remote).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,18 +32,34 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from gqa.grouping import LayerGrouping, partition_index
-
 SDPA = "headgroup_sdpa"
 EAGER = "headgroup_eager"
+
+
+class LayerGroups(Protocol):
+    """One layer's K and V partitions of the query heads (gqa.grouping.LayerGrouping is one)."""
+
+    k: Sequence[Sequence[int]]
+    v: Sequence[Sequence[int]]
+
+
 PLAN_BUFFERS = ("hg_k_index", "hg_v_index", "hg_cell_k", "hg_cell_v", "hg_pack", "hg_unpack")
 
 
-def install_plan(module: nn.Module, layer: LayerGrouping, num_heads: int) -> None:
+def _group_of(partition: Sequence[Sequence[int]], num_heads: int) -> list[int]:
+    """For each query head, the index of the group that holds it."""
+    index = [0] * num_heads
+    for g, group in enumerate(partition):
+        for head in group:
+            index[head] = g
+    return index
+
+
+def install_plan(module: nn.Module, layer: LayerGroups, num_heads: int) -> None:
     """Attach the index buffers that map grouped K/V heads onto this module's query heads."""
     device = next(module.parameters()).device
-    k_index = partition_index(layer.k, num_heads)
-    v_index = partition_index(layer.v, num_heads)
+    k_index = _group_of(layer.k, num_heads)
+    v_index = _group_of(layer.v, num_heads)
     cells: dict[tuple[int, int], list[int]] = {}
     for head in range(num_heads):
         cells.setdefault((k_index[head], v_index[head]), []).append(head)

@@ -2,7 +2,9 @@
 
 A converted model saves as a normal HF folder whose config.json also holds the grouping (key
 `headgroup`); `load` restores it. A uniform grouping with shared K/V partitions is saved as
-plain HF GQA instead, which stock `AutoModelForCausalLM.from_pretrained` loads unaided.
+plain HF GQA instead, which stock `AutoModelForCausalLM.from_pretrained` loads unaided; any other
+grouping carries its own modeling code (gqa.remote), which stock transformers runs with
+`trust_remote_code=True`.
 A copy of the grouping is written to grouping.json for people and scripts.
 """
 
@@ -22,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
+from gqa.remote import write_remote_code
 from gqa.surgery import CONFIG_KEY, apply_layout, model_grouping, to_plain_gqa
 
 GROUPING_FILE = "grouping.json"
@@ -41,6 +44,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             tokenizer.save_pretrained(tmp)
         if grouping is not None:
             grouping.save(tmp / GROUPING_FILE)
+            if not grouping.is_uniform_shared():  # stock transformers + trust_remote_code=True
+                write_remote_code(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

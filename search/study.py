@@ -29,7 +29,6 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import optuna
 import torch
@@ -47,6 +46,7 @@ from objectives.recovery import recover, recovery_config
 from search.budget import Budget, allocate, error_curves
 from search.config import StudyConfig
 from search.pruning import make_pruner
+from search.storage import make_storage
 from search.strategies import SearchContext, make_strategy
 
 log = logging.getLogger(__name__)
@@ -58,21 +58,6 @@ FAULT_ENV = "HEADGROUP_FAULT"  # test hook: "stage1:N" or "stage2:N" kills this 
 
 def grouping_key(grouping: Grouping) -> str:
     return hashlib.sha1(grouping.to_json().encode()).hexdigest()[:16]
-
-
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """sqlite:///f.db (one process), journal:f.log (processes on one machine), or an RDB URL."""
-    if url.startswith("journal:"):
-        path = Path(url.removeprefix("journal:"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:///"):  # one process: dead workers are found by pid instead
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url)
-    # Several machines: Optuna's heartbeat fails trials of workers that stopped answering.
-    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120)
 
 
 def _fault(stage: str, count: int) -> None:
@@ -592,9 +577,10 @@ def _first_scored(study: optuna.Study, key: str, number: int) -> optuna.trial.Fr
     live = (TrialState.COMPLETE, TrialState.RUNNING)
     deadline = time.monotonic() + SCORE_WAIT_S
     while time.monotonic() < deadline:
+        trials = study.get_trials(deepcopy=False, states=live)
         holders = [
             t
-            for t in study.get_trials(deepcopy=False, states=live)
+            for t in trials
             if t.user_attrs.get("key") == key
             and t.number != number
             and "duplicate_of" not in t.user_attrs
@@ -602,10 +588,23 @@ def _first_scored(study: optuna.Study, key: str, number: int) -> optuna.trial.Fr
         complete = [t for t in holders if t.state == TrialState.COMPLETE]
         if complete:
             return min(complete, key=lambda t: t.number)
-        if not any(t.number < number for t in holders):
+        # An earlier trial still choosing its grouping may publish this key after we looked, and
+        # it would win: wait until it has published (the "choosing" flag of Lamport's bakery).
+        if not any(t.number < number for t in holders) and not any(
+            t.number < number and _choosing(t) for t in trials
+        ):
             return None
         time.sleep(0.05)
     return None
+
+
+def _choosing(trial: optuna.trial.FrozenTrial) -> bool:
+    """A running stage-1 trial that has not published its grouping key yet (and whose worker,
+    when on this host, is alive)."""
+    if trial.state != TrialState.RUNNING or "key" in trial.user_attrs:
+        return False
+    name, _, pid = trial.user_attrs.get("worker", "").rpartition(":")
+    return not (name == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)))
 
 
 def _earlier_with(study: optuna.Study, attr: str, value: str, number: int) -> int | None:

@@ -110,6 +110,28 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
             ["pareto", "--study", "s", "--storage", "sqlite:///{t}/none.db", "--out", "{t}/x"],
             "does not exist",
         ),
+        (
+            ["pareto", "--study", "s", "--storage", "bogus://x", "--out", "{t}/x"],
+            "unsupported scheme 'bogus'",
+        ),
+        (["study", "--config", "{t}/ok.toml", "--storage", "sqlite:/x.db"], "malformed sqlite"),
+        (
+            ["ablate", "--study", "s", "--storage", "postgresql://u@h:port/d", "--out", "{t}/x"],
+            "malformed URL",
+        ),
+        (
+            [
+                "pareto",
+                "--study",
+                "s",
+                "--storage",
+                "postgresql://u@127.0.0.1:1/d",
+                "--out",
+                "{t}/x",
+            ],
+            "cannot connect",
+        ),
+        (["dashboard", "--storage", "mongodb://h/x"], "unsupported scheme 'mongodb'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(argv, message, tiny_folder, tmp_path, capsys):
@@ -117,6 +139,9 @@ def test_bad_input_is_one_line_exit_2(argv, message, tiny_folder, tmp_path, caps
     (tmp_path / "bad.toml").write_text("[study\n")
     (tmp_path / "nokey.toml").write_text('[study]\nname = "s"\n[model]\nname = "m"\n[search]\n')
     Grouping.neighbour(6, 3, 2).save(tmp_path / "three.json")
+    (tmp_path / "ok.toml").write_text(
+        f'[study]\nname = "s"\n[model]\nname = "{tiny_folder}"\n[search]\nbudgets = [2.0]\n'
+    )
     argv = [a.format(m=tiny_folder, t=tmp_path) for a in argv]
     try:
         code = main(argv)
