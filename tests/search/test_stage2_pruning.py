@@ -47,7 +47,8 @@ def test_bad_candidate_is_pruned_and_good_one_completes(study, monkeypatch):
         _item(neighbour, "baseline", 2.0, "neighbour"),
         {**_item(good, "searched", 2.0, "good"), "key": "good"},
         _item(bad, "searched", 2.0, "bad"),
-        _item(bad, "searched", 1.5, "alone"),  # the only one at its budget: nothing to beat
+        # The only one at its budget: nothing to beat (its own key: items are one per grouping).
+        {**_item(bad, "searched", 1.5, "alone"), "key": "alone"},
     ]
     monkeypatch.setattr(Study, "candidates", lambda self, stage1: items)
     # A random tiny model's perplexity is near the vocabulary size whatever the grouping, so the
