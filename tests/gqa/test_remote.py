@@ -33,7 +33,8 @@ class Blocker:
         return None
 
 sys.meta_path[:] = [Blocker] + [f for f in sys.meta_path if "editable" not in repr(f)]
-sys.path[:] = [p for p in sys.path if not p.startswith(PROJECT)]
+# Drop the project's own folders (the venv may live inside the checkout: keep site-packages).
+sys.path[:] = [p for p in sys.path if not p.startswith(PROJECT) or "site-packages" in p]
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -46,7 +47,10 @@ out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_gene
 cache = out.past_key_values
 leaked = sorted(
     name for name, module in sys.modules.items()
-    if str(getattr(module, "__file__", "") or "").startswith(PROJECT)
+    if (
+        str(getattr(module, "__file__", "") or "").startswith(PROJECT)
+        and "site-packages" not in str(getattr(module, "__file__", ""))
+    )
     or name.partition(".")[0] in HEADGROUP
 )
 torch.save({
