@@ -35,12 +35,14 @@ from objectives.calibration import CalibrationConfig, calibrate
 from objectives.data import VALID_SPLIT, TextSpec, token_windows
 from objectives.evaluate import perplexity
 from objectives.proxies import make_proxy
+from objectives.proxies.recoverable import Recoverable
 from objectives.recovery import LayerwiseConfig, recover
 from search.budget import Budget, allocate, error_curves
 from search.strategies import SearchContext, make_strategy
 from search.study import grouping_key
 
 PROXIES = ("fisher", "local_attn", "recoverable")
+WEIGHTINGS = ("fisher_ratio", "none")  # other `recoverable` weightings, as extra columns
 FREE = {  # free partitions (any heads together), uniform budgets
     "kmeans": {"seed": 0},
     "hierarchical": {},
@@ -111,19 +113,31 @@ def main() -> None:
     proxies = {
         name: make_proxy(name, source, stats, "query_aware", recovery=fit) for name in PROXIES
     }
+    for weighting in WEIGHTINGS:
+        proxies[f"recoverable_{weighting}"] = Recoverable(
+            source, stats, "query_aware", recovery=fit, weighting=weighting
+        )
     ctx = SearchContext.from_model(source, proxy=proxies["fisher"], stats=stats)
     ctx.reranker, ctx.rerank_top = proxies["recoverable"], 3
     windows = token_windows(loaded.tokenizer, TextSpec(VALID_SPLIT, 256, args.windows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = pd.read_csv(args.out) if args.out.is_file() else pd.DataFrame()
     rows = done.to_dict("records")
-    seen = {(r["budget"], r["candidate"]) for r in rows}
+    seen = {(r["budget"], r["candidate"]): r for r in rows}
     for average in (float(b) for b in args.budgets.split(",")):
         pool = candidates(ctx, average, proxies["recoverable"], args.random)
         for name, grouping in tqdm(pool.items(), desc=f"{average:g} KV heads: recover"):
-            if (average, name) in seen:
+            done = seen.get((average, name))
+            if done is not None and done["key"] != grouping_key(grouping):
+                rows.remove(done)  # a proxy's pick changed with the proxy: measure it again
+                done = None
+            if done is not None:  # measured: rescore (fits are cached, scores may have changed)
+                for proxy_name, proxy in proxies.items():
+                    done[proxy_name] = proxy.score(grouping)
+                done["grouping"] = grouping.to_json()
                 continue
             row = {"budget": average, "candidate": name, "key": grouping_key(grouping)}
+            row["grouping"] = grouping.to_json()
             row["kv_heads"] = grouping.kv_heads()
             t0 = time.time()
             for proxy_name, proxy in proxies.items():
@@ -143,6 +157,9 @@ def main() -> None:
             frame.to_csv(tmp, index=False)
             tmp.replace(args.out)
     frame = pd.DataFrame(rows)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(args.out)
     frame["log_ppl"] = np.log(frame["valid_ppl"])
     summary: dict = {
         "command": "python experiments/bench_recoverability.py "
@@ -155,9 +172,10 @@ def main() -> None:
         "rho": {},
     }
     groups = [("pooled", frame)] + [(f"{b:g}", g) for b, g in frame.groupby("budget")]
+    scores = list(proxies)
     for label, group in groups:
         summary["rho"][label] = {
-            p: round(float(spearmanr(group[p], group["log_ppl"]).statistic), 3) for p in PROXIES
+            p: round(float(spearmanr(group[p], group["log_ppl"]).statistic), 3) for p in scores
         }
         summary["rho"][label]["n"] = len(group)
     best = {}

@@ -1,20 +1,22 @@
-"""`recoverable`: the error a layer grouping keeps *after* layer-wise recovery, weighted by how
-much the layer matters end to end.
+"""`recoverable`: the error a layer grouping keeps *after* layer-wise recovery, in end-to-end units.
 
 Layer-wise recovery fits each layer alone on the source's attention inputs, so what a layer keeps
-after recovery depends only on that layer's grouping. For layer l under grouping g:
+after recovery depends only on that layer's grouping. For layer l under grouping g, with
+e_l^before(g) and e_l^after(g) the layer's relative attention-output error on held-out
+calibration sequences before and after a fit of the configured `layerwise` recovery:
 
-    score_l(g) = fisher_l(g) * e_l^after(g) / e_l^before(g)
-
-  fisher_l(g)     the closed-form, gradient-weighted output error of the merged layer (the
-                  `fisher` proxy): how much the merge costs end to end before recovery;
-  e_l^before/after  the layer's relative attention-output error on held-out calibration sequences
-                  before and after a fit of the configured `layerwise` recovery: the share of the
-                  error that recovery cannot remove.
+  weighting = "layer" (default)   score_l(g) = w_l * e_l^after(g),
+        w_l = fisher_l(g1) / e_l^before(g1), g1 = every head in one group: a per-layer factor
+        that turns local attention error into end-to-end (gradient-weighted) error, the same for
+        every grouping of the layer, so layers are comparable and candidates of one layer are
+        ranked by what recovery leaves;
+  weighting = "fisher_ratio"      score_l(g) = fisher_l(g) * e_l^after(g) / e_l^before(g);
+  weighting = "none"              score_l(g) = e_l^after(g).
 
 An exact layer (g equals the source) scores 0. The score decomposes over layers. Fits are stored
 per (layer, grouping) in `LayerFitCache`, which stage-2 recovery reads too, so no layer grouping is
 fitted twice and a promoted candidate's layer-wise recovery costs nothing new.
+`experiments/bench_recoverability.py` compares the weightings against post-recovery perplexity.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from objectives.proxies.base import Proxy, make_proxy, register_proxy
 from objectives.recovery import LayerFit, LayerFitCache, LayerwiseConfig, fit_layer, recovery_config
 from objectives.recovery.layerwise import check_stats, source_outputs
 
+WEIGHTINGS = ("layer", "fisher_ratio", "none")
+
 
 @register_proxy
 class Recoverable(Proxy):
@@ -45,12 +49,18 @@ class Recoverable(Proxy):
         stats: CalibrationStats,
         merge: str = "mean",
         recovery: LayerwiseConfig | Mapping[str, Any] | None = None,
-        weighting: str = "fisher",
+        weighting: str = "layer",
     ):
         super().__init__(model, stats, merge)
         check_stats(stats, self.adapter.num_layers)
+        if weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"recoverable weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}"
+            )
         self.config: LayerwiseConfig = recovery_config("layerwise", recovery)
-        self.weighting = make_proxy(weighting, model, stats, merge)
+        self.mode = weighting
+        self.fisher = make_proxy("fisher", model, stats, merge)
+        self._layer_weights: dict[int, float] = {}
         self.cache = LayerFitCache(stats, merge, self.config) if self.config.cache else None
         self._fits: dict[tuple[int, LayerGrouping], LayerFit] = {}
         self._targets: dict[int, torch.Tensor] = {}
@@ -80,8 +90,23 @@ class Recoverable(Proxy):
         self.fitted += 1
         return fit_layer(module, self.adapter, inputs, self._targets[layer], self.config, layer)
 
+    def layer_weight(self, layer: int) -> float:
+        """w_l: end-to-end (fisher) error per unit of local error, measured on the layer's
+        coarsest grouping (every head in one group), where both are largest and best resolved."""
+        if layer not in self._layer_weights:
+            heads = (tuple(range(self.adapter.num_heads)),)
+            coarsest = LayerGrouping(heads, heads)
+            fit = self.fit(layer, coarsest)
+            local = max(fit.initial, 1e-30)
+            self._layer_weights[layer] = self.fisher.layer_score(layer, coarsest) / local
+        return self._layer_weights[layer]
+
     def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
         fit = self.fit(layer, grouping)
         if fit.initial <= self.config.exact_tol:
             return 0.0
-        return self.weighting.layer_score(layer, grouping) * fit.ratio
+        if self.mode == "none":
+            return fit.final
+        if self.mode == "fisher_ratio":
+            return self.fisher.layer_score(layer, grouping) * fit.ratio
+        return self.layer_weight(layer) * fit.final

@@ -7,9 +7,10 @@ import importlib
 import pytest
 
 import gqa
-from gqa.grouping import Grouping
+from gqa.grouping import Grouping, LayerGrouping
 from objectives.calibration import CalibrationConfig, calibrate
 from objectives.proxies import make_proxy
+from objectives.proxies.recoverable import Recoverable
 from objectives.recovery import LayerwiseConfig, recover
 from tests.tiny import tiny_model
 
@@ -26,17 +27,25 @@ def setup(smol_tokenizer, tmp_path, monkeypatch):
     return model, stats
 
 
-def test_score_is_fisher_times_what_recovery_leaves(setup):
+def test_score_is_what_recovery_leaves_in_end_to_end_units(setup):
     model, stats = setup
     proxy = make_proxy("recoverable", model, stats, "mean", recovery=FIT)
     fisher = make_proxy("fisher", model, stats, "mean")
     assert proxy.score(gqa.current_grouping(model)) == 0.0  # the source layout: exact
+    one = (tuple(range(6)),)
     for layer, lg in enumerate(MERGED.layers):
         fit = proxy.fit(layer, lg)
         assert 0 < fit.final <= fit.initial
+        # w_l: fisher error per unit of local error, on the layer's coarsest grouping.
+        coarsest = proxy.fit(layer, LayerGrouping(one, one))
+        weight = fisher.layer_score(layer, LayerGrouping(one, one)) / coarsest.initial
+        assert proxy.layer_weight(layer) == pytest.approx(weight, rel=1e-12)
+        assert proxy.layer_score(layer, lg) == pytest.approx(weight * fit.final, rel=1e-12)
+        ratio = Recoverable(model, stats, "mean", recovery=FIT, weighting="fisher_ratio")
         expected = fisher.layer_score(layer, lg) * fit.final / fit.initial
-        assert proxy.layer_score(layer, lg) == pytest.approx(expected, rel=1e-12)
-    assert proxy.fitted == 4  # each layer grouping once: 2 exact (no training) and 2 merged
+        assert ratio.layer_score(layer, lg) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="weighting must be one of layer, fisher_ratio, none"):
+        Recoverable(model, stats, "mean", recovery=FIT, weighting="bogus")
 
 
 def test_fits_are_cached_and_shared_with_layerwise_recovery(setup):
@@ -57,4 +66,4 @@ def test_fits_are_cached_and_shared_with_layerwise_recovery(setup):
     # Another recovery config is another fit.
     other = make_proxy("recoverable", model, stats, "query_aware", recovery={"steps": 2})
     other.score(MERGED)
-    assert other.fitted == 2
+    assert other.fitted == 4  # the two merged layers and, for w_l, their coarsest groupings
