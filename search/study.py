@@ -278,19 +278,14 @@ class Study:
             key = grouping_key(grouping)
             trial.set_user_attr("key", key)  # visible to concurrent workers before we score
             previous = _first_scored(study, key, trial.number)
-            scores = {}
-            if previous is not None:
-                scores = {
-                    a: previous.user_attrs[a] for a in ("proxy", "rank") if a in previous.user_attrs
-                }
-                proxy_seconds = 0.0
+            if previous is not None:  # a known grouping: pruned, not counted, TPE moves on
                 trial.set_user_attr("duplicate_of", previous.number)
-            else:
-                t0 = time.perf_counter()
-                scores["proxy"] = self.proxy.score(grouping)
-                if self.rank_proxy is not None:
-                    scores["rank"] = self.rank_proxy.score(grouping)
-                proxy_seconds = time.perf_counter() - t0
+                raise optuna.TrialPruned("repeats a grouping already scored")
+            t0 = time.perf_counter()
+            scores = {"proxy": self.proxy.score(grouping)}
+            if self.rank_proxy is not None:
+                scores["rank"] = self.rank_proxy.score(grouping)
+            proxy_seconds = time.perf_counter() - t0
             value = _ranking_value(scores)
             kv = self.kv_bytes(grouping)
             for attr, val in {
@@ -348,19 +343,22 @@ class Study:
                 (t for t in trials if t.params.get("budget") == average),
                 key=lambda t: _ranking_value(t.user_attrs),
             )
+            baselines = [
+                t
+                for t in at_budget
+                if t.params.get("strategy") in self.config.promote.baselines
+                and not t.params.get("allocation")
+            ]
+            for trial in baselines:  # first, so a search that finds a baseline's grouping
+                items.setdefault(trial.user_attrs["key"], _item(trial, "baseline"))
             picked = 0
             for trial in at_budget:
                 key = trial.user_attrs["key"]
                 if picked >= self.config.promote.top_k:
                     break
-                if key not in items:
+                if key not in items:  # a baseline's grouping stays a baseline (never pruned)
                     items[key] = _item(trial, "searched")
                     picked += 1
-            for trial in at_budget:
-                if trial.params.get(
-                    "strategy"
-                ) in self.config.promote.baselines and not trial.params.get("allocation"):
-                    items.setdefault(trial.user_attrs["key"], _item(trial, "baseline"))
         return list(items.values())
 
     def stage2(self, stage1: optuna.Study) -> optuna.Study:

@@ -46,6 +46,7 @@ tasks = ["ppl", "piqa"]
 limit = 2
 ppl_windows = 2
 seq_len = 16
+pruner = "{pruner}"
 """
 
 
@@ -54,6 +55,8 @@ def save_tiny_model(path: Path, tokenizer) -> Path:
     return gqa.save(model, path, tokenizer=tokenizer)
 
 
-def write_config(path: Path, model: Path, storage: str, trials: int = 12) -> Path:
-    path.write_text(TINY_STUDY.format(model=model, storage=storage, trials=trials))
+def write_config(
+    path: Path, model: Path, storage: str, trials: int = 12, pruner: str = "successive_halving"
+) -> Path:
+    path.write_text(TINY_STUDY.format(model=model, storage=storage, trials=trials, pruner=pruner))
     return path
