@@ -341,28 +341,31 @@ def run_dashboard(args: argparse.Namespace) -> None:
 # -- compare -------------------------------------------------------------------------------------
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+def _numbers(kind: type, what: str):
+    """An argparse type: comma-separated values of `kind` ("2,1.5" -> (2.0, 1.5))."""
 
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+    return parse
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="the finished study's TOML file")
-    p.add_argument("--budgets", type=_floats, default=None, help="e.g. 2,1.5 (default: all)")
-    p.add_argument("--seeds", type=_ints, default=(0, 1), help="recovery seeds (default 0,1)")
+    p.add_argument(
+        "--budgets", type=_numbers(float, "numbers"), default=None, help="e.g. 2,1.5 (default: all)"
+    )
+    p.add_argument(
+        "--seeds",
+        type=_numbers(int, "integers"),
+        default=(0, 1),
+        help="recovery seeds (default 0,1)",
+    )
     p.add_argument("--windows", type=int, default=48, help="test windows of seq_len tokens")
     p.add_argument("--limit", type=int, default=300, help="test questions per task")
     p.add_argument("--out", type=Path, default=None, help="default results/<study>")

@@ -27,7 +27,7 @@ from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import evaluate, window_nlls
 from objectives.significance import paired_bootstrap
 from search.config import StudyConfig
-from search.results import stage2_frame
+from search.results import rung_columns, stage2_frame
 from search.study import Study
 
 BASELINES = ("neighbour_kv", "neighbour")
@@ -43,12 +43,20 @@ class CompareConfig:
 
 
 def finalists(stage2: pd.DataFrame, budget: float) -> dict[str, dict]:
-    """The searched winner on validation data and the baselines, at one budget."""
-    rows = stage2[(stage2["budget"] == budget) & (stage2["state"] == "complete")]
-    searched = rows[rows["kind"] == "searched"].sort_values("valid_ppl")
+    """The best searched candidate on validation data and the baselines, at one budget. A
+    candidate that completed the recovery chain comes first; when every searched candidate was
+    pruned, the best one at its last rung is compared (so a loss to the baseline is shown too)."""
+    rows = stage2[stage2["budget"] == budget]
+    searched = rows[rows["kind"] == "searched"].copy()
     if searched.empty:
-        raise ValueError(f"budget {budget:g}: the study has no complete searched candidate")
-    out = {"searched": searched.iloc[0].to_dict()}
+        raise ValueError(f"budget {budget:g}: the study has no searched candidate")
+    last_rung = rung_columns(searched)[:-1][-1]  # the deepest recovery rung
+    searched["selection"] = searched["valid_ppl"].fillna(searched[last_rung])
+    searched["pruned"] = searched["state"] != "complete"
+    best = searched.sort_values(["pruned", "selection"]).iloc[0].to_dict()
+    best["valid_ppl"] = best["selection"]
+    out = {"searched": best}
+    rows = rows[rows["state"] == "complete"]
     for name in BASELINES:
         base = rows[(rows["kind"] == "baseline") & (rows["strategy"] == name)]
         if len(base):
@@ -82,7 +90,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     for budget in budgets:
         try:
             chosen = finalists(stage2, budget)
-        except ValueError as exc:  # e.g. every searched candidate was pruned at this budget
+        except ValueError as exc:  # no searched candidate at this budget
             report["budgets"][f"{budget:g}"] = {"skipped": str(exc)}
             continue
         entry: dict = {"candidates": {}, "differences": {}}
@@ -122,6 +130,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
             entry["candidates"][label] = {
                 "strategy": row["strategy"],
                 "valid_ppl": row["valid_ppl"],
+                "pruned_in_study": bool(row.get("pruned", False)),
                 "test_ppl": ppls,
                 "test_ppl_mean": statistics.fmean(ppls),
                 "test_ppl_std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
@@ -175,8 +184,9 @@ def answer_markdown(report: dict) -> str:
         for label, c in entry["candidates"].items():
             accs = ", ".join(f"{t} {a:.3f} (n={c['questions'][t]})" for t, a in c["acc"].items())
             mean_acc = f"{c['mean_acc']:.3f}" if c["mean_acc"] is not None else "-"
+            pruned = " (pruned in the study)" if c.get("pruned_in_study") else ""
             lines.append(
-                f"| {label} | {c['strategy']} | {c['valid_ppl']:.2f} | "
+                f"| {label} | {c['strategy']}{pruned} | {c['valid_ppl']:.2f} | "
                 f"{c['test_ppl_mean']:.2f} ± {c['test_ppl_std']:.2f} | {mean_acc} | {accs} |"
             )
         lines.append("")

@@ -12,11 +12,11 @@ it. For G >= n no union exists: the source groups are split as `neighbour_kv` do
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gqa.grouping import Partition
 from search.strategies.base import Strategy, register_strategy
+from search.strategies.evolutionary import all_partitions
 from search.strategies.neighbour_kv import split_source_groups
 from search.strategies.random_partition import stirling2
 
@@ -40,7 +40,7 @@ class CoarsenSource(Strategy):
         if num_groups >= n:
             return [split_source_groups(source, num_groups)]
         if stirling2(n, num_groups) <= self.max_enumerate:
-            blocks = list(set_partitions(n, num_groups))
+            blocks = all_partitions(n, num_groups)
         else:
             blocks = [_cheapest_merges(ctx, layer, kind, source, num_groups)]
         return [_unions(source, b) for b in blocks]
@@ -50,31 +50,9 @@ class CoarsenSource(Strategy):
         return min(candidates, key=lambda p: ctx.partition_error(layer, kind, p))
 
 
-def _unions(source: Partition, blocks: list[list[int]]) -> Partition:
+def _unions(source: Partition, blocks) -> Partition:
     """The partition of query heads whose groups are the unions of `blocks` of source groups."""
     return tuple(sorted(tuple(sorted(h for i in block for h in source[i])) for block in blocks))
-
-
-def set_partitions(n: int, k: int) -> Iterator[list[list[int]]]:
-    """Every partition of range(n) into exactly k blocks, each block in increasing order."""
-
-    def grow(i: int, blocks: list[list[int]]) -> Iterator[list[list[int]]]:
-        if i == n:
-            if len(blocks) == k:
-                yield [list(b) for b in blocks]
-            return
-        if n - i < k - len(blocks):  # too few items left to open the blocks still needed
-            return
-        for block in blocks:
-            block.append(i)
-            yield from grow(i + 1, blocks)
-            block.pop()
-        if len(blocks) < k:
-            blocks.append([i])
-            yield from grow(i + 1, blocks)
-            blocks.pop()
-
-    yield from grow(0, [])
 
 
 def _cheapest_merges(ctx, layer: int, kind: str, source: Partition, k: int) -> list[list[int]]:

@@ -5,18 +5,9 @@ import pytest
 from gqa.grouping import LayerGrouping
 from search.budget import Budget
 from search.strategies import make_strategy
-from search.strategies.coarsen_source import set_partitions
 from search.strategies.random_partition import stirling2
 from tests.search.test_strategies import _context, gqa_source  # noqa: F401  (fixture)
 from tests.tiny import tiny_model
-
-
-@pytest.mark.parametrize(("n", "k"), [(3, 2), (4, 2), (5, 3), (6, 4), (4, 4), (4, 1)])
-def test_set_partitions_enumerates_each_partition_once(n, k):
-    found = [tuple(tuple(b) for b in p) for p in set_partitions(n, k)]
-    assert len(found) == len(set(found)) == stirling2(n, k)
-    for partition in found:
-        assert len(partition) == k and sorted(h for b in partition for h in b) == list(range(n))
 
 
 def _unions_of_source(ctx, grouping):
