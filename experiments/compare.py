@@ -73,6 +73,8 @@ def _cached(path: Path, compute) -> dict:
 
 
 def run_compare(config_path: Path, options: CompareConfig, out: Path | None = None) -> Path:
+    """Two passes, each result cached as it finishes: first test perplexity of every finalist
+    under every recovery seed (the answer with intervals), then accuracy (first seed)."""
     config = StudyConfig.load(config_path)
     out = out or Path("results") / config.name
     stage2 = stage2_frame(config.name, config.storage)
@@ -87,46 +89,37 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     folder = out / "compare"
     start = time.time()
     report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
+    chosen: dict[float, dict[str, dict]] = {}
     for budget in budgets:
         try:
-            chosen = finalists(stage2, budget)
+            chosen[budget] = finalists(stage2, budget)
         except ValueError as exc:  # no searched candidate at this budget
             report["budgets"][f"{budget:g}"] = {"skipped": str(exc)}
-            continue
+    if not chosen:
+        raise ValueError(f"study {config.name!r}: no budget has a searched candidate")
+
+    def build(row: dict, seed: int):
+        grouping = Grouping.from_json(row["grouping"])
+        return study.build_candidate(grouping, recovery_seed=seed, progress=False)
+
+    for budget, rows in chosen.items():  # pass 1: perplexity, every seed
         entry: dict = {"candidates": {}, "differences": {}}
         nlls: dict[str, np.ndarray] = {}
-        for label, row in chosen.items():
-            grouping = Grouping.from_json(row["grouping"])
+        for label, row in rows.items():
             per_seed = []
             for seed in options.seeds:
-                path = folder / f"{budget:g}kv_{label}_seed{seed}.json"
 
-                def measure(grouping=grouping, seed=seed, label=label, budget=budget):
+                def measure(row=row, seed=seed, label=label, budget=budget) -> dict:
                     t0 = time.time()
-                    model = study.build_candidate(grouping, recovery_seed=seed, progress=False)
-                    nll = window_nlls(model, windows, progress=False)
-                    result = {"nll": nll.tolist(), "ppl": float(np.exp(nll.mean()))}
-                    if seed == options.seeds[0] and tasks:
-                        accs = evaluate(
-                            model,
-                            study.loaded.tokenizer,
-                            tasks,
-                            limit=options.limit,
-                            progress=False,
-                            subset="test",
-                        )
-                        result["acc"] = {t: accs[t]["acc"] for t in tasks}
-                        result["questions"] = {t: accs[t]["n"] for t in tasks}
-                    result["seconds"] = round(time.time() - t0, 1)
-                    print(
-                        f"{budget:g} KV heads, {label}, seed {seed}: test ppl {result['ppl']:.2f}"
-                    )
-                    return result
+                    nll = window_nlls(build(row, seed), windows, progress=False)
+                    ppl = float(np.exp(nll.mean()))
+                    print(f"{budget:g} KV heads, {label}, seed {seed}: test ppl {ppl:.2f}")
+                    return {"nll": nll.tolist(), "ppl": ppl, "seconds": round(time.time() - t0, 1)}
 
+                path = folder / f"{budget:g}kv_{label}_seed{seed}.json"
                 per_seed.append(_cached(path, measure))
             ppls = [r["ppl"] for r in per_seed]
             nlls[label] = np.mean([r["nll"] for r in per_seed], axis=0)  # seed-averaged windows
-            first = per_seed[0]
             entry["candidates"][label] = {
                 "strategy": row["strategy"],
                 "valid_ppl": row["valid_ppl"],
@@ -134,9 +127,9 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                 "test_ppl": ppls,
                 "test_ppl_mean": statistics.fmean(ppls),
                 "test_ppl_std": statistics.stdev(ppls) if len(ppls) > 1 else 0.0,
-                "acc": first.get("acc", {}),
-                "mean_acc": statistics.fmean(first["acc"].values()) if first.get("acc") else None,
-                "questions": first.get("questions", {}),
+                "acc": {},
+                "mean_acc": None,
+                "questions": {},
                 "kv_heads": int(row["kv_heads"]),
             }
         for base in BASELINES:
@@ -149,8 +142,26 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                 }
         report["budgets"][f"{budget:g}"] = entry
         _write_report(report, out, start)  # after each budget: a stopped run keeps what it has
-    if not any("candidates" in e for e in report["budgets"].values()):
-        raise ValueError(f"study {config.name!r}: no budget has a complete searched candidate")
+    for budget, rows in chosen.items() if tasks else ():  # pass 2: accuracy, first seed
+        for label, row in rows.items():
+
+            def accuracy(row=row) -> dict:
+                results = evaluate(
+                    build(row, options.seeds[0]),
+                    study.loaded.tokenizer,
+                    tasks,
+                    limit=options.limit,
+                    progress=False,
+                    subset="test",
+                )
+                return {t: {"acc": results[t]["acc"], "n": results[t]["n"]} for t in tasks}
+
+            accs = _cached(folder / f"{budget:g}kv_{label}_acc{options.limit}.json", accuracy)
+            candidate = report["budgets"][f"{budget:g}"]["candidates"][label]
+            candidate["acc"] = {t: v["acc"] for t, v in accs.items()}
+            candidate["questions"] = {t: v["n"] for t, v in accs.items()}
+            candidate["mean_acc"] = statistics.fmean(candidate["acc"].values())
+            _write_report(report, out, start)
     return _write_report(report, out, start)
 
 
@@ -171,7 +182,8 @@ def answer_markdown(report: dict) -> str:
         f"Test perplexity on {opts['windows']} x 256 test tokens, recovery seeds {seeds} "
         f"(mean ± std); differences use seed-averaged per-window NLLs with a paired bootstrap "
         f"95% interval ({opts['resamples']} resamples of windows). Accuracy: first seed, up to "
-        f"{opts['limit']} test questions per task. The winner was chosen on validation data.",
+        f"{opts['limit']} test questions per task (- : not measured yet). The searched candidate "
+        "was chosen on validation data.",
         "",
     ]
     for budget, entry in report["budgets"].items():
