@@ -130,7 +130,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                 "acc": {},
                 "mean_acc": None,
                 "questions": {},
-                "kv_heads": int(row["kv_heads"]),
+                "kv_heads": Grouping.from_json(row["grouping"]).kv_heads(),  # pruned: not stored
             }
         for base in BASELINES:
             if base in nlls:
