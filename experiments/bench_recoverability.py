@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
@@ -193,7 +192,7 @@ def main() -> None:
         args.out.with_name("recoverability_summary.json"), json.dumps(summary, indent=2) + "\n"
     )
     print(json.dumps(summary["rho"], indent=2))
-    print(f"done in {(time.time() - start) / 60:.1f} min" if math.isfinite(start) else "")
+    print(f"done in {(time.time() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":

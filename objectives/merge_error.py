@@ -41,7 +41,7 @@ has at most 2^H - 1 distinct groups. Everything runs on the device of `weights`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -130,16 +130,7 @@ class MergeErrorTable:
 
     def errors(self, groups: Iterable[tuple[int, ...]]) -> list[float]:
         """e(g) for each group (sorted tuples of query heads), scoring the unknown ones at once."""
-        groups = list(groups)
-        todo: dict[int, list[tuple[int, ...]]] = {}
-        for g in dict.fromkeys(groups):
-            if g not in self.cache:
-                todo.setdefault(len(g), []).append(g)
-        for size, bucket in todo.items():
-            index = torch.tensor(bucket, dtype=torch.long, device=self.device).view(-1, size)
-            values = self._bucket(index)
-            self.cache.update(zip(bucket, values.tolist(), strict=True))
-        return [self.cache[g] for g in groups]
+        return memoised_batches(groups, self.cache, self.device, self._bucket)
 
     def _bucket(self, index: torch.Tensor) -> torch.Tensor:
         """Errors of B groups of one size n: index (B, n) of sorted query heads -> (B,)."""
@@ -208,3 +199,22 @@ def merge_weighted(
     m = head_weights.double()
     rhs = torch.einsum("nij,njd->id", m, weights.double())
     return torch.linalg.solve(_regularised(m.sum(0)), rhs).to(weights.dtype)
+
+
+def memoised_batches(
+    groups: Iterable[tuple[int, ...]],
+    cache: dict[tuple[int, ...], float],
+    device: torch.device,
+    score: Callable[[torch.Tensor], torch.Tensor],
+) -> list[float]:
+    """The cached value of each group; unknown groups are scored by `score(index)`, index (B, n)
+    of the B unknown groups of size n, one batch per size, and added to `cache`."""
+    groups = list(groups)
+    todo: dict[int, list[tuple[int, ...]]] = {}
+    for g in dict.fromkeys(groups):
+        if g not in cache:
+            todo.setdefault(len(g), []).append(g)
+    for size, bucket in todo.items():
+        index = torch.tensor(bucket, dtype=torch.long, device=device).view(-1, size)
+        cache.update(zip(bucket, score(index).tolist(), strict=True))
+    return [cache[g] for g in groups]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from objectives.merge_error import memoised_batches
 from objectives.proxies.base import GroupTableProxy, register_proxy
 
 
@@ -31,19 +32,15 @@ class _CosineTable:
 
     def errors(self, groups) -> list[float]:
         """Losses of many groups; the unknown ones are scored together, one batch per size."""
-        groups = list(groups)
-        todo: dict[int, list[tuple[int, ...]]] = {}
-        for g in dict.fromkeys(groups):
-            if g not in self.cache:
-                todo.setdefault(len(g), []).append(g)
-        for size, bucket in todo.items():
-            g = torch.tensor(bucket, dtype=torch.long, device=self.gram.device).view(-1, size)
-            block = self.gram[g[:, :, None], g[:, None, :]]  # (B, n, n)
-            dots = block.sum(2) / size  # <a_h, mean>
-            mean_norm = (block.sum((1, 2)) / size**2).clamp_min(1e-30).sqrt()
-            loss = (1 - dots / (self.norms[g] * mean_norm[:, None])).sum(1)
-            self.cache.update(zip(bucket, loss.tolist(), strict=True))
-        return [self.cache[g] for g in groups]
+        return memoised_batches(groups, self.cache, self.gram.device, self._bucket)
+
+    def _bucket(self, g: torch.Tensor) -> torch.Tensor:
+        """Losses of B groups of one size n: g (B, n) of sorted query heads -> (B,)."""
+        size = g.shape[1]
+        block = self.gram[g[:, :, None], g[:, None, :]]  # (B, n, n)
+        dots = block.sum(2) / size  # <a_h, mean>
+        mean_norm = (block.sum((1, 2)) / size**2).clamp_min(1e-30).sqrt()
+        return (1 - dots / (self.norms[g] * mean_norm[:, None])).sum(1)
 
 
 @register_proxy
