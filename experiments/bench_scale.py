@@ -77,16 +77,36 @@ class PeakRSS:
     def section(self):
         out: dict = {}
         self.peak = base = self.proc.memory_info().rss
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         yield out
+        sync()
         out["seconds"] = time.perf_counter() - start
+        if torch.cuda.is_available():
+            out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
         out["peak_rss_gb"] = max(self.peak, self.proc.memory_info().rss) / 2**30
         out["rss_growth_gb"] = (self.proc.memory_info().rss - base) / 2**30
 
 
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so that wall time covers it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable, *args) -> tuple[float, object]:
+    sync()
     start = time.perf_counter()
     value = fn(*args)
+    sync()
     return time.perf_counter() - start, value
 
 
@@ -104,6 +124,11 @@ def main() -> None:
     rest = [s for s in sorted(STRATEGIES) if s not in cheap_first]
     ap.add_argument("--strategies", nargs="*", default=cheap_first + rest)
     ap.add_argument("--out", default="results/bench/scale.json")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a saved tokenizer folder (default: SmolLM2's, read from the offline GGUF)",
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     rss = PeakRSS()
@@ -111,12 +136,16 @@ def main() -> None:
         "command": "python -m experiments.bench_scale "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"device {args.device}; other jobs shared the machine, so timings are noisy",
+        f"torch threads {torch.get_num_threads()}, device {device_name(args.device)}, "
+        f"load average {os.getloadavg()[0]:.1f} at the start",
         "shape": {**SHAPE, "intermediate_size": 11008, "layers_run": args.layers},
     }
-    tokenizer = AutoTokenizer.from_pretrained(  # SmolLM2's, from the offline GGUF
-        str(package_dir(SMOLLM2_PACKAGE)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:  # SmolLM2's, from the offline GGUF
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(package_dir(SMOLLM2_PACKAGE)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
     model = seven_b_model(args.layers, args.device, len(tokenizer))
     layers = args.layers
 

@@ -5,7 +5,14 @@ from gqa.adapters import ModelAdapter, UnsupportedModelError, get_adapter, regis
 from gqa.checkpoint import load, save
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
 from gqa.merge import MERGES, MergeContext, register_merge
-from gqa.surgery import convert, current_grouping, expand_to_mha, model_grouping, to_plain_gqa
+from gqa.surgery import (
+    convert,
+    converted_copy,
+    current_grouping,
+    expand_to_mha,
+    model_grouping,
+    to_plain_gqa,
+)
 
 __all__ = [
     "MERGES",
@@ -16,6 +23,7 @@ __all__ = [
     "ModelAdapter",
     "UnsupportedModelError",
     "convert",
+    "converted_copy",
     "current_grouping",
     "expand_to_mha",
     "get_adapter",

@@ -9,6 +9,7 @@ onto the query heads after the cache update (see `gqa.attention`).
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -118,6 +119,36 @@ def converted_attention(
     impl = attention.grouped_implementation(module.config._attn_implementation)
     module.config._attn_implementation = impl  # the model's eager or sdpa, grouped
     return regroup_module(adapter, layer, module, grouping, merge, stats)
+
+
+@torch.no_grad()
+def converted_copy(
+    model: nn.Module,
+    grouping: Grouping,
+    merge: str = "mean",
+    stats: object = None,
+    share_rest: bool = True,
+) -> nn.Module:
+    """A copy of `model` converted to `grouping`; `model` is untouched.
+
+    With `share_rest` only the attention layers are copied: every other parameter and buffer
+    (embeddings, MLPs, norms) is `model`'s own tensor, so a copy of a 7B model costs its
+    attention weights (about a third) instead of all 13 GB. Train only attention projections of
+    such a copy; training anything else would change `model` too."""
+    adapter = get_adapter(model)
+    memo: dict[int, object] = {}
+    if share_rest:
+        attention_ids = {
+            id(t)
+            for i in range(adapter.num_layers)
+            for t in itertools.chain(
+                adapter.attention(i).parameters(), adapter.attention(i).buffers()
+            )
+        }
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if id(t) not in attention_ids:
+                memo[id(t)] = t
+    return convert(copy.deepcopy(model, memo), grouping, merge, stats)
 
 
 def _mark_converted(model: nn.Module, grouping: Grouping) -> None:

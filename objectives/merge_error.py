@@ -23,14 +23,19 @@ Storage (issue 10: 7B-shaped layers, H = 32, D = 128, d = 4096, MHA). The eager 
 K_ab, N_b K_bh M_h and N_b K_bc N_c for every pair were 3 x H^2 D^2 doubles (400 MB per kind).
 Here only what a group sum needs is kept:
   - V blocks Q_bc = N_b K_bc N_c for b <= c only, since Q_cb = Q_bc^T (H (H + 1) / 2 blocks, f64);
-  - A blocks P_bh = N_b K_bh M_h only when M is not a multiple of N. When M_h = c N_h for all h
-    (keys under query_aware: both are the RoPE query moment, scaled; values of attn_out: M = N)
-    A_g = c V_g and no P is stored. Otherwise P is kept whole (H^2 blocks, 134 MB at 7B shape);
-    float32 storage was tried and is not enough: a group of near-duplicate heads has an error
-    far below its terms, and the rounding of P shows there.
+  - A blocks only when M is not a multiple of N. When M_h = c N_h for all h (keys under
+    query_aware: both are the RoPE query moment, scaled; values of attn_out: M = N) A_g = c V_g
+    and nothing more is stored. Otherwise A_g enters the error only through tr(N_g^-1 A_g), and
+    N_g^-1 is symmetric, so only the symmetric part of A_g matters:
+      sym(A_g) = sum_b S_bb + sum_{b<h} (S_bh + S_bh^T),  S_bh = (N_b K_bh M_h + M_b K_bh N_h) / 2,
+    and S_hb = S_bh^T, so S is stored for b <= h only, like Q (H (H + 1) / 2 blocks: 66 MB at
+    7B shape where the whole P_bh = N_b K_bh M_h took 134 MB). float32 storage was tried and is
+    not enough: a group of near-duplicate heads has an error far below its terms, and the
+    rounding of the blocks shows there.
   - the mean merge needs scalars only: tr(M_h K_hh), tr(M_h K_hb), tr(M_h K_bc) (H^3).
 K_bc itself is built blockwise from X = W C (one (n_src D x d) product) and never kept, so
-building costs one pass of O(n_src D d^2) and memory stays O(H^2 D^2 / 2) per kind at most.
+building costs one pass of O(n_src D d^2) and memory stays at most H (H + 1) D^2 doubles per
+kind (two triangles of blocks).
 
 Scoring: `errors(groups)` scores many groups at once, bucketed by size: the block sums are
 gathers, and the D x D algebra is one batched inverse per bucket,
@@ -47,6 +52,11 @@ import torch
 
 # Upper bound on the bytes one gathered chunk of blocks may take while scoring a bucket.
 GATHER_BYTES = 64 * 2**20
+
+
+# Smallest group built from a near group's sums: a group of n heads summed directly gathers
+# n (n + 1) / 2 blocks per table, one built from a near group 3 (and the near groups' sums).
+NEAR_MIN_SIZE = 4
 
 
 class MergeErrorTable:
@@ -98,24 +108,26 @@ class MergeErrorTable:
             self.pair[iu[0], iu[1]] = torch.arange(iu.shape[1], device=device)
             self.pair[iu[1], iu[0]] = self.pair[iu[0], iu[1]]
             self.q = torch.empty(iu.shape[1], dim, dim, dtype=torch.float64, device=device)
-            self.p = None
+            self.s = None  # S_bh for b <= h, when M is not a multiple of N
             if ratio is None:
-                self.p = torch.empty(h, h, dim, dim, dtype=torch.float64, device=device)
+                self.s = torch.empty_like(self.q)
             for rows in heads.split(chunk):
                 k = k_rows(rows)
                 diag[rows] = torch.einsum("rij,rji->r", m[rows], k[torch.arange(len(rows)), rows])
                 for r, b in enumerate(rows.tolist()):
-                    # N_b K_bc N_c for c >= b: the rest of row b is a transpose of stored blocks.
+                    # Blocks (b, c) for c >= b: the rest of row b is a transpose of stored blocks.
                     self.q[self.pair[b, b:]] = n[b] @ k[r, b:] @ n[b:]
-                if self.p is not None:
-                    self.p[rows] = n[rows, None] @ k @ m[None]
+                    if self.s is not None:
+                        self.s[self.pair[b, b:]] = 0.5 * (
+                            n[b] @ k[r, b:] @ m[b:] + m[b] @ k[r, b:] @ n[b:]
+                        )
         self.diag = diag
         self.cache: dict[tuple[int, ...], float] = {}
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the tables (not the memo)."""
-        names = ("diag", "t", "u", "m", "n", "q", "p", "pair")
+        names = ("diag", "t", "u", "m", "n", "q", "s", "pair")
         return sum(
             t.numel() * t.element_size()
             for t in (getattr(self, a, None) for a in names)
@@ -128,9 +140,106 @@ class MergeErrorTable:
             value = self.errors([group])[0]
         return value
 
-    def errors(self, groups: Iterable[tuple[int, ...]]) -> list[float]:
-        """e(g) for each group (sorted tuples of query heads), scoring the unknown ones at once."""
-        return memoised_batches(groups, self.cache, self.device, self._bucket)
+    def errors(
+        self,
+        groups: Iterable[tuple[int, ...]],
+        near: Iterable[tuple[int, ...]] | None = None,
+    ) -> list[float]:
+        """e(g) for each group (sorted tuples of query heads), scoring the unknown ones at once.
+
+        `near`: groups near the new ones (the partition a local search stands on). A group at
+        most one head removed from and one head added to one of them has its block sums built
+        from that group's row sums, O(1) blocks instead of O(n^2) (see `_near_errors`); others
+        are summed directly. Both give e(g) to rounding."""
+        if near is None or not self.weighted:
+            return memoised_batches(groups, self.cache, self.device, self._bucket)
+        groups = list(groups)
+        todo = [g for g in dict.fromkeys(groups) if g not in self.cache]
+        small = [g for g in todo if len(g) < NEAR_MIN_SIZE]
+        if small:
+            memoised_batches(small, self.cache, self.device, self._bucket)
+        if len(small) < len(todo):
+            self._near_errors([g for g in todo if len(g) >= NEAR_MIN_SIZE], near)
+        return [self.cache[g] for g in groups]
+
+    def _near_errors(self, todo: list[tuple[int, ...]], near: list[tuple[int, ...]]) -> None:
+        """Score `todo` into the memo; each group g = p - a + b of a p in `near` (a, b optional):
+          V_{p-a} = V_p - R_a(p) - R_a(p)^T + Q_aa,   R_x(p) := sum_{y in p} Q_xy,
+          V_{q+b} = V_q + R_b(q) + R_b(q)^T + Q_bb,   R_b(p - a) = R_b(p) - Q_ba,
+        and the same for S; N_g, M_g and the own term add and subtract one head. V_g and sym(A)_g
+        enter e(g) only through inner products with symmetric matrices (N_g^-1 and
+        N_g^-1 M_g N_g^-1), which do not see transposes: so R + R^T counts as 2 R, Q_ba as the
+        stored Q_ab, and no block is transposed."""
+        near = [tuple(p) for p in near]
+        owner = {h: k for k, p in enumerate(near) for h in p}
+        found: list[tuple[tuple[int, ...], int, int, int]] = []  # (g, parent, removed, added)
+        direct = []
+        for g in todo:
+            counts: dict[int, int] = {}
+            for h in g:
+                if h in owner:
+                    counts[owner[h]] = counts.get(owner[h], 0) + 1
+            if not counts:
+                direct.append(g)
+                continue
+            k = max(counts, key=counts.get)
+            out, inn = set(near[k]).difference(g), set(g).difference(near[k])
+            if len(out) > 1 or len(inn) > 1:
+                direct.append(g)
+            else:
+                found.append((g, k, out.pop() if out else -1, inn.pop() if inn else -1))
+        if direct:
+            memoised_batches(direct, self.cache, self.device, self._bucket)
+        if not found:
+            return
+        used = sorted({k for _, k, _, _ in found})
+        slot = {k: i for i, k in enumerate(used)}
+        members = [torch.tensor(near[k], device=self.device) for k in used]
+        tables = [self.q] if self.s is None else [self.q, self.s]
+        # Per parent p and head x (up to transposes of their terms): R_x(p); the sum without x,
+        # V_p - 2 R_x(p) + Q_xx (slot H: V_p itself); what adding x brings, 2 R_x(p) + Q_xx (slot
+        # H: nothing). A group p - a + b is then without[p, a] + with[p, b] - 2 Q_ab.
+        heads = torch.arange(self.num_heads, device=self.device)
+        without, adding = [], []
+        for t in tables:
+            r = torch.stack([t[self.pair[:, index]].sum(1) for index in members])  # (P, H, D, D)
+            own_blocks = t[self.pair[heads, heads]]  # Q_xx
+            base = torch.stack([r[i][m].sum(0) for i, m in enumerate(members)])  # V_p
+            r.mul_(2.0)
+            gain = r + own_blocks
+            loss = base[:, None] - r + own_blocks
+            without.append(torch.cat([loss, base[:, None]], 1))
+            adding.append(torch.cat([gain, torch.zeros_like(base[:, None])], 1))
+            del r, gain, loss
+        # N and M likewise: sum over p without x (slot H: all of p), and x itself (slot H: 0).
+        per_head = []
+        for w in (self.n, self.m):
+            w_p = torch.stack([w[index].sum(0) for index in members])
+            per_head.append(
+                (torch.cat([w_p[:, None] - w[None], w_p[:, None]], 1), torch.cat([w, w[:1] * 0]))
+            )
+        own_p = torch.stack([self.diag[index].sum() for index in members])
+        chunk = max(1, GATHER_BYTES // (4 * self.dim**2 * 8))
+        for begin in range(0, len(found), chunk):
+            part = found[begin : begin + chunk]
+            parent = torch.tensor([slot[k] for _, k, _, _ in part], device=self.device)
+            a = torch.tensor([r for _, _, r, _ in part], device=self.device)
+            b = torch.tensor([r for _, _, _, r in part], device=self.device)
+            has_a = (a >= 0).to(torch.float64)[:, None, None]
+            has_b = (b >= 0).to(torch.float64)[:, None, None]
+            slot_a = torch.where(a >= 0, a, self.num_heads)
+            slot_b = torch.where(b >= 0, b, self.num_heads)
+            a, b = a.clamp_min(0), b.clamp_min(0)  # absent heads read head 0, weighted by 0
+            sums = []
+            for table, out, into in zip(tables, without, adding, strict=True):
+                total = out[parent, slot_a]
+                total += into[parent, slot_b]
+                total.addcmul_(table[self.pair[a, b]], has_a * has_b, value=-2.0)
+                sums.append(total)
+            n_g, m_g = (out[parent, slot_a] + head[slot_b] for out, head in per_head)
+            own = own_p[parent] - has_a[:, 0, 0] * self.diag[a] + has_b[:, 0, 0] * self.diag[b]
+            values = self._finish(own, sums[0], sums[1] if self.s is not None else None, n_g, m_g)
+            self.cache.update(zip([g for g, _, _, _ in part], values.tolist(), strict=True))
 
     def _bucket(self, index: torch.Tensor) -> torch.Tensor:
         """Errors of B groups of one size n: index (B, n) of sorted query heads -> (B,)."""
@@ -140,7 +249,8 @@ class MergeErrorTable:
             cross = self.t[index[:, :, None], index[:, None, :]].sum((1, 2))
             spread = self.u[index[:, :, None, None], index[:, None, :, None], index[:, None, None]]
             return (own - 2.0 * cross / n + spread.sum((1, 2, 3)) / n**2).clamp_min(0.0)
-        per_group = max(n * (n + 1) // 2, n * n if self.p is not None else 0) * self.dim**2 * 8
+        blocks = n * (n + 1) // 2  # gathered per group, from Q and from S
+        per_group = (2 * blocks if self.s is not None else blocks) * self.dim**2 * 8
         chunk = max(1, GATHER_BYTES // per_group)
         return torch.cat(
             [
@@ -152,21 +262,30 @@ class MergeErrorTable:
     def _weighted(self, index: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         n = index.shape[1]
         iu = torch.triu_indices(n, n, offset=1, device=self.device)
-        diag_blocks = self.q[self.pair[index, index]].sum(1)  # sum_b Q_bb
-        upper = self.q[self.pair[index[:, iu[0]], index[:, iu[1]]]].sum(1)  # sum_{b<c} Q_bc
-        v_g = diag_blocks + upper + upper.transpose(1, 2)
-        n_g = _regularised(self.n[index].sum(1))
-        inverse = _inverse(n_g)
-        m_g = self.m[index].sum(1)
-        if self.p is None:  # M = c N, so A_g = c V_g
+        diagonal, upper = self.pair[index, index], self.pair[index[:, iu[0]], index[:, iu[1]]]
+        v_g = _triangle_sum(self.q, diagonal, upper)  # V_g
+        n_sum, m_g = self.n[index].sum(1), self.m[index].sum(1)
+        # sym(A_g): the rest of A_g does not change tr(N_g^-1 A_g)
+        a_g = None if self.s is None else _triangle_sum(self.s, diagonal, upper)
+        return self._finish(own, v_g, a_g, n_sum, m_g)
+
+    def _finish(self, own, v_g, a_g, n_sum, m_g) -> torch.Tensor:
+        """e(g) from each group's own term, V_g, sym(A)_g (None: c V_g), sum N and sum M."""
+        inverse = _inverse(_regularised(n_sum))
+        if a_g is None:  # M = c N, so A_g = c V_g
             a_g = self.ratio * v_g
-        else:
-            a_g = self.p[index[:, :, None], index[:, None, :]].sum((1, 2))
         # The full three-term form, not own - c tr(N^-1 V): its rounding cancels for groups of
         # heads that read one source head, whose error is exactly zero.
-        cross = (inverse * a_g.transpose(1, 2)).sum((1, 2))  # tr(N_g^-1 A_g)
-        spread = (inverse @ m_g @ inverse * v_g.transpose(1, 2)).sum((1, 2))
+        # tr(X Y) = <X, Y^T> = <X, Y> for X symmetric (N_g^-1 and N_g^-1 M_g N_g^-1 both are).
+        cross = (inverse * a_g).sum((1, 2))  # tr(N_g^-1 A_g)
+        spread = (inverse @ m_g @ inverse * v_g).sum((1, 2))
         return (own - 2.0 * cross + spread).clamp_min(0.0)
+
+
+def _triangle_sum(blocks: torch.Tensor, diagonal: torch.Tensor, upper: torch.Tensor):
+    """sum_b X_bb + sum_{b<c} (X_bc + X_bc^T) per group, from blocks stored for b <= c."""
+    part = blocks[upper].sum(1)
+    return blocks[diagonal].sum(1) + part + part.transpose(1, 2)
 
 
 def _proportion(m: torch.Tensor, n: torch.Tensor) -> float | None:

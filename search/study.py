@@ -20,7 +20,6 @@ marked failed and its work re-enqueued; across machines Optuna's heartbeat does 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -453,10 +452,13 @@ class Study:
         then recovered by the study's chain. `on_rung(model, after)` is called on the merged
         model ("merge") and after each method; it may raise optuna.TrialPruned to stop."""
         merge = self.config.search.merge
-        model = gqa.convert(copy.deepcopy(self.source), grouping, merge=merge, stats=self.stats)
+        chain = self.recovery_chain(recovery_seed)
+        # The candidate shares the source's non-attention weights unless a method trains them.
+        share = not any(getattr(config, "trainable", None) == "all" for _, config in chain)
+        model = gqa.converted_copy(self.source, grouping, merge, self.stats, share_rest=share)
         if on_rung:
             on_rung(model, "merge")
-        for method, config in self.recovery_chain(recovery_seed):
+        for method, config in chain:
             recover(
                 method,
                 model,

@@ -30,7 +30,7 @@ class _CosineTable:
             value = self.errors([group])[0]
         return value
 
-    def errors(self, groups) -> list[float]:
+    def errors(self, groups, near=None) -> list[float]:  # `near`: unused (no block sums)
         """Losses of many groups; the unknown ones are scored together, one batch per size."""
         return memoised_batches(groups, self.cache, self.gram.device, self._bucket)
 

@@ -92,12 +92,13 @@ class GroupTableProxy(Proxy):
     def group_error(self, layer: int, kind: str, group: tuple[int, ...]) -> float:
         return self.table(layer, kind)(group)
 
-    def group_errors(self, layer: int, kind: str, groups) -> list[float]:
+    def group_errors(self, layer: int, kind: str, groups, near=None) -> list[float]:
         """Errors of many groups (sorted tuples) at once: tables with an `errors` method score
-        the new ones as one batch (see objectives.merge_error); others one by one."""
+        the new ones as one batch (see objectives.merge_error); others one by one. `near`: the
+        groups of a partition the new groups are one move or swap away from (a speed hint)."""
         table = self.table(layer, kind)
         batched = getattr(table, "errors", None)
-        return batched(groups) if batched is not None else [table(g) for g in groups]
+        return batched(groups, near) if batched is not None else [table(g) for g in groups]
 
     def table_bytes(self, layer: int | None = None) -> int:
         """Bytes held by the built group tables (of one layer, or all), for benchmarks."""

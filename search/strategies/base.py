@@ -123,16 +123,20 @@ class SearchContext:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         return proxy.group_error(layer, kind, group)
 
-    def group_errors(self, layer: int, kind: str, groups) -> list[float]:
-        """`group_error` of many groups at once: the proxy scores the new ones as one batch."""
+    def group_errors(self, layer: int, kind: str, groups, near=None) -> list[float]:
+        """`group_error` of many groups at once: the proxy scores the new ones as one batch.
+        `near`: groups the new ones are one move or swap away from (a local search's partition),
+        which lets group tables build them incrementally."""
         proxy = self.table_proxy()
         groups = [tuple(sorted(g)) for g in groups]
+        near = None if near is None else [tuple(sorted(g)) for g in near]
         if kind == "kv":
-            k, v = proxy.group_errors(layer, "k", groups), proxy.group_errors(layer, "v", groups)
+            k = proxy.group_errors(layer, "k", groups, near)
+            v = proxy.group_errors(layer, "v", groups, near)
             return [a + b for a, b in zip(k, v, strict=True)]
         if kind not in ("k", "v"):
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        return proxy.group_errors(layer, kind, groups)
+        return proxy.group_errors(layer, kind, groups, near)
 
     def partition_error(self, layer: int, kind: str, partition) -> float:
         return float(sum(self.group_errors(layer, kind, partition)))

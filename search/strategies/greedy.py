@@ -78,7 +78,7 @@ class Greedy(Strategy):
                 self.improvement,
                 self.max_steps,
                 rng,
-                errors=lambda groups: ctx.group_errors(layer, kind, groups),
+                errors=lambda groups, near: ctx.group_errors(layer, kind, groups, near),
             )
             if score < best_score:
                 best, best_score = partition, score
@@ -92,17 +92,19 @@ def local_search(
     improvement: str,
     max_steps: int,
     rng: np.random.Generator,
-    errors: Callable[[list[tuple[int, ...]]], list[float]] | None = None,
+    errors: Callable[[list, list], list[float]] | None = None,
 ) -> tuple[Partition, float]:
     """Descend from `start` by strictly improving moves and swaps; (partition, its error).
 
-    `errors`, when given, scores a list of groups at once (same values as `error`). "best" takes
+    `errors(groups, near)`, when given, scores a list of groups at once (same values as `error`;
+    `near` is the current partition, one move or swap from every new group, a hint for
+    incremental scoring). "best" takes
     the first step of least delta in neighbourhood order, "first" the first improving step in a
     random order (scored in chunks of FIRST_CHUNK), so batching changes no choice."""
     if errors is None:
-        errors = lambda groups: [error(g) for g in groups]  # noqa: E731
+        errors = lambda groups, near: [error(g) for g in groups]  # noqa: E731
     groups = [tuple(g) for g in start]
-    current = errors(groups)
+    current = errors(groups, None)
     start_score = sum(current)
     for _ in range(max_steps):
         score = sum(current)
@@ -117,7 +119,7 @@ def local_search(
         chosen = None
         for begin in range(0, len(candidates), size):
             block = candidates[begin : begin + size]
-            new = np.asarray(errors([g for c in block for g in c[2:]])).reshape(-1, 2)
+            new = np.asarray(errors([g for c in block for g in c[2:]], groups)).reshape(-1, 2)
             old = np.asarray([(current[i], current[j]) for i, j, _, _ in block])
             delta = new[:, 0] + new[:, 1] - old[:, 0] - old[:, 1]
             if improvement == "first":
@@ -132,7 +134,7 @@ def local_search(
         if chosen is None:
             break
         i, j, groups[i], groups[j] = chosen
-        current[i], current[j] = errors([groups[i], groups[j]])
+        current[i], current[j] = errors([groups[i], groups[j]], None)
     final = canonical_partition(groups, num_heads)
     score = sum(current)
     if score > start_score:  # cannot happen with strict steps; guards against rounding

@@ -171,3 +171,28 @@ def test_unsupported_model_type_names_it_and_the_docs():
         match="model_type 'opt' has no headgroup adapter.*docs/adding_a_model.md",
     ):
         get_adapter(model)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_converted_copy_shares_all_but_attention_and_leaves_the_source(model_type):
+    source = tiny_model(model_type)
+    before = logits(source, batch())
+    grouping = Grouping.create(6, [[[0, 4, 5], [1], [2, 3]], [[5], [0, 1, 2, 3, 4]]])
+    shared = gqa.converted_copy(source, grouping)
+    reference = gqa.convert(copy.deepcopy(source), grouping)
+    torch.testing.assert_close(logits(shared, batch()), logits(reference, batch()))
+    source_ptrs = {p.data_ptr() for p in source.parameters()}
+    adapter = get_adapter(shared)
+    attention = {
+        id(p) for i in range(adapter.num_layers) for p in adapter.attention(i).parameters()
+    }
+    for p in shared.parameters():  # attention copied, everything else the source's own tensor
+        assert (p.data_ptr() in source_ptrs) == (id(p) not in attention)
+    with torch.no_grad():  # changing the copy's attention leaves the source as it was
+        for i in range(adapter.num_layers):
+            for p in adapter.attention(i).parameters():
+                p.mul_(2.0)
+    torch.testing.assert_close(logits(source, batch()), before, rtol=0, atol=0)
+    assert gqa.current_grouping(source).layers[0].k != grouping.layers[0].k
+    separate = gqa.converted_copy(source, grouping, share_rest=False)
+    assert not {p.data_ptr() for p in separate.parameters()} & source_ptrs
