@@ -13,7 +13,6 @@ on a shared machine are noisy; compare numbers of one run. Writes results/bench/
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -43,7 +42,9 @@ KV_HEADS = (16, 8, 4)
 TRIALS = 100
 
 
-def seven_b_model(layers: int, device: str, vocab: int) -> torch.nn.Module:
+def seven_b_model(
+    layers: int, device: str, vocab: int, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
     """A random LLaMA-2-7B-shaped decoder of `layers` layers (small init keeps it finite)."""
     config = LlamaConfig(
         **SHAPE,
@@ -54,8 +55,9 @@ def seven_b_model(layers: int, device: str, vocab: int) -> torch.nn.Module:
         max_position_embeddings=4096,
     )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    return model.to(device).eval()
+    with torch.device(device):  # initialised where it runs: a 7B model never passes the host
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
 
 
 class PeakRSS:
@@ -110,6 +112,35 @@ def timed(fn: Callable, *args) -> tuple[float, object]:
     return time.perf_counter() - start, value
 
 
+def memory_projection(result: dict) -> dict:
+    """GiB held in each phase by LLaMA-2-7B itself (6.74e9 parameters, bfloat16) with the
+    statistics and tables measured per layer here; activations and Python are not counted."""
+    h, inter, vocab = SHAPE["hidden_size"], 11008, 32000
+    params = FULL_LAYERS * (4 * h * h + 3 * h * inter) + 2 * vocab * h
+    weights = params * 2 / 2**30
+    per_layer = result["calibration"]["stats_mb_per_layer"] * FULL_LAYERS / 1024
+    gram = h * h * 4 / 2**30  # one float32 d x d statistic
+    accumulator = h * h * 8 / 2**30  # one float64 running sum
+    tables = result["tables"]["table_mb_per_layer"] * FULL_LAYERS / 1024
+    attention = FULL_LAYERS * 4 * h * h * 2 / 2**30
+    return {
+        "assumes": "LLaMA-2-7B in bfloat16 (6.74e9 parameters); per-layer statistics and tables "
+        "as measured here; activations, optimiser state of one layer and Python not counted",
+        "weights": weights,
+        # forward pass: x x^T sums of every layer; backward pass: float32 grams + g g^T sums
+        "calibration_peak": weights + FULL_LAYERS * max(accumulator, gram + accumulator),
+        "statistics": per_layer,
+        "stage1_all_tables": weights + per_layer + tables,
+        "stage1_table_budget_4gb": weights + per_layer + 4,
+        "candidate_converted_copy": weights
+        + per_layer
+        + FULL_LAYERS * 2 * h * (h // 4) * 2 / 2**30,
+        "candidate_deep_copy": 2 * weights + per_layer,
+        "note": f"attention weights are {attention:.1f} GiB of the model: a copy owning q and o "
+        "(trained) adds those",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2, help="depth actually run")
@@ -120,6 +151,7 @@ def main() -> None:
     ap.add_argument("--num-seqs", type=int, default=8)
     ap.add_argument("--candidates", type=int, default=20, help="random candidates, cold and warm")
     ap.add_argument("--recovery-steps", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     cheap_first = ["neighbour", "neighbour_kv", "random", "kmeans", "hierarchical"]
     rest = [s for s in sorted(STRATEGIES) if s not in cheap_first]
     ap.add_argument("--strategies", nargs="*", default=cheap_first + rest)
@@ -146,7 +178,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(
             str(package_dir(SMOLLM2_PACKAGE)), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
         )
-    model = seven_b_model(args.layers, args.device, len(tokenizer))
+    model = seven_b_model(args.layers, args.device, len(tokenizer), getattr(torch, args.dtype))
+    result["weights_gb"] = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     layers = args.layers
 
     # -- calibration ---------------------------------------------------------------------------
@@ -212,7 +245,8 @@ def main() -> None:
         local.layer_score(0, grouping.layers[0])
     result["local_attn"] = la
     with torch.enable_grad(), rss.section() as rec:
-        converted = gqa.convert(copy.deepcopy(model), grouping, merge=args.merge, stats=stats)
+        # what stage 2 does: the copy shares every non-attention weight with the source
+        converted = gqa.converted_copy(model, grouping, args.merge, stats)
         out = recover(
             "layerwise",
             converted,
@@ -245,7 +279,8 @@ def main() -> None:
         write_text_atomic(Path(args.out + ".partial"), json.dumps(result, indent=2) + "\n")
 
     # -- projection to the full model -----------------------------------------------------------
-    mean_propose = float(np.mean([v for s in strat.values() for v in s.values()]))
+    times = [v for s in strat.values() for v in s.values()]
+    mean_propose = float(np.mean(times)) if times else 0.0  # no strategies run: not counted
     calib_full = calib["seconds"] * FULL_LAYERS / layers  # upper bound: embeddings do not grow
     tables_full = result["tables"]["build_seconds_per_layer"] * FULL_LAYERS
     propose_full = TRIALS * FULL_LAYERS * mean_propose
@@ -263,6 +298,7 @@ def main() -> None:
         "allocation_curves_seconds": curves,
         "layerwise_recovery_seconds_100_steps": rec["seconds_per_layer_step"] * 100 * FULL_LAYERS,
     }
+    result["memory_projection_32_layers_gb"] = memory_projection(result)
     result["peak_rss_gb"] = rss.overall / 2**30
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

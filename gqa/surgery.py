@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -127,27 +128,31 @@ def converted_copy(
     grouping: Grouping,
     merge: str = "mean",
     stats: object = None,
-    share_rest: bool = True,
+    own: Iterable[str] | str = ("q", "o"),
 ) -> nn.Module:
     """A copy of `model` converted to `grouping`; `model` is untouched.
 
-    With `share_rest` only the attention layers are copied: every other parameter and buffer
-    (embeddings, MLPs, norms) is `model`'s own tensor, so a copy of a 7B model costs its
-    attention weights (about a third) instead of all 13 GB. Train only attention projections of
-    such a copy; training anything else would change `model` too."""
+    The copy's K and V projections are new (the merge makes them), as are the attention
+    projections named in `own` (those that recovery may train) and the rest of each attention
+    module. Every other tensor (embeddings, MLPs, norms, unowned q/o) is `model`'s own, so a copy
+    of a 7B model costs a few hundred MB instead of 13 GB. Train only projections the copy owns:
+    training a shared tensor would change `model` too. `own="all"` makes a full deep copy."""
     adapter = get_adapter(model)
     memo: dict[int, object] = {}
-    if share_rest:
-        attention_ids = {
-            id(t)
-            for i in range(adapter.num_layers)
-            for t in itertools.chain(
-                adapter.attention(i).parameters(), adapter.attention(i).buffers()
-            )
-        }
-        for t in itertools.chain(model.parameters(), model.buffers()):
-            if id(t) not in attention_ids:
-                memo[id(t)] = t
+    if own != "all":
+        check = set(own) - {"q", "o"}
+        if check:
+            raise ValueError(f"own names q/o projections (k and v are always new), got {check}")
+        shared = [t for t in itertools.chain(model.parameters(), model.buffers())]
+        private = set()
+        for i in range(adapter.num_layers):
+            module = adapter.attention(i)
+            private |= {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+            for which in {"q", "o"} - set(own):  # real submodules only (not views of fused qkv)
+                projection = adapter.module_projection(module, which)
+                if any(projection is m for m in module.modules()):
+                    private -= {id(t) for t in projection.parameters()}
+        memo = {id(t): t for t in shared if id(t) not in private}
     return convert(copy.deepcopy(model, memo), grouping, merge, stats)
 
 

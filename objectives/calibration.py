@@ -154,7 +154,8 @@ class _Collector:
         self.sum_x = [torch.zeros(d, **f64) for _ in range(a.num_layers)]
         self.sum_xx = [torch.zeros(d, d, **f64) for _ in range(a.num_layers)]
         self.sum_qq = [torch.zeros(h, hd, hd, **f64) for _ in range(a.num_layers)]
-        self.sum_gg = [torch.zeros(d, d, **f64) for _ in range(a.num_layers)]
+        # allocated by the backward pass, after the forward pass's sums became float32 grams
+        self.sum_gg: list[torch.Tensor | None] = [None] * a.num_layers
         self.samples: list[list[torch.Tensor]] = [[] for _ in range(a.num_layers)]
         self.sample_seqs = config.sample_seqs
         self.tokens = 0
@@ -187,6 +188,8 @@ class _Collector:
                 .to(torch.float64)
                 .cpu()
             )
+            if self.sum_gg[layer] is None:
+                self.sum_gg[layer] = torch.zeros(g.shape[1], g.shape[1], dtype=torch.float64)
             self.sum_gg[layer] += g.T @ g
 
         return hook
@@ -224,6 +227,13 @@ def collect(
                 model(input_ids=batch.to(device))
                 collector.tokens += batch.numel()
         collector.collect_inputs = False
+        # The forward sums are final: turn them into float32 grams now, freeing each layer's
+        # float64 sum, so the backward pass's sums never sit next to them (at 7B shape each
+        # is 128 MB a layer: 8 GB for both kinds over 32 layers, now at most 6 GB).
+        grams = []
+        for layer in range(adapter.num_layers):
+            grams.append((collector.sum_xx[layer] / collector.tokens).float())
+            collector.sum_xx[layer] = None
         grad_batches = (
             windows[: config.grad_seqs].split(config.batch_size) if config.grad_seqs else ()
         )
@@ -250,10 +260,8 @@ def collect(
     n = collector.tokens
     layers = []
     for layer in range(adapter.num_layers):
-        # Free each layer's float64 sums as soon as its float32 statistics exist: at 7B shape
-        # the sums are 256 MB a layer, and keeping them all next to the results costs 4 GB more.
-        sum_xx, sum_gg = collector.sum_xx[layer], collector.sum_gg[layer]
-        collector.sum_xx[layer] = collector.sum_gg[layer] = None
+        # Free each layer's float64 sum as soon as its float32 statistics exist.
+        sum_gg, collector.sum_gg[layer] = collector.sum_gg[layer], None
         grad = None
         if collector.grad_tokens:
             grad = (sum_gg / collector.grad_tokens).float()
@@ -261,7 +269,7 @@ def collect(
         layers.append(
             LayerStats(
                 mean=(collector.sum_x[layer] / n).float(),
-                gram=(sum_xx / n).float(),
+                gram=grams[layer],
                 query=(collector.sum_qq[layer] / n).float(),
                 grad=grad,
                 inputs=torch.cat(collector.samples[layer])

@@ -9,7 +9,8 @@
                        key = value            fixed
                        key = [a, b, c]        categorical
                        key = {low, high, log} int range if low and high are ints, else float range
-                   rank_proxy (optional second proxy that ranks and re-ranks), rerank_top
+                   rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
+                   table_budget_gb (optional bound on the group tables kept in memory)
     [promote]      top_k, recovery ("none", a registered method, or a list run in order: the
                    rungs), [promote.recovery_config.METHOD] (that method's config fields),
                    valid_windows, pruner ("successive_halving" | "median" | "none"),
@@ -93,6 +94,9 @@ class SearchConfig:
     # promotion order, re-ranks strategies' per-layer candidates, and drives allocation.
     rank_proxy: str | None = None
     rerank_top: int = 4  # per-layer candidates (by the guide proxy) the rank proxy re-ranks
+    # GB of group tables the guide proxy keeps at once (None: all layers'); past it tables are
+    # rebuilt when needed, same values (see objectives.proxies.base.GroupTableProxy)
+    table_budget_gb: float | None = None
 
 
 PRUNERS = ("successive_halving", "median", "none")
@@ -221,6 +225,7 @@ def _names(value: Any, key: str) -> tuple[str, ...]:
 def _search(table: dict) -> SearchConfig:
     from gqa.merge import MERGES
     from objectives.proxies import PROXIES
+    from objectives.proxies.base import GroupTableProxy
     from search.strategies import STRATEGIES
 
     _only(
@@ -236,6 +241,7 @@ def _search(table: dict) -> SearchConfig:
             "strategies",
             "rank_proxy",
             "rerank_top",
+            "table_budget_gb",
         },
     )
     budgets = _get(table, "search.budgets", list)
@@ -263,6 +269,11 @@ def _search(table: dict) -> SearchConfig:
     rerank_top = _get(table, "search.rerank_top", int, 4)
     if rerank_top < 1:
         raise ConfigError("search.rerank_top: must be at least 1")
+    table_budget_gb = _get(table, "search.table_budget_gb", (int, float), None)
+    if table_budget_gb is not None and not table_budget_gb > 0:
+        raise ConfigError("search.table_budget_gb: must be positive")
+    if table_budget_gb is not None and not issubclass(PROXIES[proxy], GroupTableProxy):
+        raise ConfigError(f"search.table_budget_gb: proxy {proxy!r} keeps no group tables")
     trials = _get(table, "search.trials", int, 60)
     if trials < 1:
         raise ConfigError("search.trials: must be at least 1")
@@ -314,6 +325,7 @@ def _search(table: dict) -> SearchConfig:
         strategies=strategies,
         rank_proxy=rank_proxy,
         rerank_top=rerank_top,
+        table_budget_gb=table_budget_gb,
     )
 
 

@@ -145,8 +145,14 @@ class Study:
     @property
     def proxy(self):
         if self._proxy is None:
+            search = self.config.search
+            budget = search.table_budget_gb
             self._proxy = make_proxy(
-                self.config.search.proxy, self.source, self.stats, self.config.search.merge
+                search.proxy,
+                self.source,
+                self.stats,
+                search.merge,
+                table_budget=None if budget is None else int(budget * 2**30),
             )
         return self._proxy
 
@@ -453,9 +459,7 @@ class Study:
         model ("merge") and after each method; it may raise optuna.TrialPruned to stop."""
         merge = self.config.search.merge
         chain = self.recovery_chain(recovery_seed)
-        # The candidate shares the source's non-attention weights unless a method trains them.
-        share = not any(getattr(config, "trainable", None) == "all" for _, config in chain)
-        model = gqa.converted_copy(self.source, grouping, merge, self.stats, share_rest=share)
+        model = gqa.converted_copy(self.source, grouping, merge, self.stats, own=trained(chain))
         if on_rung:
             on_rung(model, "merge")
         for method, config in chain:
@@ -632,3 +636,15 @@ def _config_summary(config: StudyConfig) -> str:
     data = asdict(config)
     data["path"] = str(config.path) if config.path else None
     return json.dumps(data, default=str)
+
+
+def trained(chain: list[tuple[str, object]]) -> tuple[str, ...] | str:
+    """The q/o projections a recovery chain trains ("all": it trains beyond attention), which a
+    candidate must own rather than share with the source (see gqa.converted_copy)."""
+    names: set[str] = set()
+    for _, config in chain:
+        train = getattr(config, "train", None) or getattr(config, "trainable", None) or ()
+        if train == "all":
+            return "all"
+        names |= set(train)
+    return tuple(sorted(names & {"q", "o"}))

@@ -10,14 +10,12 @@ logit_kl    KL(source || converted) of next-token distributions on the sampled c
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gqa.grouping import Grouping, LayerGrouping
-from gqa.surgery import convert, converted_attention, current_grouping
+from gqa.surgery import converted_attention, converted_copy, current_grouping
 from objectives.calibration import CalibrationStats
 from objectives.proxies.base import Proxy, register_proxy
 
@@ -68,7 +66,7 @@ class LogitKL(Proxy):
 
     @torch.no_grad()
     def kl(self, grouping: Grouping) -> float:
-        converted = convert(copy.deepcopy(self.model), grouping, merge=self.merge, stats=self.stats)
+        converted = converted_copy(self.model, grouping, self.merge, self.stats, own=())
         logp = self._log_probs(converted)
         p = self._source_logp.exp()
         return float((p * (self._source_logp - logp)).sum(-1).mean())

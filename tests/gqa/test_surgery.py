@@ -173,26 +173,40 @@ def test_unsupported_model_type_names_it_and_the_docs():
         get_adapter(model)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_converted_copy_shares_all_but_attention_and_leaves_the_source(model_type):
-    source = tiny_model(model_type)
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("own", [(), ("q",), ("q", "o")])
+def test_converted_copy_shares_what_it_does_not_own_and_leaves_the_source(model_type, own):
+    source = tiny_model(model_type, attn="eager" if model_type == "gpt2" else "sdpa")
     before = logits(source, batch())
     grouping = Grouping.create(6, [[[0, 4, 5], [1], [2, 3]], [[5], [0, 1, 2, 3, 4]]])
-    shared = gqa.converted_copy(source, grouping)
+    shared = gqa.converted_copy(source, grouping, own=own)
     reference = gqa.convert(copy.deepcopy(source), grouping)
     torch.testing.assert_close(logits(shared, batch()), logits(reference, batch()))
     source_ptrs = {p.data_ptr() for p in source.parameters()}
+
+    def is_shared(module):
+        return all(p.data_ptr() in source_ptrs for p in module.parameters())
+
     adapter = get_adapter(shared)
-    attention = {
-        id(p) for i in range(adapter.num_layers) for p in adapter.attention(i).parameters()
-    }
-    for p in shared.parameters():  # attention copied, everything else the source's own tensor
-        assert (p.data_ptr() in source_ptrs) == (id(p) not in attention)
-    with torch.no_grad():  # changing the copy's attention leaves the source as it was
+    attention = set()
+    for i in range(adapter.num_layers):
+        module = adapter.attention(i)
+        attention |= {id(p) for p in module.parameters()}
+        for which in "qkvo":  # k, v new; q, o shared unless owned (a fused qkv is always split)
+            fused = model_type == "gpt2" and which != "o"
+            expected = which in "qo" and which not in own and not fused
+            assert is_shared(adapter.projection(i, which)) == expected, (i, which)
+    for p in shared.parameters():  # everything outside attention is the source's own tensor
+        if id(p) not in attention:
+            assert p.data_ptr() in source_ptrs
+    with torch.no_grad():  # changing what the copy owns leaves the source as it was
         for i in range(adapter.num_layers):
-            for p in adapter.attention(i).parameters():
-                p.mul_(2.0)
+            for which in ("k", "v", *own):
+                for p in adapter.projection(i, which).parameters():
+                    p.mul_(2.0)
     torch.testing.assert_close(logits(source, batch()), before, rtol=0, atol=0)
     assert gqa.current_grouping(source).layers[0].k != grouping.layers[0].k
-    separate = gqa.converted_copy(source, grouping, share_rest=False)
+    separate = gqa.converted_copy(source, grouping, own="all")
     assert not {p.data_ptr() for p in separate.parameters()} & source_ptrs
+    with pytest.raises(ValueError, match="own names q/o"):
+        gqa.converted_copy(source, grouping, own=("k",))

@@ -147,3 +147,33 @@ def test_strategy_proposals_are_unchanged(mha8, key):
     )
     grouping = make_strategy(strategy, **dict(params)).propose(ctx, Budget((3, 5), (4, 2)))
     assert [(layer.k, layer.v) for layer in grouping.layers] == PINNED_PROPOSALS[key]
+
+
+@pytest.mark.parametrize("name", ["fisher", "act_cos"])
+def test_bounded_tables_give_the_same_values_and_never_score_a_group_twice(gqa6, name):
+    model, stats = gqa6
+    free = make_proxy(name, model, stats, merge="query_aware" if name == "fisher" else "mean")
+    bounded = make_proxy(
+        name,
+        model,
+        stats,
+        merge=free.merge,
+        table_budget=1,  # one table resident at a time
+    )
+    for grouping in GROUPINGS:
+        assert bounded.layer_scores(grouping) == free.layer_scores(grouping)
+        assert len(bounded._tables) == 1
+    assert bounded.builds > free.builds == 4  # 2 layers x K/V, each built once when unbounded
+    builds = bounded.builds
+    bounded._layers.clear()  # whole-layer memo off: known groups must come from the group memos
+    for grouping in GROUPINGS:
+        assert bounded.layer_scores(grouping) == free.layer_scores(grouping)
+    assert bounded.builds == builds  # every group was known: nothing rebuilt
+
+
+def test_table_budget_needs_a_table_proxy(gqa6):
+    model, stats = gqa6
+    with pytest.raises(ValueError, match="keeps no group tables"):
+        make_proxy("local_attn", model, stats, table_budget=10**9)
+    with pytest.raises(ValueError, match="table budget must be positive"):
+        make_proxy("fisher", model, stats, table_budget=0)

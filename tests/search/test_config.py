@@ -42,6 +42,8 @@ def test_valid_config_parses_ranges():
         ("search.proxy", "magic", "search.proxy: unknown proxy 'magic'"),
         ("search.merge", "median", "search.merge: unknown merge 'median'"),
         ("search.trials", 0, "search.trials: must be at least 1"),
+        ("search.table_budget_gb", 0, "search.table_budget_gb: must be positive"),
+        ("search.table_budget_gb", "2GB", "search.table_budget_gb: expected int or float"),
         ("search.trials", "ten", "search.trials: expected int"),
         ("search.objective", "max", "search.objective: expected 'constrained' or 'pareto'"),
         ("search.strategies", {"annealing": {}}, "search.strategies.annealing: unknown strategy"),
@@ -98,3 +100,11 @@ def test_shipped_configs_are_valid():
     assert {p.stem for p in configs} >= {"default", "llama2_7b_mha", "llama3_8b_gqa"}
     for path in configs:
         StudyConfig.load(path)
+
+
+def test_table_budget_needs_a_table_proxy():
+    data = with_("search.table_budget_gb", 2)
+    assert StudyConfig.from_dict(data).search.table_budget_gb == 2
+    data["search"]["proxy"] = "local_attn"
+    with pytest.raises(ConfigError, match="proxy 'local_attn' keeps no group tables"):
+        StudyConfig.from_dict(data)

@@ -159,3 +159,15 @@ def test_deterministic_configurations_run_once_and_do_not_count(tiny, tmp_path):
     from search.results import summary_table
 
     assert "4 trials, 4 distinct groupings (100%)" in summary_table("tiny", storage)
+
+
+def test_candidates_own_the_projections_their_recovery_trains():
+    from objectives.recovery.finetune import FinetuneConfig
+    from objectives.recovery.layerwise import LayerwiseConfig
+    from search.study import trained
+
+    layerwise = ("layerwise", LayerwiseConfig())
+    assert trained([layerwise]) == ()
+    assert trained([("layerwise", LayerwiseConfig(train=("q", "k", "v")))]) == ("q",)
+    assert trained([layerwise, ("finetune", FinetuneConfig(trainable=("o", "v")))]) == ("o",)
+    assert trained([layerwise, ("finetune", FinetuneConfig(trainable="all"))]) == "all"
