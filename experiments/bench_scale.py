@@ -200,8 +200,10 @@ def main() -> None:
     )
     calib["tokens"] = stats.tokens
     calib["stats_mb_per_layer"] = stat_bytes / layers / 2**20
-    # float64 running sums of x x^T and g g^T (d x d each) are held for every layer at once
-    calib["accumulator_mb_per_layer"] = 2 * SHAPE["hidden_size"] ** 2 * 8 / 2**20
+    # held for every layer at once: the forward pass's float64 x x^T sums, then the float32
+    # grams next to the backward pass's float64 g g^T sums (the larger of the two)
+    d = SHAPE["hidden_size"]
+    calib["sums_mb_per_layer"] = (d * d * 8 + d * d * 4) / 2**20
     result["calibration"] = calib
 
     # -- group tables --------------------------------------------------------------------------
@@ -290,7 +292,7 @@ def main() -> None:
         "assumes": "strategies drawn uniformly, budgets 16/8/4 equally; scoring a proposal reuses "
         "the groups its strategy scored",
         "calibration_seconds": calib_full,
-        "calibration_accumulators_gb": calib["accumulator_mb_per_layer"] * FULL_LAYERS / 1024,
+        "calibration_sums_gb": calib["sums_mb_per_layer"] * FULL_LAYERS / 1024,
         "tables_seconds": tables_full,
         "tables_gb": result["tables"]["table_mb_per_layer"] * FULL_LAYERS / 1024,
         "stage1_100_trials_seconds": calib_full + tables_full + propose_full,

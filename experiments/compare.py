@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from gqa.grouping import Grouping, write_text_atomic
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
@@ -98,9 +99,18 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     if not chosen:
         raise ValueError(f"study {config.name!r}: no budget has a searched candidate")
 
-    def build(row: dict, seed: int):
+    # First-seed models kept for the accuracy pass (a candidate shares all but its K/V with the
+    # source, so keeping them is cheap and saves recovering them twice).
+    kept: dict[tuple[float, str], torch.nn.Module] = {}
+
+    def build(row: dict, seed: int, key: tuple[float, str] | None = None):
+        if key in kept:
+            return kept.pop(key)
         grouping = Grouping.from_json(row["grouping"])
-        return study.build_candidate(grouping, recovery_seed=seed, progress=False)
+        model = study.build_candidate(grouping, recovery_seed=seed, progress=False)
+        if key is not None and seed == options.seeds[0] and tasks:
+            kept[key] = model
+        return model
 
     for budget, rows in chosen.items():  # pass 1: perplexity, every seed
         entry: dict = {"candidates": {}, "differences": {}}
@@ -111,7 +121,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
 
                 def measure(row=row, seed=seed, label=label, budget=budget) -> dict:
                     t0 = time.time()
-                    nll = window_nlls(build(row, seed), windows, progress=False)
+                    nll = window_nlls(build(row, seed, (budget, label)), windows, progress=False)
                     ppl = float(np.exp(nll.mean()))
                     print(f"{budget:g} KV heads, {label}, seed {seed}: test ppl {ppl:.2f}")
                     return {"nll": nll.tolist(), "ppl": ppl, "seconds": round(time.time() - t0, 1)}
@@ -145,9 +155,9 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     for budget, rows in chosen.items() if tasks else ():  # pass 2: accuracy, first seed
         for label, row in rows.items():
 
-            def accuracy(row=row) -> dict:
+            def accuracy(row=row, key=(budget, label)) -> dict:
                 results = evaluate(
-                    build(row, options.seeds[0]),
+                    build(row, options.seeds[0], key),
                     study.loaded.tokenizer,
                     tasks,
                     limit=options.limit,
