@@ -166,7 +166,11 @@ def main() -> None:
     rss = PeakRSS()
     result: dict = {
         "command": "python -m experiments.bench_scale "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "out" and v is not None
+        ),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch threads {torch.get_num_threads()}, device {device_name(args.device)}, "
         f"load average {os.getloadavg()[0]:.1f} at the start",
