@@ -78,3 +78,32 @@ def test_heads_reading_one_source_head_merge_for_free(setup):
     table = MergeErrorTable(w, source, c, random_psd(heads, dim, gen))
     assert table((0, 1)) == pytest.approx(0.0, abs=1e-9)
     assert table((0, 2)) > 0
+
+
+@pytest.mark.parametrize("weighting", ["proportional", "general"])
+def test_groups_near_a_partition_score_as_summed_directly(weighting):
+    """Greedy's incremental path (a group one move or swap from the current partition, built
+    from row sums) gives the direct block sums' errors, for both table layouts."""
+    gen = torch.Generator().manual_seed(1)
+    heads, dim, hidden = 10, 4, 12
+    w = torch.randn(heads, dim, hidden, generator=gen, dtype=torch.float64)
+    x = torch.randn(300, hidden, generator=gen, dtype=torch.float64)
+    c, source = x.T @ x / 300, torch.arange(heads)
+    n = random_psd(heads, dim, gen)
+    m = 2.5 * n if weighting == "proportional" else random_psd(heads, dim, gen)
+    partition = [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)]
+    groups = set()
+    for p, q in itertools.permutations(partition, 2):
+        for a in p:
+            groups.add(tuple(sorted(set(p) - {a})))  # move out
+            groups.add(tuple(sorted(set(q) | {a})))  # move in
+            for b in q:
+                groups.add(tuple(sorted(set(p) - {a} | {b})))  # swap
+    groups = sorted(groups) + [(0, 5, 6, 7), (1, 2, 8, 9)]  # two steps away: summed directly
+    direct = MergeErrorTable(w, source, c, m, n)
+    near = MergeErrorTable(w, source, c, m, n)
+    assert (near.s is None) == (weighting == "proportional")
+    expected = direct.errors(groups)
+    got = near.errors(groups, near=partition)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert got == near.errors(groups)  # memoised
