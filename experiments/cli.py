@@ -241,9 +241,10 @@ def run_study(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(True)  # calibration and recovery need gradients
     study = Study(config)
     start = time.time()
-    stage1 = study.stage1() if args.stage in ("all", "1") else study.load_stage1()
-    if args.stage in ("all", "2"):
-        study.stage2(stage1)
+    with study.timed():
+        stage1 = study.stage1() if args.stage in ("all", "1") else study.load_stage1()
+        if args.stage in ("all", "2"):
+            study.stage2(stage1)
     print(summary_table(config.name, study.storage))
     print(f"study {config.name}: done in {time.time() - start:.0f} s (storage {config.storage})")
 

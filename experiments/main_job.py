@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -118,14 +117,11 @@ def write_readme(
 def run_main_job(config_path: Path, out: Path | None = None, progress: bool = True) -> Path:
     config = StudyConfig.load(config_path)
     out = out or Path("results") / config.name
-    start = time.time()
     study = Study(config, progress=progress)
     study.run()
-    # The study's wall time is kept in its storage, summed over the runs that did its work, so a
-    # resumed (or finished) study still reports what the work cost.
-    stage1 = study.load_stage1()
-    seconds = stage1.user_attrs.get("wall_seconds", 0.0) + time.time() - start
-    stage1.set_user_attr("wall_seconds", seconds)
+    # The study's wall time is kept in its storage, summed over the runs that did its work
+    # (`headgroup study` runs and workers included), so a resumed study reports what it cost.
+    seconds = study.wall_seconds()
     out.mkdir(parents=True, exist_ok=True)
     pareto_report(config.name, config.storage, out)
     ablation_report([config.name], config.storage, out)

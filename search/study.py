@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import optuna
@@ -545,10 +546,31 @@ class Study:
 
     # -- everything ----------------------------------------------------------------------------
 
+    @contextmanager
+    def timed(self):
+        """Add the wall time of the work inside to the study's `wall_seconds` user attribute (in
+        the storage), also when it is interrupted: summed over every run and worker, it is what
+        the study cost, however often it was resumed."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            try:
+                stage1 = self.load_stage1()
+            except ValueError:  # failed before stage 1 existed: nothing to record it on
+                stage1 = None
+            if stage1 is not None:
+                total = stage1.user_attrs.get("wall_seconds", 0.0) + time.perf_counter() - start
+                stage1.set_user_attr("wall_seconds", round(total, 1))
+
+    def wall_seconds(self) -> float:
+        return float(self.load_stage1().user_attrs.get("wall_seconds", 0.0))
+
     def run(self) -> StudyResult:
         start = time.perf_counter()
-        stage1 = self.stage1()
-        stage2 = self.stage2(stage1)
+        with self.timed():
+            stage1 = self.stage1()
+            stage2 = self.stage2(stage1)
         return StudyResult(
             stage1_complete=len(stage1.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
             stage2_complete=len(stage2.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),

@@ -88,7 +88,13 @@ def test_study_runs_both_stages_and_resumes_without_new_work(tiny, tmp_path):
     }
     for t in stage1:  # Optuna minimises the proxy relative to neighbour at the same budget
         assert t.value == pytest.approx(t.user_attrs["proxy"] / reference[t.params["budget"]])
-    Study(config, progress=False).run()  # resuming a finished study does nothing
+    study = Study(config, progress=False)
+    first = study.wall_seconds()
+    assert first > 0  # the work's wall time is in the storage
+    study.run()  # resuming a finished study does nothing
+    with pytest.raises(RuntimeError), study.timed():  # an interrupted run's time counts too
+        raise RuntimeError("stopped")
+    assert study.wall_seconds() > first
     again = _trials(storage, "tiny", states=None)
     assert len([t for t in again if t.state == TrialState.COMPLETE]) == 12
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
