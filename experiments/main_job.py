@@ -23,6 +23,8 @@ from search.study import Study
 
 
 def write_groupings(stage2: pd.DataFrame, folder: Path) -> list[Path]:
+    """One file per evaluated grouping; files of groupings no longer in the storage (an older
+    study in the same folder) are removed, so the folder is what the storage holds."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for _, row in stage2.iterrows():
@@ -30,6 +32,8 @@ def write_groupings(stage2: pd.DataFrame, folder: Path) -> list[Path]:
         path = folder / f"{budget}_{row['strategy'] or 'source'}_{row['key']}.json"
         Grouping.from_json(row["grouping"]).save(path)
         paths.append(path)
+    for stale in set(folder.glob("*.json")) - set(paths):
+        stale.unlink()
     return paths
 
 

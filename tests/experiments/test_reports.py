@@ -53,6 +53,16 @@ def test_main_job_writes_every_file(finished):
     )
 
 
+def test_groupings_folder_holds_only_the_storages_groupings(finished, tmp_path):
+    from experiments.main_job import write_groupings
+
+    _, storage, _ = finished
+    stale = tmp_path / "2kv_old_0123456789abcdef.json"
+    stale.write_text("{}")
+    paths = write_groupings(stage2_frame("tiny", storage), tmp_path)
+    assert sorted(tmp_path.glob("*.json")) == sorted(paths) and not stale.exists()
+
+
 def test_trials_csv_matches_storage(finished):
     out, storage, _ = finished
     trials = pd.read_csv(out / "trials.csv")
