@@ -101,15 +101,15 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
 
     # First-seed models kept for the accuracy pass (a candidate shares all but its K/V with the
     # source, so keeping them is cheap and saves recovering them twice).
-    kept: dict[tuple[float, str], torch.nn.Module] = {}
+    kept: dict[tuple[float, str, int], torch.nn.Module] = {}
 
-    def build(row: dict, seed: int, key: tuple[float, str] | None = None):
-        if key in kept:
-            return kept.pop(key)
+    def build(row: dict, seed: int, key: tuple[float, str]):
+        if (*key, seed) in kept:
+            return kept.pop((*key, seed))
         grouping = Grouping.from_json(row["grouping"])
         model = study.build_candidate(grouping, recovery_seed=seed, progress=False)
-        if key is not None and seed == options.seeds[0] and tasks:
-            kept[key] = model
+        if seed == options.seeds[0] and tasks:
+            kept[(*key, seed)] = model
         return model
 
     for budget, rows in chosen.items():  # pass 1: perplexity, every seed

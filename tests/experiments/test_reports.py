@@ -167,14 +167,17 @@ def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsy
     builds = []
     build = Study.build_candidate
     monkeypatch.setattr(
-        Study, "build_candidate", lambda self, g, **k: builds.append(g) or build(self, g, **k)
+        Study,
+        "build_candidate",
+        lambda self, g, **k: builds.append((g, k["recovery_seed"])) or build(self, g, **k),
     )
     assert main(argv) == 0
     answer = json.loads((out / "answer.json").read_text())
     compared = [e for e in answer["budgets"].values() if "candidates" in e]
     assert compared
-    # one build per candidate and seed: the accuracy pass reuses the first seed's model
-    assert len(builds) == 2 * sum(len(e["candidates"]) for e in compared)
+    # one build per candidate and seed (each seed its own recovery, not one model measured
+    # twice); the accuracy pass reuses the first seed's model
+    assert len(builds) == len(set(builds)) == 2 * sum(len(e["candidates"]) for e in compared)
     for entry in compared:
         searched = entry["candidates"]["searched"]
         assert len(searched["test_ppl"]) == 2 and searched["questions"]["piqa"] == 3
