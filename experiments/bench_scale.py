@@ -128,7 +128,7 @@ def memory_projection(result: dict) -> dict:
         "as measured here; activations, optimiser state of one layer and Python not counted",
         "weights": weights,
         # forward pass: x x^T sums of every layer; backward pass: float32 grams + g g^T sums
-        "calibration_peak": weights + FULL_LAYERS * max(accumulator, gram + accumulator),
+        "calibration_peak": weights + FULL_LAYERS * (gram + accumulator),
         "statistics": per_layer,
         "stage1_all_tables": weights + per_layer + tables,
         "stage1_table_budget_4gb": weights + per_layer + 4,

@@ -143,7 +143,7 @@ def converted_copy(
         check = set(own) - {"q", "o"}
         if check:
             raise ValueError(f"own names q/o projections (k and v are always new), got {check}")
-        shared = [t for t in itertools.chain(model.parameters(), model.buffers())]
+        shared = list(itertools.chain(model.parameters(), model.buffers()))
         private = set()
         for i in range(adapter.num_layers):
             module = adapter.attention(i)
