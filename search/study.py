@@ -561,7 +561,7 @@ class Study:
                 stage1 = None
             if stage1 is not None:
                 total = stage1.user_attrs.get("wall_seconds", 0.0) + time.perf_counter() - start
-                stage1.set_user_attr("wall_seconds", round(total, 1))
+                stage1.set_user_attr("wall_seconds", total)  # unrounded: short runs still add up
 
     def wall_seconds(self) -> float:
         return float(self.load_stage1().user_attrs.get("wall_seconds", 0.0))
