@@ -38,7 +38,9 @@ building costs one pass of O(n_src D d^2) and memory stays at most H (H + 1) D^2
 kind (two triangles of blocks).
 
 Scoring: `errors(groups)` scores many groups at once, bucketed by size: the block sums are
-gathers, and the D x D algebra is one batched inverse per bucket,
+embedding bags that read the stored blocks in place (`_pair_sums`; a gathered copy took 4x as
+long, the sums being bound by memory traffic), and the D x D algebra is one batched inverse per
+bucket,
   tr(N_g^-1 A_g) = <N_g^-1, A_g^T>,   tr(N_g^-1 M_g N_g^-1 V_g) = <N_g^-1 M_g N_g^-1, V_g^T>,
 so a group costs ~ 5 D^3 flops and no Python loop per group. Group errors are memoised: a layer
 has at most 2^H - 1 distinct groups. Everything runs on the device of `weights`.
@@ -202,7 +204,7 @@ class MergeErrorTable:
         heads = torch.arange(self.num_heads, device=self.device)
         without, adding = [], []
         for t in tables:
-            r = torch.stack([t[self.pair[:, index]].sum(1) for index in members])  # (P, H, D, D)
+            r = torch.stack([_pair_sums(t, self.pair[:, index]) for index in members])  # (P,H,D,D)
             own_blocks = t[self.pair[heads, heads]]  # Q_xx
             base = torch.stack([r[i][m].sum(0) for i, m in enumerate(members)])  # V_p
             r.mul_(2.0)
@@ -249,9 +251,9 @@ class MergeErrorTable:
             cross = self.t[index[:, :, None], index[:, None, :]].sum((1, 2))
             spread = self.u[index[:, :, None, None], index[:, None, :, None], index[:, None, None]]
             return (own - 2.0 * cross / n + spread.sum((1, 2, 3)) / n**2).clamp_min(0.0)
-        blocks = n * (n + 1) // 2  # gathered per group, from Q and from S
-        per_group = (2 * blocks if self.s is not None else blocks) * self.dim**2 * 8
-        chunk = max(1, GATHER_BYTES // per_group)
+        # The block sums are never gathered (`_pair_sums`): a group holds ~ 8 D x D matrices
+        # while it is scored, whatever its size.
+        chunk = max(1, GATHER_BYTES // (8 * self.dim**2 * 8))
         return torch.cat(
             [
                 self._weighted(rows, own[i : i + chunk])
@@ -261,12 +263,14 @@ class MergeErrorTable:
 
     def _weighted(self, index: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         n = index.shape[1]
-        iu = torch.triu_indices(n, n, offset=1, device=self.device)
-        diagonal, upper = self.pair[index, index], self.pair[index[:, iu[0]], index[:, iu[1]]]
-        v_g = _triangle_sum(self.q, diagonal, upper)  # V_g
+        iu = torch.triu_indices(n, n, device=self.device)  # diagonal included
+        pairs = self.pair[index[:, iu[0]], index[:, iu[1]]]  # (B, n (n + 1) / 2)
+        factor = torch.where(iu[0] == iu[1], 1.0, 2.0).to(torch.float64)
+        factor = factor.expand(pairs.shape).contiguous()
+        v_g = _pair_sums(self.q, pairs, factor)  # V_g
         n_sum, m_g = self.n[index].sum(1), self.m[index].sum(1)
         # sym(A_g): the rest of A_g does not change tr(N_g^-1 A_g)
-        a_g = None if self.s is None else _triangle_sum(self.s, diagonal, upper)
+        a_g = None if self.s is None else _pair_sums(self.s, pairs, factor)
         return self._finish(own, v_g, a_g, n_sum, m_g)
 
     def _finish(self, own, v_g, a_g, n_sum, m_g) -> torch.Tensor:
@@ -282,10 +286,20 @@ class MergeErrorTable:
         return (own - 2.0 * cross + spread).clamp_min(0.0)
 
 
-def _triangle_sum(blocks: torch.Tensor, diagonal: torch.Tensor, upper: torch.Tensor):
-    """sum_b X_bb + sum_{b<c} (X_bc + X_bc^T) per group, from blocks stored for b <= c."""
-    part = blocks[upper].sum(1)
-    return blocks[diagonal].sum(1) + part + part.transpose(1, 2)
+def _pair_sums(blocks: torch.Tensor, pairs: torch.Tensor, factor: torch.Tensor | None = None):
+    """sum_k factor[:, k] X_{pairs[:, k]} per row, (B, D, D), from blocks (P, D, D), without
+    gathering the blocks (an embedding bag reads each one in place: 4x faster on a CPU).
+
+    For a group's sum over blocks stored for b <= c, factor 1 on the diagonal and 2 above it
+    gives sum_b X_bb + 2 sum_{b<c} X_bc, whose symmetric part is the group sum
+    sum_b X_bb + sum_{b<c} (X_bc + X_bc^T); it is returned symmetrised."""
+    flat = blocks.view(blocks.shape[0], -1)
+    total = torch.nn.functional.embedding_bag(
+        pairs, flat, mode="sum", per_sample_weights=factor
+    ).view(-1, *blocks.shape[1:])
+    if factor is None:
+        return total
+    return 0.5 * (total + total.transpose(1, 2))
 
 
 def _proportion(m: torch.Tensor, n: torch.Tensor) -> float | None:
