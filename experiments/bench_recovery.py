@@ -2,9 +2,9 @@
 
 One conversion (`neighbour_kv` at 2 KV heads per layer: merge source KV heads 0 and 1 in every
 layer) is recovered layer-wise under several settings, side by side in one run: the starting
-merge (`mean` or the closed-form `query_aware`), the Adam learning rate and steps, and whether
-the best held-out weights are kept (checked every 10 steps) or only the end is compared with the
-start. For each: seconds, the summed held-out local error before and after, and validation
+merge (`mean` or the closed-form `query_aware`), the Adam learning rate and steps, whether the
+best held-out weights are kept (checked every 10 steps) or only the end is compared with the
+start, and a least-squares solve for V (`v_solve` conjugate-gradient steps) before Adam. For each: seconds, the summed held-out local error before and after, and validation
 perplexity (these settings choose the defaults, so they read validation data). Fits are not
 cached here, so every time is a real fit. Writes results/bench/recovery.json.
 
@@ -36,6 +36,10 @@ VARIANTS = [  # (merge, layer-wise settings)
     ("query_aware", {"steps": 30, "lr": 1e-2}),
     ("query_aware", {"steps": 30, "lr": 3e-3, "check_every": 30}),  # end vs start only
     ("query_aware", {"steps": 60, "lr": 3e-3}),
+    # least squares for V first (conjugate gradients, all fitted sequences), then Adam on K, V
+    ("query_aware", {"steps": 20, "lr": 3e-3, "v_solve": 5}),
+    ("query_aware", {"steps": 30, "lr": 3e-3, "v_solve": 5}),
+    ("query_aware", {"steps": 50, "lr": 3e-3, "v_solve": 5}),
 ]
 
 

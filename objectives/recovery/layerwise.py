@@ -65,6 +65,10 @@ class LayerwiseConfig:
     check_every: int = 10  # steps between held-out checks (the best weights seen are kept)
     exact_tol: float = 1e-10  # a layer at most this far from the source is not trained
     cache: bool = True  # store and reuse per-layer fits in $HEADGROUP_CACHE/layer_fits
+    # Conjugate-gradient iterations on V alone before the Adam steps (0: none). With the queries
+    # and keys fixed the output is linear in V's parameters, so this is least squares for V,
+    # solved on all fitted sequences at once; needs "v" in `train`.
+    v_solve: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple(self.train))
@@ -78,11 +82,18 @@ class LayerwiseConfig:
             raise ValueError(f"layerwise holdout must be in [0, 1), got {self.holdout}")
         if self.exact_tol < 0:
             raise ValueError(f"layerwise exact_tol must be >= 0, got {self.exact_tol}")
+        if isinstance(self.v_solve, bool) or not isinstance(self.v_solve, int) or self.v_solve < 0:
+            raise ValueError(f"layerwise v_solve must be an integer >= 0, got {self.v_solve!r}")
+        if self.v_solve and "v" not in self.train:
+            raise ValueError("layerwise v_solve needs 'v' in train (the solved V is the fit's)")
 
     def fit_key(self) -> dict[str, Any]:
-        """The fields that change a fit (`cache` does not)."""
+        """The fields that change a fit (`cache` does not; `v_solve` only when used, so fits
+        cached before it existed stay valid)."""
         data = asdict(self)
         data.pop("cache")
+        if not data["v_solve"]:
+            data.pop("v_solve")
         return data
 
 
@@ -167,6 +178,13 @@ def fit_layer(
         raise diverged(f"layerwise layer {layer} before training", initial, config.lr)
     if initial > config.exact_tol:
         best_weights = snapshot(params)
+        if config.v_solve:
+            values = list(_projection(module, adapter, "v").parameters())
+            with only_trainable(module, values):
+                history += solve_values(module, adapter, fit_x, fit_y, values, config)
+            error = relative_error(module, adapter, inputs[held], target[held], config.batch_size)
+            if error < best:
+                best, best_weights = error, snapshot(params)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
         optimizer = torch.optim.Adam(params, lr=config.lr)
         where = f"layerwise layer {layer}"
@@ -199,6 +217,69 @@ def fit_layer(
         for name, p in _projection(module, adapter, which).named_parameters()
     }
     return LayerFit(initial, best, steps, time.perf_counter() - start, weights, history)
+
+
+def solve_values(
+    module: nn.Module,
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,  # (n, T, d) fitted sequences
+    target: torch.Tensor,  # (n, T, d) source outputs, float32
+    values: list[nn.Parameter],  # V's parameters (weight, bias if any)
+    config: LayerwiseConfig,
+) -> list[float]:
+    """Least squares for V with everything else fixed, by `config.v_solve` conjugate-gradient
+    steps on f(V) = sum ||y(V) - y_src||^2 / sum ||y_src||^2, which is quadratic because y is
+    affine in V. Along a direction p: f(V + a p) = f(V) + a <g, p> + a^2 ||L p||^2 / Y with
+    L p = y(V + p) - y(V), so the exact step is a = -<g, p> Y / (2 ||L p||^2) (Polak-Ribiere
+    directions). Updates `values` in place; returns f before each step."""
+    size = config.batch_size
+    norm = float(target.pow(2).sum())
+    batches = list(zip(inputs.split(size), target.split(size), strict=True))
+
+    def outputs() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [adapter.attend(module, _module_input(module, x)).float() for x, _ in batches]
+
+    def gradient() -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
+        for v in values:
+            v.grad = None
+        loss, outs = 0.0, []
+        for x, y in batches:
+            out = adapter.attend(module, _module_input(module, x)).float()
+            part = (out - y.to(out.device)).pow(2).sum() / norm
+            part.backward()
+            loss += float(part.detach())
+            outs.append(out.detach())
+        return loss, [v.grad.detach().clone() for v in values], outs
+
+    losses: list[float] = []
+    loss, grad, base = gradient()
+    direction = [-g for g in grad]
+    for _ in range(config.v_solve):
+        losses.append(loss)
+        with torch.no_grad():
+            for v, p in zip(values, direction, strict=True):
+                v.add_(p)
+            moved = outputs()
+            for v, p in zip(values, direction, strict=True):
+                v.sub_(p)
+            curvature = sum(float((a - b).pow(2).sum()) for a, b in zip(moved, base, strict=True))
+            slope = sum(float((g * p).sum()) for g, p in zip(grad, direction, strict=True))
+            if not curvature > 0 or not slope < 0:  # solved (or no descent left): stop
+                break
+            step = -slope * norm / (2.0 * curvature)
+            for v, p in zip(values, direction, strict=True):
+                v.add_(p, alpha=step)
+        new_loss, new_grad, base = gradient()
+        if not math.isfinite(new_loss):
+            raise diverged("layerwise v_solve", new_loss, config.lr)
+        dot = sum(float((g * g).sum()) for g in grad)
+        beta = sum(float((n * (n - g)).sum()) for n, g in zip(new_grad, grad, strict=True)) / dot
+        direction = [-n + max(beta, 0.0) * p for n, p in zip(new_grad, direction, strict=True)]
+        loss, grad = new_loss, new_grad
+    for v in values:
+        v.grad = None
+    return losses
 
 
 def _projection(module: nn.Module, adapter: ModelAdapter, which: str) -> nn.Module:

@@ -274,3 +274,70 @@ def test_bad_configs(model):
         FinetuneConfig(trainable="kv")
     with pytest.raises(TypeError, match="recovery 'layerwise' takes a LayerwiseConfig"):
         recover("layerwise", copy.deepcopy(model), model, config=FinetuneConfig())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: V has a bias, solved with it
+def test_v_solve_reaches_the_least_squares_optimum(family):
+    """With queries and keys fixed the output is affine in V: conjugate gradients must reach the
+    optimum of an explicit least-squares solve over V's parameters (the map built column by
+    column), never increasing the loss on the way."""
+    from objectives.recovery.layerwise import solve_values, source_outputs
+
+    source = tiny_model(family, num_kv_heads=3)
+    converted = gqa.convert(copy.deepcopy(source), MERGED, merge="mean")
+    a, s = get_adapter(converted), get_adapter(source)
+    gen = torch.Generator().manual_seed(0)
+    inputs = torch.randn(6, 16, source.config.hidden_size, generator=gen)
+    target = source_outputs(s, 0, inputs, batch_size=3)
+    module = a.attention(0)
+    values = list(a.module_projection(module, "v").parameters())
+    norm = float(target.pow(2).sum())
+
+    with torch.no_grad():  # the explicit affine map: y(V0 + w) = y(V0) + L w
+        start = [v.detach().clone() for v in values]
+        base = a.attend(module, inputs).reshape(-1)
+        columns = []
+        for v in values:
+            flat = v.view(-1)
+            for i in range(flat.numel()):
+                flat[i] += 1.0
+                columns.append(a.attend(module, inputs).reshape(-1) - base)
+                flat[i] -= 1.0
+        lin = torch.stack(columns, 1).double()
+        w = torch.linalg.lstsq(lin, (target.reshape(-1) - base).double()[:, None]).solution
+        optimum = float((lin @ w)[:, 0].sub((target.reshape(-1) - base).double()).pow(2).sum())
+    optimum /= norm
+
+    config = LayerwiseConfig(v_solve=80, batch_size=3)
+    losses = solve_values(module, a, inputs, target, values, config)
+    with torch.no_grad():
+        final = float((a.attend(module, inputs) - target).pow(2).sum()) / norm
+    assert all(
+        later <= earlier * (1 + 1e-6) for earlier, later in zip(losses, losses[1:], strict=False)
+    )
+    assert losses[0] > 1.1 * optimum  # the merge is not the optimum: the solve has work to do
+    assert final == pytest.approx(optimum, rel=1e-3)
+    assert not all(torch.equal(v, s0) for v, s0 in zip(values, start, strict=True))
+
+
+def test_v_solve_in_layerwise_recovery_keeps_the_best_and_is_keyed_apart(model, stats):
+    """Inside a layer-wise fit the solve is checked on the held-out sequences like an Adam step
+    (a layer never ends worse than it started), and its fits are cached apart from others."""
+    from objectives.recovery.layerwise import LayerFitCache
+
+    converted = gqa.convert(copy.deepcopy(model), MERGED, merge="mean")
+    config = LayerwiseConfig(steps=5, lr=1e-2, train=("v",), v_solve=20)
+    result = recover("layerwise", converted, model, None, stats, config, progress=False)
+    assert len(result.layer_losses) == 2
+    assert all(final <= initial for initial, final in result.layer_losses)
+    assert len(result.history) > result.steps  # the solve's steps are in the history too
+    plain, solved = (LayerFitCache(stats, "mean", LayerwiseConfig(v_solve=n)) for n in (0, 20))
+    assert plain.folder != solved.folder
+    assert "v_solve" not in LayerwiseConfig().fit_key()  # fits cached before it stay valid
+
+
+def test_v_solve_needs_v_trained():
+    with pytest.raises(ValueError, match="v_solve needs 'v' in train"):
+        LayerwiseConfig(train=("k",), v_solve=3)
+    with pytest.raises(ValueError, match="v_solve must be an integer >= 0, got -1"):
+        LayerwiseConfig(v_solve=-1)
