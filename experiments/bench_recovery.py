@@ -4,9 +4,10 @@ One conversion (`neighbour_kv` at 2 KV heads per layer: merge source KV heads 0 
 layer) is recovered layer-wise under several settings, side by side in one run: the starting
 merge (`mean` or the closed-form `query_aware`), the Adam learning rate and steps, whether the
 best held-out weights are kept (checked every 10 steps) or only the end is compared with the
-start, and a least-squares solve for V (`v_solve` conjugate-gradient steps) before Adam. For each: seconds, the summed held-out local error before and after, and validation
-perplexity (these settings choose the defaults, so they read validation data). Fits are not
-cached here, so every time is a real fit. Writes results/bench/recovery.json.
+start, and a least-squares solve for V (`v_solve` conjugate-gradient steps) before Adam. For
+each: seconds, the summed held-out local error before and after, and validation perplexity
+(these settings choose the defaults, so they read validation data). Fits are not cached here,
+so every time is a real fit. Writes results/bench/recovery.json.
 
     python experiments/bench_recovery.py [--windows 12]
 """

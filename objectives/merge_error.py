@@ -251,8 +251,8 @@ class MergeErrorTable:
             cross = self.t[index[:, :, None], index[:, None, :]].sum((1, 2))
             spread = self.u[index[:, :, None, None], index[:, None, :, None], index[:, None, None]]
             return (own - 2.0 * cross / n + spread.sum((1, 2, 3)) / n**2).clamp_min(0.0)
-        # The block sums are never gathered (`_pair_sums`): a group holds ~ 8 D x D matrices
-        # while it is scored, whatever its size.
+        # No blocks are gathered (`_pair_sums` sums them in place): a group holds about 8 D x D
+        # matrices while it is scored (its sums, the inverse and products), whatever its size.
         chunk = max(1, GATHER_BYTES // (8 * self.dim**2 * 8))
         return torch.cat(
             [
@@ -268,7 +268,7 @@ class MergeErrorTable:
         factor = torch.where(iu[0] == iu[1], 1.0, 2.0).to(torch.float64)
         factor = factor.expand(pairs.shape).contiguous()
         v_g = _pair_sums(self.q, pairs, factor)  # V_g
-        n_sum, m_g = self.n[index].sum(1), self.m[index].sum(1)
+        n_sum, m_g = _pair_sums(self.n, index), _pair_sums(self.m, index)
         # sym(A_g): the rest of A_g does not change tr(N_g^-1 A_g)
         a_g = None if self.s is None else _pair_sums(self.s, pairs, factor)
         return self._finish(own, v_g, a_g, n_sum, m_g)
@@ -293,7 +293,7 @@ def _pair_sums(blocks: torch.Tensor, pairs: torch.Tensor, factor: torch.Tensor |
     For a group's sum over blocks stored for b <= c, factor 1 on the diagonal and 2 above it
     gives sum_b X_bb + 2 sum_{b<c} X_bc, whose symmetric part is the group sum
     sum_b X_bb + sum_{b<c} (X_bc + X_bc^T); it is returned symmetrised."""
-    flat = blocks.view(blocks.shape[0], -1)
+    flat = blocks.reshape(blocks.shape[0], -1)
     total = torch.nn.functional.embedding_bag(
         pairs, flat, mode="sum", per_sample_weights=factor
     ).view(-1, *blocks.shape[1:])

@@ -178,17 +178,19 @@ def fit_layer(
         raise diverged(f"layerwise layer {layer} before training", initial, config.lr)
     if initial > config.exact_tol:
         best_weights = snapshot(params)
-        if config.v_solve:
-            values = list(_projection(module, adapter, "v").parameters())
-            with only_trainable(module, values):
-                history += solve_values(module, adapter, fit_x, fit_y, values, config)
-            error = relative_error(module, adapter, inputs[held], target[held], config.batch_size)
-            if error < best:
-                best, best_weights = error, snapshot(params)
         generator = torch.Generator().manual_seed(config.seed * 100_003 + layer)
         optimizer = torch.optim.Adam(params, lr=config.lr)
         where = f"layerwise layer {layer}"
         try:
+            if config.v_solve:
+                values = list(_projection(module, adapter, "v").parameters())
+                with only_trainable(module, values):
+                    history += solve_values(module, adapter, fit_x, fit_y, values, config)
+                error = relative_error(
+                    module, adapter, inputs[held], target[held], config.batch_size
+                )
+                if error < best:
+                    best, best_weights = error, snapshot(params)
             with only_trainable(module, params):
                 for step in range(config.steps):
                     rows = torch.randperm(fit_x.shape[0], generator=generator)[: config.batch_size]
@@ -230,55 +232,72 @@ def solve_values(
     """Least squares for V with everything else fixed, by `config.v_solve` conjugate-gradient
     steps on f(V) = sum ||y(V) - y_src||^2 / sum ||y_src||^2, which is quadratic because y is
     affine in V. Along a direction p: f(V + a p) = f(V) + a <g, p> + a^2 ||L p||^2 / Y with
-    L p = y(V + p) - y(V), so the exact step is a = -<g, p> Y / (2 ||L p||^2) (Polak-Ribiere
-    directions). Updates `values` in place; returns f before each step."""
+    L p = y(V + p) - y(V) (probed at a step of V's own scale, then restored exactly), so the
+    exact step is a = -<g, p> Y / (2 ||L p||^2); Polak-Ribiere directions, restarted along
+    -g when one is no descent. Updates `values` in place; returns f before each step."""
     size = config.batch_size
     norm = float(target.pow(2).sum())
     batches = list(zip(inputs.split(size), target.split(size), strict=True))
+    scale = math.sqrt(sum(float(v.detach().float().pow(2).sum()) for v in values)) or 1.0
 
-    def outputs() -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [adapter.attend(module, _module_input(module, x)).float() for x, _ in batches]
+    def dot(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
+        return sum(float((x.float() * y.float()).sum()) for x, y in zip(xs, ys, strict=True))
 
     def gradient() -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
-        for v in values:
-            v.grad = None
         loss, outs = 0.0, []
+        grads = [torch.zeros_like(v) for v in values]
         for x, y in batches:
             out = adapter.attend(module, _module_input(module, x)).float()
             part = (out - y.to(out.device)).pow(2).sum() / norm
-            part.backward()
+            for total, g in zip(grads, torch.autograd.grad(part, values), strict=True):
+                total += g
             loss += float(part.detach())
             outs.append(out.detach())
-        return loss, [v.grad.detach().clone() for v in values], outs
+        return loss, grads, outs
+
+    def curvature(direction: list[torch.Tensor], base: list[torch.Tensor]) -> float:
+        """||L p||^2, probing y at V + s p with ||s p|| = ||V|| (so the probe is well above
+        V's rounding in any dtype), then putting V back bit for bit."""
+        length = math.sqrt(dot(direction, direction))
+        s = scale / length
+        start = [v.detach().clone() for v in values]
+        with torch.no_grad():
+            try:
+                for v, p in zip(values, direction, strict=True):
+                    v.add_(p, alpha=s)
+                moved = [
+                    adapter.attend(module, _module_input(module, x)).float() for x, _ in batches
+                ]
+            finally:
+                for v, v0 in zip(values, start, strict=True):
+                    v.copy_(v0)
+        change = sum(float((a - b).pow(2).sum()) for a, b in zip(moved, base, strict=True))
+        return change / (s * s)
 
     losses: list[float] = []
     loss, grad, base = gradient()
     direction = [-g for g in grad]
     for _ in range(config.v_solve):
         losses.append(loss)
+        slope = dot(grad, direction)
+        if not slope < 0:  # the conjugate direction climbs: restart along the gradient
+            direction = [-g for g in grad]
+            slope = dot(grad, direction)
+        if not slope < 0:  # zero gradient: solved
+            break
+        bend = curvature(direction, base)
+        if not bend > 0:
+            break
+        step = -slope * norm / (2.0 * bend)
         with torch.no_grad():
-            for v, p in zip(values, direction, strict=True):
-                v.add_(p)
-            moved = outputs()
-            for v, p in zip(values, direction, strict=True):
-                v.sub_(p)
-            curvature = sum(float((a - b).pow(2).sum()) for a, b in zip(moved, base, strict=True))
-            slope = sum(float((g * p).sum()) for g, p in zip(grad, direction, strict=True))
-            if not curvature > 0 or not slope < 0:  # solved (or no descent left): stop
-                break
-            step = -slope * norm / (2.0 * curvature)
             for v, p in zip(values, direction, strict=True):
                 v.add_(p, alpha=step)
         new_loss, new_grad, base = gradient()
         if not math.isfinite(new_loss):
             raise diverged("layerwise v_solve", new_loss, config.lr)
-        dot = sum(float((g * g).sum()) for g in grad)
-        beta = sum(float((n * (n - g)).sum()) for n, g in zip(new_grad, grad, strict=True)) / dot
+        beta = dot(new_grad, [n - g for n, g in zip(new_grad, grad, strict=True)]) / dot(grad, grad)
         direction = [-n + max(beta, 0.0) * p for n, p in zip(new_grad, direction, strict=True)]
         loss, grad = new_loss, new_grad
-    for v in values:
-        v.grad = None
     return losses
 
 

@@ -313,7 +313,7 @@ def test_v_solve_reaches_the_least_squares_optimum(family):
     with torch.no_grad():
         final = float((a.attend(module, inputs) - target).pow(2).sum()) / norm
     assert all(
-        later <= earlier * (1 + 1e-6) for earlier, later in zip(losses, losses[1:], strict=False)
+        later <= earlier * (1 + 1e-5) for earlier, later in zip(losses, losses[1:], strict=False)
     )
     assert losses[0] > 1.1 * optimum  # the merge is not the optimum: the solve has work to do
     assert final == pytest.approx(optimum, rel=1e-3)
@@ -331,6 +331,12 @@ def test_v_solve_in_layerwise_recovery_keeps_the_best_and_is_keyed_apart(model, 
     assert len(result.layer_losses) == 2
     assert all(final <= initial for initial, final in result.layer_losses)
     assert len(result.history) > result.steps  # the solve's steps are in the history too
+    # Measured on the fitted sequences themselves (holdout 0), the solve must show: Adam's one
+    # step at a negligible rate cannot account for the drop.
+    converted = gqa.convert(copy.deepcopy(model), MERGED, merge="mean")
+    config = LayerwiseConfig(steps=1, lr=1e-9, train=("v",), v_solve=20, holdout=0.0)
+    solved_fit = recover("layerwise", converted, model, None, stats, config, progress=False)
+    assert all(final < 0.99 * initial for initial, final in solved_fit.layer_losses)
     plain, solved = (LayerFitCache(stats, "mean", LayerwiseConfig(v_solve=n)) for n in (0, 20))
     assert plain.folder != solved.folder
     assert "v_solve" not in LayerwiseConfig().fit_key()  # fits cached before it stay valid
