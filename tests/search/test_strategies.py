@@ -1,7 +1,5 @@
 """Strategies: valid groupings for any budget, recovery of planted head clusters, the registry."""
 
-import time
-
 import pytest
 import torch
 
@@ -87,12 +85,9 @@ def test_every_strategy_meets_every_budget(name, ctx):
 
 @pytest.mark.parametrize("name", ["kmeans", "greedy", "evolutionary", "hierarchical"])
 def test_planted_clusters_are_recovered(planted, name):
-    start = time.perf_counter()
     grouping = _strategy(name).propose(planted, Budget.uniform(2, 3))
-    seconds = time.perf_counter() - start
     assert [(layer.k, layer.v) for layer in grouping.layers] == [(p, p) for p in PLANTED]
     assert planted.proxy.score(grouping) == pytest.approx(0.0, abs=1e-6)
-    assert seconds < 10
 
 
 def test_neighbour_misses_planted_clusters(planted):
