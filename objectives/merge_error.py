@@ -290,9 +290,10 @@ def _pair_sums(blocks: torch.Tensor, pairs: torch.Tensor, factor: torch.Tensor |
     """sum_k factor[:, k] X_{pairs[:, k]} per row, (B, D, D), from blocks (P, D, D), without
     gathering the blocks (an embedding bag reads each one in place: 4x faster on a CPU).
 
-    For a group's sum over blocks stored for b <= c, factor 1 on the diagonal and 2 above it
-    gives sum_b X_bb + 2 sum_{b<c} X_bc, whose symmetric part is the group sum
-    sum_b X_bb + sum_{b<c} (X_bc + X_bc^T); it is returned symmetrised."""
+    Without `factor`: the plain sums of the rows' blocks (per-head N or M, a row of Q or S).
+    With it, for a group's sum over blocks stored for b <= c: factor 1 on the diagonal and 2
+    above it gives sum_b X_bb + 2 sum_{b<c} X_bc, whose symmetric part is the group sum
+    sum_b X_bb + sum_{b<c} (X_bc + X_bc^T); that symmetric part is returned."""
     flat = blocks.reshape(blocks.shape[0], -1)
     total = torch.nn.functional.embedding_bag(
         pairs, flat, mode="sum", per_sample_weights=factor
