@@ -2,7 +2,8 @@
 made faster (issue 10). The numbers were computed with the pre-change implementation (the eager
 H x H x D x D group tables and one-group-at-a-time scoring, commit 6ef149c) on tiny random
 models; they are not derived independently (the brute-force checks are in test_merge_error and
-test_calibration_and_proxies)."""
+test_calibration_and_proxies). Tolerances follow from the float32 computation behind each proxy
+(tests/float_tolerance.py): another CPU sums in another order."""
 
 import pytest
 
@@ -11,6 +12,7 @@ from objectives.calibration import CalibrationConfig, calibrate
 from objectives.proxies import make_proxy
 from search.budget import Budget
 from search.strategies import SearchContext, make_strategy
+from tests.float_tolerance import proxy_rel_tolerance
 from tests.tiny import tiny_model
 
 CONFIG = CalibrationConfig(seq_len=16, num_seqs=6, grad_seqs=2, sample_seqs=6, batch_size=3)
@@ -129,13 +131,13 @@ def mha8(smol_tokenizer, tmp_path_factory):
 @pytest.mark.parametrize("name, merge", sorted(PINNED_SCORES))
 def test_proxy_values_are_unchanged(gqa6, name, merge):
     model, stats = gqa6
+    rel = proxy_rel_tolerance(name, depth=2, width=64)  # tiny_model: 2 layers, MLP width 64
     proxy = make_proxy(name, model, stats, merge=merge)
+    first = proxy.layer_scores(GROUPINGS[0])
     for grouping, expected in zip(GROUPINGS, PINNED_SCORES[name, merge], strict=True):
-        assert proxy.layer_scores(grouping) == pytest.approx(expected, rel=1e-6)
-    # Memoised and batched paths agree with the first answer.
-    assert proxy.layer_scores(GROUPINGS[0]) == pytest.approx(
-        PINNED_SCORES[name, merge][0], rel=1e-6
-    )
+        assert proxy.layer_scores(grouping) == pytest.approx(expected, rel=rel)
+    # Memoised and batched paths give the first answer again, bit for bit (same machine).
+    assert proxy.layer_scores(GROUPINGS[0]) == first
 
 
 @pytest.mark.parametrize("key", sorted(PINNED_PROPOSALS, key=repr))
