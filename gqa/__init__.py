@@ -5,6 +5,14 @@ from gqa.adapters import ModelAdapter, UnsupportedModelError, get_adapter, regis
 from gqa.checkpoint import load, save
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
 from gqa.merge import MERGES, MergeContext, register_merge
+from gqa.precision import (
+    LayerPrecision,
+    PrecisionError,
+    PrecisionPlan,
+    apply_precision,
+    model_precision,
+    quantized_cache,
+)
 from gqa.surgery import (
     convert,
     converted_copy,
@@ -15,6 +23,12 @@ from gqa.surgery import (
 )
 
 __all__ = [
+    "LayerPrecision",
+    "PrecisionError",
+    "PrecisionPlan",
+    "apply_precision",
+    "model_precision",
+    "quantized_cache",
     "MERGES",
     "Grouping",
     "GroupingError",

@@ -14,6 +14,10 @@ to (B, R, S, D) keys, so decoding never materialises H copies of the cache (like
 transformers for uniform GQA). When K and V share one partition, R = G and cell_k = cell_v =
 arange(G), so the cache is used as is.
 
+A module with a KV-cache precision carries a `hg_kv_quant` (gqa.kv_quant.LayerQuantizer): a forward
+pass without a cache past (evaluation, training, a prefill) then reads K/V as the quantized cache
+would hold them; with a past, the quantized cache has already done so.
+
 This module imports only torch and transformers: a saved asymmetric checkpoint carries a copy of
 it, so that stock transformers runs the checkpoint where headgroup is not installed (gqa.remote).
 """
@@ -132,6 +136,34 @@ def _decode_packed(
     return out.unsqueeze(1)  # (B, 1, H, D), the layout transformers' attention functions return
 
 
+def _simulated_precision(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict,
+) -> tuple[torch.Tensor, None]:
+    """Attention over K/V quantized as the module's cache precision would hold them."""
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise NotImplementedError(
+            "simulated KV quantization supports attention without dropout, soft-capping or "
+            "position bias"
+        )
+    quant = module.hg_kv_quant
+    key_q, value_q = quant.fake_quantize(key, value)
+    key, value = expand_kv(module, key, value)
+    key_q, value_q = expand_kv(module, key_q, value_q)
+    return quant.attend(query, key, value, key_q, value_q, attention_mask, scaling), None
+
+
+def _simulates(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> bool:
+    quant = getattr(module, "hg_kv_quant", None)
+    return quant is not None and not quant.exact and query.shape[2] == key.shape[2]
+
+
 def grouped_sdpa_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -143,6 +175,10 @@ def grouped_sdpa_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """SDPA over grouped K/V. Decoding packs query heads per group; longer queries expand K/V."""
+    if _simulates(module, query, key):
+        return _simulated_precision(
+            module, query, key, value, attention_mask, dropout, scaling, kwargs
+        )
     packable = (
         query.shape[2] == 1
         and dropout == 0.0
@@ -170,6 +206,10 @@ def grouped_eager_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference path: expand K/V to the query heads, then the family's own eager attention
     (Gemma 2's soft-caps, GPT-2's does not repeat K/V), LLaMA's when the family has none."""
+    if _simulates(module, query, key):
+        return _simulated_precision(
+            module, query, key, value, attention_mask, dropout, scaling, kwargs
+        )
     key, value = expand_kv(module, key, value)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     return (eager or eager_attention_forward)(

@@ -2,8 +2,9 @@
 
 A converted model saves as a normal HF folder whose config.json also holds the grouping (key
 `headgroup`); `load` restores it. A uniform grouping with shared K/V partitions is saved as
-plain HF GQA instead, which stock `AutoModelForCausalLM.from_pretrained` loads unaided; any other
-grouping carries its own modeling code (gqa.remote), which stock transformers runs with
+plain HF GQA instead, which stock `AutoModelForCausalLM.from_pretrained` loads unaided, unless the
+model has a KV-cache precision plan (config key `headgroup_kv_precision`); any other grouping
+carries its own modeling code (gqa.remote), which stock transformers runs with
 `trust_remote_code=True`.
 A copy of the grouping is written to grouping.json for people and scripts.
 """
@@ -24,6 +25,8 @@ from transformers.utils import logging as hf_logging
 
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
+from gqa.precision import CONFIG_KEY as PRECISION_KEY
+from gqa.precision import PrecisionPlan, apply_precision, model_precision
 from gqa.remote import write_remote_code
 from gqa.surgery import CONFIG_KEY, apply_layout, model_grouping, to_plain_gqa
 
@@ -34,7 +37,9 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` (and `tokenizer`) to `path` atomically; returns the path."""
     path = Path(path)
     grouping = model_grouping(model)
-    if grouping is not None and grouping.is_uniform_shared() and get_adapter(model).stock_gqa:
+    precision = model_precision(model)  # a quantized cache is never plain HF: stock would drop it
+    plain = grouping is not None and grouping.is_uniform_shared() and precision is None
+    if plain and get_adapter(model).stock_gqa:
         model = to_plain_gqa(copy.deepcopy(model))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
@@ -44,7 +49,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             tokenizer.save_pretrained(tmp)
         if grouping is not None:
             grouping.save(tmp / GROUPING_FILE)
-            if not grouping.is_uniform_shared():  # stock transformers + trust_remote_code=True
+            if not plain:  # stock transformers + trust_remote_code=True
                 write_remote_code(tmp)
         if path.exists():
             shutil.rmtree(path)
@@ -69,6 +74,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Modu
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     grouping = Grouping.from_dict(data)
     delattr(config, CONFIG_KEY)
+    precision = getattr(config, PRECISION_KEY, None)
+    if precision is not None:
+        precision = PrecisionPlan.from_dict(precision)
+        delattr(config, PRECISION_KEY)
     # The saved K/V projections do not match the config's head count; let transformers build and
     # load everything else, then put the grouped projections in place from the same files.
     verbosity = hf_logging.get_verbosity()
@@ -81,7 +90,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Modu
         hf_logging.set_verbosity(verbosity)
     apply_layout(model, grouping)
     _load_grouped_projections(model, path)
-    return model
+    return apply_precision(model, precision)
 
 
 @torch.no_grad()

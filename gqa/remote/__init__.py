@@ -1,7 +1,8 @@
 """Self-contained checkpoints: the modeling code an asymmetric checkpoint folder carries.
 
-`write_remote_code(folder)` puts `modeling_headgroup.py` and `headgroup_attention.py` (a copy of
-gqa/attention.py, which imports only torch and transformers) in a saved folder and points
+`write_remote_code(folder)` puts `modeling_headgroup.py`, `headgroup_attention.py` and
+`headgroup_kv_quant.py` (copies of gqa/attention.py and gqa/kv_quant.py, which import only torch
+and transformers) in a saved folder and points
 `auto_map` in its config.json at them, so that stock transformers loads the folder with
 `trust_remote_code=True` where headgroup is not installed.
 """
@@ -13,10 +14,11 @@ import logging
 import re
 from pathlib import Path
 
-from gqa import attention
+from gqa import attention, kv_quant
 
 MODELING_FILE = "modeling_headgroup.py"
 ATTENTION_FILE = "headgroup_attention.py"
+KV_QUANT_FILE = "headgroup_kv_quant.py"
 MODEL_CLASS = "HeadgroupForCausalLM"
 _TEMPLATE = Path(__file__).with_name(MODELING_FILE)
 # Families whose layers are model.layers[i].self_attn.{k,v}_proj with a head_dim attribute, as
@@ -42,6 +44,7 @@ def write_remote_code(folder: str | Path) -> bool:
     )
     (folder / MODELING_FILE).write_text(modeling)
     (folder / ATTENTION_FILE).write_text(Path(attention.__file__).read_text())
+    (folder / KV_QUANT_FILE).write_text(Path(kv_quant.__file__).read_text())
     config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return True

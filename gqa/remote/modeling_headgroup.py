@@ -16,16 +16,20 @@ import transformers
 from torch import nn
 
 from .headgroup_attention import grouped_implementation, install_plan, register
+from .headgroup_kv_quant import LayerQuantizer, QuantizedGenerationMixin
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # replaced by the source model's class when saved
 CONFIG_KEY = "headgroup"
+PRECISION_KEY = "headgroup_kv_precision"  # optional: per-layer K/V cache bits (gqa.precision)
 
 register()
 _Base = getattr(transformers, BASE_ARCHITECTURE)
 
 
-class HeadgroupForCausalLM(_Base):
-    """`BASE_ARCHITECTURE` with grouped K/V projections (any group sizes, K and V apart)."""
+class HeadgroupForCausalLM(QuantizedGenerationMixin, _Base):
+    """`BASE_ARCHITECTURE` with grouped K/V projections (any group sizes, K and V apart) and, when
+    the config has a precision plan, a quantized KV cache (simulated in forward passes without a
+    past, real in `generate`)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -50,6 +54,13 @@ class HeadgroupForCausalLM(_Base):
         heads = self.config.num_attention_heads
         for attn, groups in self._grouped_layers():
             install_plan(attn, SimpleNamespace(k=groups["k"], v=groups["v"]), heads)
+        precision = getattr(self.config, PRECISION_KEY, None)
+        if precision is not None:
+            group, window = precision["group_size"], precision["window"]
+            for (attn, _), (k_bits, v_bits) in zip(
+                self._grouped_layers(), precision["layers"], strict=True
+            ):
+                attn.hg_kv_quant = LayerQuantizer(k_bits, v_bits, group, window)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -60,6 +60,8 @@ torch.save({
     "k_heads": [layer.keys.shape[1] for layer in cache.layers],
     "v_heads": [layer.values.shape[1] for layer in cache.layers],
     "leaked": leaked,
+    "cache_class": type(cache).__name__,
+    "cache_bytes": cache.nbytes() if hasattr(cache, "nbytes") else None,
 }, OUT)
 """
 
