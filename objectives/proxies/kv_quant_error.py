@@ -1,0 +1,108 @@
+"""The KV-quantization proxy: what quantizing one layer's cached K (or V) to b bits costs.
+
+For layer l, kind K or V and bits b, the layer's attention runs standalone on the calibration
+inputs x (n sequences, T tokens) twice: exact, and with only that kind's cache quantized (the
+simulated cache of gqa.kv_quant: RoPE'd keys per channel over token blocks, values per token).
+With Delta the difference of the two outputs (in the residual stream, after o_proj) and F the
+Fisher matrix E[g g^T] of the loss gradient at that output (calibration statistics):
+
+    error(l, kind, b) = sum over tokens of Delta_t^T F Delta_t / number of sequences
+
+the second-order estimate of the loss increase (the `fisher` proxy's weighting). It is computed
+per (layer, kind) with the other kind exact, so the model's error is approximated by the sum over
+layers and kinds: the decomposition the byte allocation (search.precision) optimises exactly.
+The table is computed once per model, grouping and group size (a few seconds: 2 x L x |bits|
+single-layer attention passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import gqa
+from gqa.adapters import get_adapter
+from gqa.kv_quant import LayerQuantizer
+from gqa.precision import PrecisionPlan
+from objectives.calibration import CalibrationStats
+
+KINDS = ("k", "v")
+
+
+@dataclass(frozen=True)
+class QuantErrorTable:
+    """errors[l][kind][bits]: the proxy error of quantizing only `kind` of layer l to `bits`
+    (16 bits: 0). Also the cached head counts it was measured with."""
+
+    errors: tuple[dict[str, dict[int, float]], ...]
+    k_heads: tuple[int, ...]
+    v_heads: tuple[int, ...]
+    group_size: int
+    window: int
+
+    def plan_error(self, plan: PrecisionPlan) -> float:
+        """The decomposed error of a whole plan (sum over layers and kinds)."""
+        return sum(
+            self.errors[layer]["k"][p.k_bits] + self.errors[layer]["v"][p.v_bits]
+            for layer, p in enumerate(plan.layers)
+        )
+
+
+@torch.no_grad()
+def kv_quant_errors(
+    model: nn.Module,
+    stats: CalibrationStats,
+    bits: Sequence[int] = (2, 3, 4, 8),
+    group_size: int = 32,
+    window: int = 0,
+    progress: bool = False,
+) -> QuantErrorTable:
+    """The error table of `model` (stock or converted; its own grouping and weights)."""
+    if gqa.model_grouping(model) is None:  # the grouped attention simulates the cache
+        model = gqa.converted_copy(model, gqa.current_grouping(model))
+    adapter = get_adapter(model)
+    PrecisionPlan.uniform(adapter.num_layers, *(max(bits),) * 2, group_size, window).check_model(
+        adapter.num_layers, adapter.head_dim
+    )
+    grouping = gqa.model_grouping(model)
+    param = next(model.parameters())
+    errors = []
+    for layer in tqdm(
+        range(adapter.num_layers), desc="KV quantization error", disable=not progress
+    ):
+        module = adapter.attention(layer)
+        layer_stats = stats.layers[layer]
+        x = layer_stats.inputs.to(param.device, param.dtype)
+        fisher = layer_stats.grad
+        saved = getattr(module, "hg_kv_quant", None)
+        try:
+            module.hg_kv_quant = None
+            exact = adapter.attend(module, x).double()
+            row: dict[str, dict[int, float]] = {kind: {16: 0.0} for kind in KINDS}
+            for kind in KINDS:
+                for b in bits:
+                    k_bits, v_bits = (b, 16) if kind == "k" else (16, b)
+                    module.hg_kv_quant = LayerQuantizer(k_bits, v_bits, group_size, window)
+                    delta = (adapter.attend(module, x).double() - exact).flatten(0, 1)
+                    if fisher is None:
+                        value = delta.pow(2).sum()
+                    else:
+                        value = torch.einsum("nd,de,ne->", delta, fisher.to(delta), delta)
+                    row[kind][int(b)] = float(value) / x.shape[0]
+        finally:
+            if saved is None:
+                del module.hg_kv_quant
+            else:
+                module.hg_kv_quant = saved
+        errors.append(row)
+    return QuantErrorTable(
+        tuple(errors),
+        tuple(len(layer.k) for layer in grouping.layers),
+        tuple(len(layer.v) for layer in grouping.layers),
+        group_size,
+        window,
+    )
