@@ -53,13 +53,16 @@ def command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None])
 
 
 def kv_summary(loaded: LoadedModel, dtype_bytes: int = 2) -> dict:
-    """KV-cache heads and bytes per token (at 16-bit) of a model as it is now."""
+    """KV-cache heads and steady-state bytes per token of a model as it is now (16-bit unless it
+    has a precision plan)."""
     grouping = gqa.current_grouping(loaded.model)
     head_dim = get_adapter(loaded.model).head_dim
-    return {
-        "kv_heads": grouping.kv_heads(),
-        "kv_bytes_per_token": grouping.kv_bytes_per_token(head_dim, dtype_bytes),
-    }
+    plan = gqa.model_precision(loaded.model)
+    kv_bytes = grouping.kv_bytes_per_token(head_dim, dtype_bytes)
+    if plan is not None:
+        counts = [(len(layer.k), len(layer.v)) for layer in grouping.layers]
+        kv_bytes = plan.bytes_per_token(*zip(*counts, strict=True), head_dim, dtype_bytes)
+    return {"kv_heads": grouping.kv_heads(), "kv_bytes_per_token": kv_bytes}
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -67,9 +70,20 @@ def kv_summary(loaded: LoadedModel, dtype_bytes: int = 2) -> dict:
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registered name, saved folder, or HF id/path")
-    how = p.add_mutually_exclusive_group(required=True)
+    how = p.add_mutually_exclusive_group()
     how.add_argument("--grouping", type=Path, help="grouping JSON file")
     how.add_argument("--kv-heads", type=int, help="neighbour grouping with G KV heads per layer")
+    p.add_argument(
+        "--kv-bits",
+        type=_numbers(int, "integers"),
+        default=None,
+        help="KV-cache bits K[,V] in every layer (2, 3, 4, 8, 16); without a grouping the "
+        "model keeps its own heads",
+    )
+    p.add_argument("--kv-group", type=int, default=32, help="quantization group size (default 32)")
+    p.add_argument(
+        "--kv-window", type=int, default=0, help="recent tokens kept in full precision (default 0)"
+    )
     p.add_argument(
         "--merge",
         default="mean",
@@ -86,12 +100,24 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", _convert_args)
 def run_convert(args: argparse.Namespace) -> None:
+    if args.grouping is None and args.kv_heads is None and args.kv_bits is None:
+        raise UsageError("give --grouping, --kv-heads or --kv-bits")
+    if args.kv_bits is not None and len(args.kv_bits) not in (1, 2):
+        raise UsageError(f"--kv-bits takes K or K,V, got {len(args.kv_bits)} numbers")
     loaded = load_model(args.model)
     adapter = get_adapter(loaded.model)
+    plan = None
+    if args.kv_bits is not None:  # checked before any work: bits, group size, window
+        plan = gqa.PrecisionPlan.uniform(
+            adapter.num_layers, *args.kv_bits, group_size=args.kv_group, window=args.kv_window
+        )
+        plan.check_model(adapter.num_layers, adapter.head_dim)
     if args.grouping is not None:
         grouping = Grouping.load(args.grouping)
-    else:
+    elif args.kv_heads is not None:
         grouping = Grouping.neighbour(adapter.num_heads, adapter.num_layers, args.kv_heads)
+    else:
+        grouping = gqa.current_grouping(loaded.model)
     before = kv_summary(loaded)
     gqa.merge.get_merge(args.merge)  # fail on an unknown merge before any work
     stats = source = None
@@ -109,12 +135,14 @@ def run_convert(args: argparse.Namespace) -> None:
         from objectives.recovery import recover
 
         recover(method, loaded.model, source, loaded.tokenizer, stats)
+    gqa.apply_precision(loaded.model, plan)
     gqa.save(loaded.model, args.out, tokenizer=loaded.tokenizer)
     after = kv_summary(loaded)
     print(
         f"converted {args.model} -> {args.out}: KV heads {before['kv_heads']} -> {after['kv_heads']}, "
-        f"KV bytes/token (16-bit) {before['kv_bytes_per_token']} -> {after['kv_bytes_per_token']} "
+        f"KV bytes/token {before['kv_bytes_per_token']:.0f} -> {after['kv_bytes_per_token']:.0f} "
         f"({100 * after['kv_bytes_per_token'] / before['kv_bytes_per_token']:.1f}%)"
+        + (f", cache {plan.label()}" if plan is not None and not plan.exact else "")
     )
 
 
@@ -383,6 +411,18 @@ def run_compare_command(args: argparse.Namespace) -> None:
     options = CompareConfig(args.budgets, args.seeds, args.windows, args.limit)
     path = run_compare(args.config, options, args.out)
     print(path.read_text())
+
+
+@command("compare-bytes", _compare_args)
+def run_compare_bytes_command(args: argparse.Namespace) -> None:
+    """Per byte budget, the joint winner vs the best single-axis point on test data, with CIs."""
+    from experiments.compare_bytes import ByteCompareConfig, run_compare_bytes
+
+    if not args.seeds or args.windows < 2 or args.limit < 0:
+        raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 0")
+    torch.set_grad_enabled(True)  # recovery trains
+    options = ByteCompareConfig(args.seeds, args.windows, args.limit)
+    print(run_compare_bytes(args.config, options, args.out).read_text())
 
 
 # -- entry point -----------------------------------------------------------------------------------

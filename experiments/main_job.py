@@ -4,6 +4,7 @@ numbers say.
 
     results/<study>/  pareto.png  pareto.csv  ablation.{md,csv,tex}  trials.csv
                       groupings/*.json  README.md
+                      byte_front.{png,csv,md}  byte_points.csv   (when [precision] has budgets)
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from experiments.byte_front_report import byte_front_report
 from experiments.reports import ablation_report, pareto_report, rungs_report
 from gqa.grouping import Grouping
 from search.config import StudyConfig
+from search.kv_front import KVFront, front_frame
 from search.results import stage1_frame, stage2_frame, summary_table
 from search.study import Study
 
@@ -80,7 +83,13 @@ def findings(stage2: pd.DataFrame) -> list[str]:
 
 
 def write_readme(
-    config: StudyConfig, out: Path, command: str, seconds: float, table: str, stage2: pd.DataFrame
+    config: StudyConfig,
+    out: Path,
+    command: str,
+    seconds: float,
+    table: str,
+    stage2: pd.DataFrame,
+    byte_front: bool = False,
 ) -> Path:
     lines = [
         f"# Study `{config.name}`",
@@ -102,6 +111,7 @@ def write_readme(
         "",
         "![Validation perplexity against recovery effort](rungs.png)",
         "",
+        *(_byte_front_section(config, out) if byte_front else []),
         "## Summary",
         "",
         "```",
@@ -118,11 +128,35 @@ def write_readme(
     return path
 
 
+def _byte_front_section(config: StudyConfig, out: Path) -> list[str]:
+    precision = config.precision
+    return [
+        "## Quality per KV byte (byte front)",
+        "",
+        f"Byte budgets {[f'{100 * b:g}%' for b in precision.budgets]} of the source's 16-bit cache; "
+        f"cache bits {list(precision.bits)} (and 16), group sizes {list(precision.group_sizes)}, "
+        f"window {precision.window}. Each family's point per budget is chosen on "
+        f"{precision.valid_windows} x {config.promote.seq_len} validation tokens; test perplexity "
+        f"on {precision.test_windows} x {config.promote.seq_len} test tokens (search.kv_front).",
+        "",
+        (out / "byte_front.md").read_text(),
+        "![Byte front](byte_front.png)",
+        "",
+    ]
+
+
 def run_main_job(config_path: Path, out: Path | None = None, progress: bool = True) -> Path:
     config = StudyConfig.load(config_path)
     out = out or Path("results") / config.name
     study = Study(config, progress=progress)
     study.run()
+    front = None
+    if config.precision.budgets:  # the byte front: grouping and cache precision together
+        with study.timed():
+            front = KVFront(study, progress=progress)
+            chosen = front.run().drop(columns=["point"])
+        points = front_frame(config.name, config.storage)
+        byte_front_report(chosen, points, front.source_bytes, out)
     # The study's wall time is kept in its storage, summed over the runs that did its work
     # (`headgroup study` runs and workers included), so a resumed study reports what it cost.
     seconds = study.wall_seconds()
@@ -143,7 +177,7 @@ def run_main_job(config_path: Path, out: Path | None = None, progress: bool = Tr
         if sys.argv[1:]
         else "headgroup demo"
     )
-    readme = write_readme(config, out, command, seconds, table, stage2)
+    readme = write_readme(config, out, command, seconds, table, stage2, front is not None)
     (out / "timing.json").write_text(json.dumps({"study_seconds": round(seconds, 1)}) + "\n")
     print(table)
     return readme

@@ -179,7 +179,8 @@ class LayerQuantizer:
             scores = scores.masked_fill(~attention_mask, float("-inf"))
         else:
             scores = scores + attention_mask
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        dtype = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64
+        probs = torch.softmax(scores, dim=-1, dtype=dtype).to(query.dtype)
         probs = probs.nan_to_num(0.0)  # fully masked (padding) rows
         zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
         out = torch.where(seen, probs, zero) @ value_q + torch.where(seen, zero, probs) @ value

@@ -11,6 +11,8 @@
                        key = {low, high, log} int range if low and high are ints, else float range
                    rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
                    table_budget_gb (optional bound on the group tables kept in memory)
+    [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window,
+                   valid_windows, test_windows: the byte front (search.kv_front)
     [promote]      top_k, recovery ("none", a registered method, or a list run in order: the
                    rungs), [promote.recovery_config.METHOD] (that method's config fields),
                    valid_windows, pruner ("successive_halving" | "median" | "none"),
@@ -119,6 +121,18 @@ class PromoteConfig:
 
 
 @dataclass(frozen=True)
+class PrecisionConfig:
+    """The byte front (search.kv_front): KV-cache precision searched with the grouping."""
+
+    budgets: tuple[float, ...] = ()  # fractions of the source's 16-bit cache; () = no byte front
+    bits: tuple[int, ...] = (8, 4, 3, 2)  # allowed cache bits besides 16
+    group_sizes: tuple[int, ...] = (32,)  # uniform baselines try each; allocation uses the first
+    window: int = 0  # recent tokens kept in full precision
+    valid_windows: int = 4  # validation windows that choose between points
+    test_windows: int = 12  # test windows for the chosen points
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     name: str
     storage: str
@@ -128,6 +142,7 @@ class StudyConfig:
     search: SearchConfig
     promote: PromoteConfig
     path: Path | None = None
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     @classmethod
     def load(cls, path: str | Path) -> StudyConfig:
@@ -145,7 +160,7 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: dict, path: Path | None = None) -> StudyConfig:
-        _only(data, "", {"study", "model", "calibration", "search", "promote"})
+        _only(data, "", {"study", "model", "calibration", "search", "promote", "precision"})
         study = _section(data, "study", required=True)
         _only(study, "study", {"name", "storage", "seed"})
         model = _section(data, "model", required=True)
@@ -158,6 +173,7 @@ class StudyConfig:
         )
         search = _search(_section(data, "search", required=True))
         promote = _promote(_section(data, "promote"))
+        precision = _precision(_section(data, "precision"))
         return cls(
             name=name,
             storage=storage,
@@ -167,6 +183,7 @@ class StudyConfig:
             search=search,
             promote=promote,
             path=path,
+            precision=precision,
         )
 
 
@@ -326,6 +343,42 @@ def _search(table: dict) -> SearchConfig:
         rank_proxy=rank_proxy,
         rerank_top=rerank_top,
         table_budget_gb=table_budget_gb,
+    )
+
+
+def _precision(table: dict) -> PrecisionConfig:
+    from gqa.kv_quant import BITS
+
+    allowed = {f.name for f in dataclasses.fields(PrecisionConfig)}
+    _only(table, "precision", allowed)
+    defaults = PrecisionConfig()
+    budgets = _get(table, "precision.budgets", list, list(defaults.budgets))
+    if not all(
+        isinstance(b, int | float) and not isinstance(b, bool) and 0 < b <= 1 for b in budgets
+    ):
+        raise ConfigError(
+            "precision.budgets: expected fractions of the source KV cache in (0, 1], e.g. 0.25"
+        )
+    bits = _get(table, "precision.bits", list, list(defaults.bits))
+    if not bits or not all(isinstance(b, int) and b in BITS and b < 16 for b in bits):
+        quantized = [b for b in BITS if b < 16]
+        raise ConfigError(f"precision.bits: expected a non-empty list from {quantized}, got {bits}")
+    groups = _get(table, "precision.group_sizes", list, list(defaults.group_sizes))
+    if not groups or not all(
+        isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups
+    ):
+        raise ConfigError("precision.group_sizes: expected a non-empty list of positive integers")
+    numbers = {}
+    for name in ("window", "valid_windows", "test_windows"):
+        value = _get(table, f"precision.{name}", int, getattr(defaults, name))
+        if value < (0 if name == "window" else 1):
+            raise ConfigError(f"precision.{name}: must be >= {0 if name == 'window' else 1}")
+        numbers[name] = value
+    return PrecisionConfig(
+        budgets=tuple(sorted((float(b) for b in budgets), reverse=True)),
+        bits=tuple(sorted(set(bits), reverse=True)),
+        group_sizes=tuple(groups),
+        **numbers,
     )
 
 

@@ -1,0 +1,167 @@
+"""The answer on the byte front: per byte budget, the joint winner against the best single-axis point.
+
+For each budget of a study's byte front (search.kv_front, resumed from the storage, so nothing
+already measured is measured again), the joint family's choice and the best single-axis choice
+(quantization, mixed precision or grouping, whichever has the least validation perplexity) are
+measured on `windows` test windows under every recovery seed (points on the source model need no
+recovery and are measured once). The difference gets a paired bootstrap 95% interval over
+windows, from seed-averaged per-window NLLs. Accuracy on `limit` test questions per task (first
+seed) when `limit` > 0. Every (point, seed) result is cached in `<out>/compare_bytes/`.
+
+    headgroup compare-bytes --config F [--seeds 0,1] [--windows 48] [--limit 300]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import gqa
+from gqa.grouping import write_text_atomic
+from objectives.data import TEST_SPLIT, TextSpec, token_windows
+from objectives.evaluate import evaluate, window_nlls
+from objectives.significance import paired_bootstrap
+from search.config import StudyConfig
+from search.kv_front import KVFront
+from search.study import Study
+
+
+@dataclass(frozen=True)
+class ByteCompareConfig:
+    seeds: tuple[int, ...] = (0, 1)
+    windows: int = 48
+    limit: int = 300
+    resamples: int = 2000
+
+
+def _cached(path: Path, compute) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    write_text_atomic(path, json.dumps(value) + "\n")
+    return value
+
+
+def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path | None = None):
+    config = StudyConfig.load(config_path)
+    out = out or Path("results") / config.name
+    study = Study(config, progress=False)
+    front = KVFront(study, progress=False)
+    chosen = front.run()
+    groupings = front.groupings()
+    windows = token_windows(
+        study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
+    )
+    tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
+    folder = out / "compare_bytes"
+    start = time.time()
+    report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
+
+    def model_of(point, seed):
+        model = front.model(point.model, groupings[point.model], seed)
+        return gqa.apply_precision(model, point.plan)
+
+    def measure(point) -> dict:
+        seeds = options.seeds[:1] if point.model == "source" else options.seeds
+        digest = hashlib.sha1(point.key.encode()).hexdigest()[:12]
+        per_seed = []
+        for seed in seeds:
+
+            def nlls(seed=seed) -> dict:
+                nll = window_nlls(model_of(point, seed), windows, progress=False)
+                return {"nll": nll.tolist(), "ppl": float(np.exp(nll.mean()))}
+
+            per_seed.append(_cached(folder / f"{digest}_w{options.windows}_seed{seed}.json", nlls))
+        result = {
+            "model": point.model,
+            "precision": point.label(),
+            "kv_fraction": point.kv_bytes / front.source_bytes,
+            "test_ppl": [r["ppl"] for r in per_seed],
+            "nll": np.mean([r["nll"] for r in per_seed], axis=0),
+        }
+        if tasks:
+
+            def accuracy() -> dict:
+                results = evaluate(
+                    model_of(point, options.seeds[0]),
+                    study.loaded.tokenizer,
+                    tasks,
+                    limit=options.limit,
+                    progress=False,
+                    subset="test",
+                )
+                return {t: results[t]["acc"] for t in tasks}
+
+            accs = _cached(folder / f"{digest}_acc{options.limit}.json", accuracy)
+            result["mean_acc"] = statistics.fmean(accs.values())
+        return result
+
+    for fraction, rows in chosen.groupby("budget_fraction", sort=False):
+        joint = rows[rows["family"] == "joint"].iloc[0]
+        single = rows[rows["family"] != "joint"].sort_values("valid_ppl").iloc[0]
+        a, b = measure(joint["point"]), measure(single["point"])
+        same = joint["point"].key == single["point"].key
+        diff = paired_bootstrap(a["nll"], b["nll"], options.resamples) if not same else None
+        entry = {}
+        for label, family, result in (
+            ("joint", "joint", a),
+            ("best single-axis", single["family"], b),
+        ):
+            entry[label] = {
+                "family": family,
+                **{k: v for k, v in result.items() if k != "nll"},
+                "test_ppl_mean": statistics.fmean(result["test_ppl"]),
+            }
+        entry["joint - single"] = (
+            {"ppl": 0.0, "ci95": [0.0, 0.0], "excludes_zero": False, "same_point": True}
+            if same
+            else {
+                "ppl": diff.difference,
+                "ci95": [diff.low, diff.high],
+                "excludes_zero": diff.excludes_zero,
+            }
+        )
+        report["budgets"][f"{fraction:g}"] = entry
+        _write(report, out, start)
+    return _write(report, out, start)
+
+
+def _write(report: dict, out: Path, start: float) -> Path:
+    report["seconds"] = round(time.time() - start, 1)
+    write_text_atomic(out / "byte_answer.json", json.dumps(report, indent=2) + "\n")
+    opts = report["options"]
+    lines = [
+        f"# Quality per KV byte: joint winner vs best single axis (study `{report['study']}`)",
+        "",
+        f"Test perplexity on {opts['windows']} x 256 test tokens; converted models under recovery "
+        f"seeds {', '.join(map(str, opts['seeds']))} (mean), source points once. Both points were "
+        "chosen on validation data. Differences: paired bootstrap 95% interval over windows "
+        f"({opts['resamples']} resamples).",
+        "",
+        "| budget | joint (model, cache) | test ppl | best single axis | test ppl | joint - single, 95% CI |",
+        "|---|---|---|---|---|---|",
+    ]
+    for budget, e in report["budgets"].items():
+        j, s, d = e["joint"], e["best single-axis"], e["joint - single"]
+        diff = (
+            "same point"
+            if d.get("same_point")
+            else f"{d['ppl']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+            + (" **excludes 0**" if d["excludes_zero"] else "")
+        )
+        acc = f" (mean acc {j['mean_acc']:.3f} vs {s['mean_acc']:.3f})" if "mean_acc" in j else ""
+        lines.append(
+            f"| {100 * float(budget):.1f}% | {j['model']}, {j['precision']} "
+            f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | {s['family']}: "
+            f"{s['model']}, {s['precision']} ({100 * s['kv_fraction']:.1f}%) | "
+            f"{s['test_ppl_mean']:.2f} | {diff}{acc} |"
+        )
+    path = out / "byte_answer.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

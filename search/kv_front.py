@@ -1,0 +1,272 @@
+"""The byte front: quality per KV-cache byte, head grouping and cache precision searched together.
+
+After stage 2, every point is a (model, precision plan) pair: the source, or a stage-2 winner
+(the best complete candidate on validation at each head budget, rebuilt with the study's merge
+and recovery), with its cache at 16 bits, quantized uniformly, or with per-layer bits allocated
+exactly under a byte budget from the KV-quantization proxy (search.precision). Per byte budget
+(a fraction of the source's 16-bit cache, steady-state bytes per token) four families compete:
+
+    quantization     the source, uniform K/V bits and group size (what a careful user would pick)
+    mixed_precision  the source, per-layer K/V bits allocated under the budget (G fixed)
+    grouping         a converted model (or the source) at 16 bits: head grouping alone
+    joint            every point above and every converted model with allocated bits
+
+Each family's choice at a budget is its point of least *validation* perplexity that fits; only the
+chosen points are measured on test windows. So the joint choice can never be worse on validation
+than a single-axis one; test perplexity says whether that holds on unseen text.
+
+Points are recorded as trials of the Optuna study `<name>:kvfront` in the study's storage (the
+single record of a run): a stopped front resumes, and nothing measured is measured again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+from tqdm.auto import tqdm
+
+import gqa
+from gqa.grouping import Grouping
+from gqa.precision import PrecisionPlan
+from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
+from objectives.evaluate import perplexity
+from objectives.proxies.kv_quant_error import kv_quant_errors
+from search.budget import Budget
+from search.precision import ByteBudget, InfeasibleBudget, allocate_precision, uniform_settings
+from search.study import Study
+
+log = logging.getLogger(__name__)
+FRONT_SUFFIX = ":kvfront"
+FAMILIES = ("quantization", "mixed_precision", "grouping", "joint")
+
+
+@dataclass
+class Point:
+    model: str  # "source" or "<budget>kv:<strategy>"
+    plan: PrecisionPlan | None  # None: 16 bits
+    kv_bytes: float
+    kind: str  # "uniform", "allocated" or "16-bit"
+
+    @property
+    def key(self) -> str:
+        plan = None if self.plan is None else self.plan.to_dict()
+        return json.dumps([self.model, plan], sort_keys=True)
+
+    def label(self) -> str:
+        if self.plan is None:
+            return "16-bit"
+        return self.plan.label() if self.kind == "uniform" else f"allocated {self.plan.label()}"
+
+
+class KVFront:
+    """The byte front of a finished study (stage 2 complete); `run()` does what is left."""
+
+    def __init__(self, study: Study, progress: bool = True):
+        self.study = study
+        self.config = study.config.precision
+        self.progress = progress
+        if not self.config.budgets:
+            raise ValueError("precision.budgets is empty: the study config asks for no byte front")
+        adapter = study.adapter
+        self.layers, self.head_dim = adapter.num_layers, adapter.head_dim
+        for group in self.config.group_sizes:
+            if self.head_dim % group:
+                raise ValueError(
+                    f"precision.group_sizes: {group} does not divide head_dim {self.head_dim}"
+                )
+        self.source_bytes = study.source_grouping.kv_bytes_per_token(self.head_dim)
+        self.storage_study = optuna.create_study(
+            study_name=study.config.name + FRONT_SUFFIX,
+            storage=study.storage,
+            load_if_exists=True,
+            direction="minimize",
+        )
+        self._models: dict[str, object] = {}
+        self._tables: dict[str, object] = {}
+        self._windows: dict[str, object] = {}
+
+    # -- models and measurements ---------------------------------------------------------------
+
+    def groupings(self) -> dict[str, Grouping]:
+        """The source and the best complete stage-2 candidate (on validation) per head budget."""
+        from search.results import stage2_frame
+
+        out = {"source": self.study.source_grouping}
+        stage2 = stage2_frame(self.study.config.name, self.study.storage)
+        done = stage2[(stage2["state"] == "complete") & stage2["budget"].notna()]
+        if done.empty:
+            raise ValueError("the study has no complete stage-2 candidate: run the study first")
+        for budget, rows in done.groupby("budget"):
+            best = rows.sort_values("valid_ppl").iloc[0]
+            out[f"{budget:g}kv:{best['strategy']}"] = Grouping.from_json(best["grouping"])
+        return out
+
+    def model(self, name: str, grouping: Grouping, recovery_seed: int | None = None):
+        """The 16-bit model of a point (kept: a candidate shares all but its attention with the
+        source); `recovery_seed` replaces the study's recovery seeds (the source has none)."""
+        seed = None if name == "source" else recovery_seed
+        if (name, seed) not in self._models:
+            if name == "source":
+                model = gqa.converted_copy(self.study.source, grouping)  # exact, shares weights
+            else:
+                model = self.study.build_candidate(
+                    grouping, recovery_seed=seed, progress=self.progress
+                )
+            self._models[name, seed] = model
+        return self._models[name, seed]
+
+    def _model(self, name: str, grouping: Grouping):
+        return self.model(name, grouping)
+
+    def _table(self, name: str, grouping: Grouping):
+        if name not in self._tables:
+            self._tables[name] = kv_quant_errors(
+                self._model(name, grouping),
+                self.study.stats,
+                bits=self.config.bits,
+                group_size=self.config.group_sizes[0],
+                window=self.config.window,
+            )
+        return self._tables[name]
+
+    def _split(self, split: str, count: int):
+        if split not in self._windows:
+            spec = TextSpec(split, self.study.config.promote.seq_len, count)
+            self._windows[split] = token_windows(self.study.loaded.tokenizer, spec)
+        return self._windows[split]
+
+    def _measured(self) -> dict[tuple[str, str], float]:
+        """(point key, "valid_ppl" | "test_ppl") -> perplexity, as recorded in the storage."""
+        trials = self.storage_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return {(t.user_attrs["key"], t.user_attrs["metric"]): t.value for t in trials}
+
+    def _measure(self, point: Point, grouping: Grouping, split: str) -> float:
+        """Validation or test perplexity of a point, from the storage when already measured."""
+        metric = "valid_ppl" if split == VALID_SPLIT else "test_ppl"
+        known = self._measured().get((point.key, metric))
+        if known is not None:
+            return known
+        count = self.config.valid_windows if split == VALID_SPLIT else self.config.test_windows
+        model = gqa.apply_precision(self._model(point.model, grouping), point.plan)
+        value = perplexity(model, self._split(split, count), progress=False).perplexity
+        gqa.apply_precision(model, None)
+        self.storage_study.add_trial(
+            create_trial(
+                params={"kv_fraction": point.kv_bytes / self.source_bytes},
+                distributions={"kv_fraction": FloatDistribution(0.0, 1.0)},
+                value=value,
+                user_attrs={
+                    "key": point.key,
+                    "metric": metric,
+                    "model": point.model,
+                    "plan": json.dumps(None if point.plan is None else point.plan.to_dict()),
+                    "precision": point.label(),
+                    "kind": point.kind,
+                    "kv_bytes": point.kv_bytes,
+                    "kv_fraction": point.kv_bytes / self.source_bytes,
+                },
+            )
+        )
+        return value
+
+    # -- the front -----------------------------------------------------------------------------
+
+    def points(self, groupings: dict[str, Grouping]) -> list[tuple[Point, float | None]]:
+        """Every point with its budget fraction (None: budget-free points)."""
+        out: list[tuple[Point, float | None]] = []
+        source = groupings["source"]
+        counts = Budget.of(source)
+        for k, v, g in uniform_settings(self.config.bits, self.config.group_sizes):
+            plan = PrecisionPlan.uniform(self.layers, k, v, g, self.config.window)
+            out.append((Point("source", plan, self._bytes(plan, counts), "uniform"), None))
+        for name, grouping in groupings.items():
+            out.append(
+                (Point(name, None, grouping.kv_bytes_per_token(self.head_dim), "16-bit"), None)
+            )
+        for fraction in self.config.budgets:
+            budget = ByteBudget.of_source(fraction, self.source_bytes)
+            for name, grouping in groupings.items():
+                if grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
+                    continue  # fits at 16 bits: quantizing it cannot help this budget's choice
+                try:
+                    plan = allocate_precision(
+                        self._table(name, grouping),
+                        budget.bytes_per_token,
+                        self.head_dim,
+                        (*self.config.bits, 16),
+                    )
+                except InfeasibleBudget:
+                    continue
+                point = Point(name, plan, self._bytes(plan, Budget.of(grouping)), "allocated")
+                out.append((point, fraction))
+        return out
+
+    def _bytes(self, plan: PrecisionPlan, counts: Budget) -> float:
+        return plan.bytes_per_token(counts.k, counts.v, self.head_dim)
+
+    def run(self) -> pd.DataFrame:
+        groupings = self.groupings()
+        points = self.points(groupings)
+        for point, _ in tqdm(points, desc="byte front (validation)", disable=not self.progress):
+            self._measure(point, groupings[point.model], VALID_SPLIT)
+        chosen = self.choose(points)
+        for row in tqdm(chosen, desc="byte front (test)", disable=not self.progress):
+            point = row["point"]
+            row["test_ppl"] = self._measure(point, groupings[point.model], TEST_SPLIT)
+        return pd.DataFrame(chosen)
+
+    def choose(self, points: list[tuple[Point, float | None]]) -> list[dict]:
+        """Per budget and family, the point of least validation perplexity that fits."""
+        measured = self._measured()
+        rows = []
+        for fraction in self.config.budgets:
+            limit = fraction * self.source_bytes * (1 + 1e-9)
+            fits = [(p, measured[p.key, "valid_ppl"]) for p, _ in points if p.kv_bytes <= limit]
+            members = {
+                "quantization": [
+                    f for f in fits if f[0].model == "source" and f[0].kind != "allocated"
+                ],
+                "mixed_precision": [
+                    f for f in fits if f[0].model == "source" and f[0].kind != "uniform"
+                ],
+                "grouping": [f for f in fits if f[0].kind == "16-bit"],
+                "joint": fits,
+            }
+            for family in FAMILIES:
+                if not members[family]:
+                    continue
+                point, valid = min(members[family], key=lambda f: f[1])
+                rows.append(
+                    {
+                        "budget_fraction": fraction,
+                        "family": family,
+                        "model": point.model,
+                        "precision": point.label(),
+                        "kv_bytes": point.kv_bytes,
+                        "kv_fraction": point.kv_bytes / self.source_bytes,
+                        "valid_ppl": valid,
+                        "point": point,
+                    }
+                )
+        return rows
+
+
+def front_frame(name: str, storage) -> pd.DataFrame:
+    """Every measured point of a study's byte front, one row per point (valid_ppl, test_ppl where
+    measured), from the storage."""
+    from search.results import _load
+
+    study = _load(name + FRONT_SUFFIX, storage)
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []
+    rows: dict[str, dict] = {}
+    for t in trials:
+        attrs = dict(t.user_attrs)
+        row = rows.setdefault(attrs["key"], {k: v for k, v in attrs.items() if k != "metric"})
+        row[attrs["metric"]] = t.value
+    return pd.DataFrame(list(rows.values()))

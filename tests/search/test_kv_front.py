@@ -1,0 +1,119 @@
+"""The byte front on a tiny study: families, selection on validation, resumption, bad input."""
+
+import json
+
+import optuna
+import pytest
+
+from experiments.byte_front_report import byte_front_report
+from experiments.cli import main
+from search.config import ConfigError, StudyConfig
+from search.kv_front import FAMILIES, FRONT_SUFFIX, KVFront, front_frame
+from search.study import Study, make_storage
+from tests.search.study_fixtures import save_tiny_model, write_config
+
+PRECISION = """
+[precision]
+budgets = [1.0, 0.6, 0.45, 0.3]
+bits = [8, 4, 2]
+group_sizes = [8, 4]
+valid_windows = 2
+test_windows = 2
+"""
+
+
+@pytest.fixture()
+def front_config(tmp_path, smol_tokenizer, monkeypatch):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "model", smol_tokenizer)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    path = write_config(tmp_path / "c.toml", model, storage, trials=4)
+    path.write_text(path.read_text() + PRECISION)
+    return path, storage
+
+
+def _count(storage: str) -> int:
+    study = optuna.load_study(study_name="tiny" + FRONT_SUFFIX, storage=make_storage(storage))
+    return len(study.get_trials())
+
+
+def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
+    path, storage = front_config
+    config = StudyConfig.load(path)
+    study = Study(config, progress=False)
+    study.run()
+    chosen = KVFront(study, progress=False).run().drop(columns=["point"])
+    source_bytes = study.source_grouping.kv_bytes_per_token(study.adapter.head_dim)
+    assert set(chosen["family"]) == set(FAMILIES)
+    for fraction, rows in chosen.groupby("budget_fraction"):
+        assert (rows["kv_bytes"] <= fraction * source_bytes * (1 + 1e-9)).all()
+        by_family = rows.set_index("family")
+        # the joint search space holds every single-axis point: never worse on validation
+        assert by_family.loc["joint", "valid_ppl"] == rows["valid_ppl"].min()
+        assert rows["test_ppl"].notna().all()
+    # at 100% the source at 16 bits is in every family; below it, only precision can serve the
+    # quantization family, and at 30% no 16-bit grouping of 2 KV heads (of 3) fits
+    assert "grouping" not in set(chosen[chosen["budget_fraction"] == 0.3]["family"])
+    points = front_frame("tiny", storage)
+    assert {"uniform", "allocated", "16-bit"} <= set(points["kind"])
+    assert points["valid_ppl"].notna().all()
+    measured = _count(storage)
+
+    again = KVFront(
+        Study(config, progress=False), progress=False
+    ).run()  # resumes, measures nothing
+    assert _count(storage) == measured
+    assert again[["family", "model", "precision", "test_ppl"]].equals(
+        chosen[["family", "model", "precision", "test_ppl"]]
+    )
+    paths = byte_front_report(chosen, points, source_bytes, tmp_path / "report")
+    assert paths["png"].stat().st_size > 0
+    assert "| **joint** |" in paths["md"].read_text()
+
+
+def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, capsys):
+    path, _ = front_config
+    text = path.read_text()
+    for old, new, message in [
+        ("bits = [8, 4, 2]", "bits = [8, 5]", "precision.bits: expected a non-empty list from"),
+        ("budgets = [1.0", "budgets = [1.5", "precision.budgets: expected fractions"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text.replace(old, new))
+        with pytest.raises(ConfigError, match=message):
+            StudyConfig.load(bad)
+        assert main(["study", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err
+    bad.write_text(text.replace("group_sizes = [8, 4]", "group_sizes = [8, 3]"))
+    with pytest.raises(ValueError, match="group_sizes: 3 does not divide head_dim 8"):
+        KVFront(Study(StudyConfig.load(bad), progress=False), progress=False)
+
+
+def test_convert_with_bad_kv_bits_exits_2(tmp_path, smol_tokenizer, monkeypatch, capsys):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "model", smol_tokenizer)
+    for flags, message in [
+        (["--kv-bits", "5"], "k_bits = 5 is not supported"),
+        (["--kv-bits", "4,3", "--kv-group", "3"], "group_size 3 does not divide head_dim 8"),
+    ]:
+        code = main(["convert", "--model", str(model), *flags, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "o").exists()
+    code = main(
+        [
+            "convert",
+            "--model",
+            str(model),
+            "--kv-bits",
+            "4,2",
+            "--kv-group",
+            "4",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 0
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["headgroup_kv_precision"]["layers"] == [[4, 2], [4, 2]]
