@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from gqa.adapters import ModelAdapter, get_adapter
 from gqa.assets import cache_dir
 from gqa.grouping import LayerGrouping
+from gqa.precision import model_precision
 from gqa.surgery import current_grouping
 from objectives.calibration import CalibrationStats
 from objectives.recovery.base import (
@@ -340,11 +341,12 @@ class LayerFitCache:
         merge: str,
         config: LayerwiseConfig,
         root: Path | None = None,
+        precision: dict | None = None,
     ):
-        key = json.dumps(
-            {"stats": stats_fingerprint(stats), "merge": merge, "fit": config.fit_key()},
-            sort_keys=True,
-        )
+        fields = {"stats": stats_fingerprint(stats), "merge": merge, "fit": config.fit_key()}
+        if precision is not None:  # fitted through a quantized cache: other fits
+            fields["precision"] = precision
+        key = json.dumps(fields, sort_keys=True)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         self.folder = (root or cache_dir() / "layer_fits") / digest
         self.hits = self.misses = 0
@@ -425,7 +427,11 @@ def layerwise(
     if (a.num_layers, a.num_heads) != (s.num_layers, s.num_heads):
         raise ValueError("the converted and source models differ in layers or heads")
     stats = check_stats(stats, a.num_layers)
-    cache = LayerFitCache(stats, merge, config) if merge and config.cache else None
+    # With a precision plan the attention simulates the quantized cache (straight-through), so
+    # each layer is fitted to the source's exact output through its low-bit cache.
+    plan = model_precision(converted)
+    key = None if plan is None else plan.to_dict()
+    cache = LayerFitCache(stats, merge, config, precision=key) if merge and config.cache else None
     grouping = current_grouping(converted)
     start = time.perf_counter()
     all_params = [p for i in range(a.num_layers) for p in projection_params(a, i, config.train)]

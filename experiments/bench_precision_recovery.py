@@ -1,0 +1,94 @@
+"""Does recovery aware of cache precision help? Fit at 16 bits and quantize afterwards, against
+fitting with the quantized cache simulated (straight-through), for the default study's searched
+2-KV grouping at low cache precisions.
+
+Both arms use the default study's merge and layer-wise recovery; test perplexity on `--windows`
+x 256 tokens with the quantized cache simulated. Rows go to
+`results/bench/precision_recovery.csv` as they finish (a stopped run resumes).
+
+    python experiments/bench_precision_recovery.py [--windows 24] [--bits 3,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import gqa
+from gqa.grouping import Grouping, write_text_atomic
+from gqa.precision import PrecisionPlan
+from objectives.data import TEST_SPLIT, TextSpec, token_windows
+from objectives.evaluate import perplexity
+from search.config import StudyConfig
+from search.study import Study
+
+CONFIG = Path("experiments/configs/default.toml")
+GROUPING = "results/default/groupings/2kv_coarsen_source_*.json"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--bits", default="3,2", help="K=V bits to compare (group size 32)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args()
+    path = args.out / "precision_recovery.csv"
+    rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+    done = {(r["bits"], r["recovery"]) for r in rows}
+    grouping = Grouping.load(next(Path().glob(GROUPING)))
+    config = StudyConfig.load(CONFIG)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = dataclasses.replace(config, storage=f"sqlite:///{tmp}/unused.db")
+        study = Study(config, progress=False)
+        windows = token_windows(study.loaded.tokenizer, TextSpec(TEST_SPLIT, 256, args.windows))
+        layers = study.adapter.num_layers
+        plain = None
+        for bits in (int(b) for b in args.bits.split(",")):
+            plan = PrecisionPlan.uniform(layers, bits, group_size=32)
+            for arm in ("16-bit, then quantized", "precision-aware"):
+                if (bits, arm) in done:
+                    continue
+                start = time.time()
+                if arm == "precision-aware":  # the plan is on before recovery: fits see it
+                    model = gqa.converted_copy(
+                        study.source, grouping, config.search.merge, study.stats
+                    )
+                    gqa.apply_precision(model, plan)
+                    for method, method_config in study.recovery_chain():
+                        from objectives.recovery import recover
+
+                        recover(
+                            method,
+                            model,
+                            study.source,
+                            study.loaded.tokenizer,
+                            study.stats,
+                            method_config,
+                            progress=True,
+                            merge=config.search.merge,
+                        )
+                else:
+                    plain = plain or study.build_candidate(grouping, progress=True)
+                    model = gqa.apply_precision(plain, plan)
+                build = time.time() - start
+                ppl = perplexity(model, windows, progress=False).perplexity
+                rows.append(
+                    {
+                        "bits": bits,
+                        "recovery": arm,
+                        "test_ppl": ppl,
+                        "build_seconds": build,
+                        "test_tokens": args.windows * 256,
+                    }
+                )
+                write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
+                print(rows[-1])
+
+
+if __name__ == "__main__":
+    main()
