@@ -49,6 +49,7 @@ MODELS = {  # name -> grouping file pattern in results/default/groupings (None: 
 }
 UNIFORM = [(16, 16, 32), (8, 8, 32), (4, 4, 32), (3, 3, 32), (2, 2, 32)]
 MIXED = [(4, 4, 64), (4, 3, 64), (3, 3, 64), (4, 2, 64), (3, 2, 64), (2, 2, 64)]
+MIXED_FOR = ("source", "2kv_searched")  # the baselines get the uniform settings only
 REAL = {"source": (4, 4, 32), "2kv_searched": (3, 3, 32)}  # decoded with the real cache too
 
 
@@ -114,7 +115,7 @@ def main() -> None:
         for name, pattern in MODELS.items():
             grouping = study.source_grouping if pattern is None else _grouping(pattern)
             budget = Budget.of(grouping)
-            settings = UNIFORM + MIXED
+            settings = UNIFORM + (MIXED if name in MIXED_FOR else [])
             todo = [s for s in settings if (name, *s, "simulated") not in seen]
             real = REAL.get(name)
             if not todo and (real is None or (name, *real, "real") in seen):
