@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 import gqa
+from experiments.compare import _cached
 from gqa.grouping import write_text_atomic
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import evaluate, window_nlls
@@ -38,14 +39,6 @@ class ByteCompareConfig:
     windows: int = 48
     limit: int = 300
     resamples: int = 2000
-
-
-def _cached(path: Path, compute) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    write_text_atomic(path, json.dumps(value) + "\n")
-    return value
 
 
 def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path | None = None):
@@ -104,8 +97,21 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
 
     for fraction, rows in chosen.groupby("budget_fraction", sort=False):
         joint = rows[rows["family"] == "joint"].iloc[0]
-        single = rows[rows["family"] != "joint"].sort_values("valid_ppl").iloc[0]
-        a, b = measure(joint["point"]), measure(single["point"])
+        singles = rows[rows["family"] != "joint"].sort_values("valid_ppl")
+        a = measure(joint["point"])
+        if singles.empty:  # below every single axis's floor: only stacking reaches this budget
+            report["budgets"][f"{fraction:g}"] = {
+                "joint": {
+                    "family": "joint",
+                    **{k: v for k, v in a.items() if k != "nll"},
+                    "test_ppl_mean": statistics.fmean(a["test_ppl"]),
+                },
+                "best single-axis": None,
+            }
+            _write(report, out, start)
+            continue
+        single = singles.iloc[0]
+        b = measure(single["point"])
         same = joint["point"].key == single["point"].key
         diff = paired_bootstrap(a["nll"], b["nll"], options.resamples) if not same else None
         entry = {}
@@ -148,7 +154,15 @@ def _write(report: dict, out: Path, start: float) -> Path:
         "|---|---|---|---|---|---|",
     ]
     for budget, e in report["budgets"].items():
-        j, s, d = e["joint"], e["best single-axis"], e["joint - single"]
+        j, s = e["joint"], e["best single-axis"]
+        if s is None:
+            lines.append(
+                f"| {100 * float(budget):.1f}% | {j['model']}, {j['precision']} "
+                f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | no single-axis "
+                "point fits | - | - |"
+            )
+            continue
+        d = e["joint - single"]
         diff = (
             "same point"
             if d.get("same_point")
