@@ -75,11 +75,6 @@ class KVFront:
             raise ValueError("precision.budgets is empty: the study config asks for no byte front")
         adapter = study.adapter
         self.layers, self.head_dim = adapter.num_layers, adapter.head_dim
-        for group in self.config.group_sizes:
-            if self.head_dim % group:
-                raise ValueError(
-                    f"precision.group_sizes: {group} does not divide head_dim {self.head_dim}"
-                )
         self.source_bytes = study.source_grouping.kv_bytes_per_token(self.head_dim)
         self.storage_study = optuna.create_study(
             study_name=study.config.name + FRONT_SUFFIX,

@@ -121,6 +121,12 @@ class Study:
                 raise ValueError(
                     f"search.budgets: {budget} KV heads per layer exceeds the {heads} query heads"
                 )
+        for group in config.precision.group_sizes if config.precision.budgets else ():
+            if self.adapter.head_dim % group:  # refused before any work, not after stage 2
+                raise ValueError(
+                    f"precision.group_sizes: {group} does not divide head_dim "
+                    f"{self.adapter.head_dim}"
+                )
         self.source_grouping = gqa.current_grouping(self.source)
         self._stats = None
         self._proxy = None

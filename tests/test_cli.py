@@ -100,7 +100,7 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
         (["eval", "--model", "{m}", "--limit", "0"], "--limit must be at least 1"),
         (
             ["convert", "--model", "{m}", "--out", "{t}/x"],
-            "one of the arguments --grouping --kv-heads is required",
+            "give --grouping, --kv-heads or --kv-bits",
         ),
         (["frobnicate"], "invalid choice"),
         (["study", "--config", "{t}/bad.toml"], "not valid TOML"),

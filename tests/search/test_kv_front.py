@@ -87,7 +87,9 @@ def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, caps
         assert err.count("\n") == 0 and message in err
     bad.write_text(text.replace("group_sizes = [8, 4]", "group_sizes = [8, 3]"))
     with pytest.raises(ValueError, match="group_sizes: 3 does not divide head_dim 8"):
-        KVFront(Study(StudyConfig.load(bad), progress=False), progress=False)
+        Study(StudyConfig.load(bad), progress=False)  # before any work
+    assert main(["study", "--config", str(bad)]) == 2
+    assert "does not divide head_dim 8" in capsys.readouterr().err
 
 
 def test_convert_with_bad_kv_bits_exits_2(tmp_path, smol_tokenizer, monkeypatch, capsys):
