@@ -24,6 +24,7 @@ from gqa.grouping import Grouping, write_text_atomic
 from gqa.precision import PrecisionPlan
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import perplexity
+from objectives.recovery import recover
 from search.config import StudyConfig
 from search.study import Study
 
@@ -60,8 +61,6 @@ def main() -> None:
                     )
                     gqa.apply_precision(model, plan)
                     for method, method_config in study.recovery_chain():
-                        from objectives.recovery import recover
-
                         recover(
                             method,
                             model,

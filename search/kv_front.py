@@ -116,13 +116,10 @@ class KVFront:
             self._models[name, seed] = model
         return self._models[name, seed]
 
-    def _model(self, name: str, grouping: Grouping):
-        return self.model(name, grouping)
-
     def _table(self, name: str, grouping: Grouping):
         if name not in self._tables:
             self._tables[name] = kv_quant_errors(
-                self._model(name, grouping),
+                self.model(name, grouping),
                 self.study.stats,
                 bits=self.config.bits,
                 group_size=self.config.group_sizes[0],
@@ -148,7 +145,7 @@ class KVFront:
         if known is not None:
             return known
         count = self.config.valid_windows if split == VALID_SPLIT else self.config.test_windows
-        model = gqa.apply_precision(self._model(point.model, grouping), point.plan)
+        model = gqa.apply_precision(self.model(point.model, grouping), point.plan)
         value = perplexity(model, self._split(split, count), progress=False).perplexity
         gqa.apply_precision(model, None)
         self.storage_study.add_trial(
@@ -172,18 +169,17 @@ class KVFront:
 
     # -- the front -----------------------------------------------------------------------------
 
-    def points(self, groupings: dict[str, Grouping]) -> list[tuple[Point, float | None]]:
-        """Every point with its budget fraction (None: budget-free points)."""
-        out: list[tuple[Point, float | None]] = []
+    def points(self, groupings: dict[str, Grouping]) -> list[Point]:
+        """Every point: uniform settings of the source, every model at 16 bits, and every model
+        with bits allocated under each budget it does not fit at 16 bits."""
+        out: list[Point] = []
         source = groupings["source"]
         counts = Budget.of(source)
         for k, v, g in uniform_settings(self.config.bits, self.config.group_sizes):
             plan = PrecisionPlan.uniform(self.layers, k, v, g, self.config.window)
-            out.append((Point("source", plan, self._bytes(plan, counts), "uniform"), None))
+            out.append(Point("source", plan, self._bytes(plan, counts), "uniform"))
         for name, grouping in groupings.items():
-            out.append(
-                (Point(name, None, grouping.kv_bytes_per_token(self.head_dim), "16-bit"), None)
-            )
+            out.append(Point(name, None, grouping.kv_bytes_per_token(self.head_dim), "16-bit"))
         for fraction in self.config.budgets:
             budget = ByteBudget.of_source(fraction, self.source_bytes)
             for name, grouping in groupings.items():
@@ -199,7 +195,7 @@ class KVFront:
                 except InfeasibleBudget:
                     continue
                 point = Point(name, plan, self._bytes(plan, Budget.of(grouping)), "allocated")
-                out.append((point, fraction))
+                out.append(point)
         return out
 
     def _bytes(self, plan: PrecisionPlan, counts: Budget) -> float:
@@ -208,7 +204,7 @@ class KVFront:
     def run(self) -> pd.DataFrame:
         groupings = self.groupings()
         points = self.points(groupings)
-        for point, _ in tqdm(points, desc="byte front (validation)", disable=not self.progress):
+        for point in tqdm(points, desc="byte front (validation)", disable=not self.progress):
             self._measure(point, groupings[point.model], VALID_SPLIT)
         chosen = self.choose(points)
         for row in tqdm(chosen, desc="byte front (test)", disable=not self.progress):
@@ -216,13 +212,13 @@ class KVFront:
             row["test_ppl"] = self._measure(point, groupings[point.model], TEST_SPLIT)
         return pd.DataFrame(chosen)
 
-    def choose(self, points: list[tuple[Point, float | None]]) -> list[dict]:
+    def choose(self, points: list[Point]) -> list[dict]:
         """Per budget and family, the point of least validation perplexity that fits."""
         measured = self._measured()
         rows = []
         for fraction in self.config.budgets:
             limit = fraction * self.source_bytes * (1 + 1e-9)
-            fits = [(p, measured[p.key, "valid_ppl"]) for p, _ in points if p.kv_bytes <= limit]
+            fits = [(p, measured[p.key, "valid_ppl"]) for p in points if p.kv_bytes <= limit]
             members = {
                 "quantization": [
                     f for f in fits if f[0].model == "source" and f[0].kind != "allocated"
