@@ -37,8 +37,10 @@ def markdown_table(chosen: pd.DataFrame) -> str:
         best = rows["valid_ppl"].min()
         for row in rows.itertuples():
             mark = "**" if row.family == "joint" else ""
+            layers = getattr(row, "layers", "")
+            model = f"{row.model} ({layers})" if isinstance(layers, str) and layers else row.model
             lines.append(
-                f"| {100 * budget:.1f} | {mark}{row.family}{mark} | {row.model} | {row.precision} "
+                f"| {100 * budget:.1f} | {mark}{row.family}{mark} | {model} | {row.precision} "
                 f"| {row.kv_bytes:.0f} ({100 * row.kv_fraction:.1f}%) "
                 f"| {row.valid_ppl:.2f}{' (best)' if row.valid_ppl == best else ''} "
                 f"| {row.test_ppl:.2f} |"

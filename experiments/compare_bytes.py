@@ -47,7 +47,6 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     study = Study(config, progress=False)
     front = KVFront(study, progress=False)
     chosen = front.run()
-    groupings = front.groupings()
     windows = token_windows(
         study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
     )
@@ -57,7 +56,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
 
     def model_of(point, seed):
-        model = front.model(point.model, groupings[point.model], seed)
+        model = front.model(point.model, front.grouping(point.model), seed)
         return gqa.apply_precision(model, point.plan)
 
     def measure(point) -> dict:
@@ -73,6 +72,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             per_seed.append(_cached(folder / f"{digest}_w{options.windows}_seed{seed}.json", nlls))
         result = {
             "model": point.model,
+            "layers": front.layers_of(point.model),
             "precision": point.label(),
             "kv_fraction": point.kv_bytes / front.source_bytes,
             "test_ppl": [r["ppl"] for r in per_seed],
@@ -138,6 +138,12 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     return _write(report, out, start)
 
 
+def _named(entry: dict) -> str:
+    """A point's model, with the layers each model gives when it is a layer mix."""
+    layers = entry.get("layers")
+    return f"{entry['model']} ({layers})" if layers else entry["model"]
+
+
 def _write(report: dict, out: Path, start: float) -> Path:
     report["seconds"] = round(time.time() - start, 1)
     write_text_atomic(out / "byte_answer.json", json.dumps(report, indent=2) + "\n")
@@ -157,7 +163,7 @@ def _write(report: dict, out: Path, start: float) -> Path:
         j, s = e["joint"], e["best single-axis"]
         if s is None:
             lines.append(
-                f"| {100 * float(budget):.1f}% | {j['model']}, {j['precision']} "
+                f"| {100 * float(budget):.1f}% | {_named(j)}, {j['precision']} "
                 f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | no single-axis "
                 "point fits | - | - |"
             )
@@ -171,9 +177,9 @@ def _write(report: dict, out: Path, start: float) -> Path:
         )
         acc = f" (mean acc {j['mean_acc']:.3f} vs {s['mean_acc']:.3f})" if "mean_acc" in j else ""
         lines.append(
-            f"| {100 * float(budget):.1f}% | {j['model']}, {j['precision']} "
+            f"| {100 * float(budget):.1f}% | {_named(j)}, {j['precision']} "
             f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | {s['family']}: "
-            f"{s['model']}, {s['precision']} ({100 * s['kv_fraction']:.1f}%) | "
+            f"{_named(s)}, {s['precision']} ({100 * s['kv_fraction']:.1f}%) | "
             f"{s['test_ppl_mean']:.2f} | {diff}{acc} |"
         )
     path = out / "byte_answer.md"

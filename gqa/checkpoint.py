@@ -12,6 +12,7 @@ A copy of the grouping is written to grouping.json for people and scripts.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from gqa import attention
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
 from gqa.precision import CONFIG_KEY as PRECISION_KEY
@@ -51,6 +54,7 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             grouping.save(tmp / GROUPING_FILE)
             if not plain:  # stock transformers + trust_remote_code=True
                 write_remote_code(tmp)
+                _add_sentinels(model, tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -58,6 +62,41 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+SENTINEL_FILE = "headgroup-stock-guard.safetensors"
+
+
+def _add_sentinels(model: nn.Module, folder: Path) -> None:
+    """Make stock transformers *without* the carried code fail loudly on this folder.
+
+    A stock model of the source's class has parameters the converted one lacks where a family's
+    attention changes layout (a fused qkv split in K/V groups, as in Phi-3 or GPT-2); stock
+    loading would initialise them at random and give a different model without an error. Each
+    such key gets an empty tensor in the checkpoint, so stock loading stops on a size mismatch;
+    the carried code and headgroup's loader never read them."""
+    config = copy.deepcopy(model.config)
+    for key in (CONFIG_KEY, PRECISION_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
+    config._attn_implementation = attention.base_implementation(config._attn_implementation)
+    with torch.device("meta"):
+        stock = AutoModelForCausalLM.from_config(config)
+    missing = sorted(set(stock.state_dict()) - set(model.state_dict()))
+    if not missing:
+        return
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+    else:  # a single file is read alone: shard it in two, the weights and the guard
+        single = folder / "model.safetensors"
+        shard = single.rename(folder / "model-00001-of-00001.safetensors")
+        with safe_open(shard, framework="pt") as fh:
+            keys = list(fh.keys())
+        index = {"metadata": {}, "weight_map": dict.fromkeys(keys, shard.name)}
+    save_file({k: torch.empty(0) for k in missing}, folder / SENTINEL_FILE, {"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(missing, SENTINEL_FILE))
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def is_headgroup_folder(path: str | os.PathLike) -> bool:

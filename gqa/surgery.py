@@ -17,6 +17,7 @@ from torch import nn
 
 from gqa import attention
 from gqa.adapters import ModelAdapter, get_adapter
+from gqa.adapters.base import new_linear
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
 from gqa.merge import MergeContext, get_merge
 
@@ -47,16 +48,6 @@ def _index_to_groups(index: torch.Tensor) -> list[list[int]]:
     return list(groups.values())
 
 
-def _new_linear(like: nn.Linear, out_features: int, device=None) -> nn.Linear:
-    return nn.Linear(
-        like.in_features,
-        out_features,
-        bias=like.bias is not None,
-        dtype=like.weight.dtype,
-        device=device or like.weight.device,
-    )
-
-
 def _merged_projection(
     adapter: ModelAdapter, layer: int, which: str, groups, merge, stats
 ) -> nn.Linear:
@@ -72,7 +63,7 @@ def _merged_projection(
         merged_w.append(w)
         merged_b.append(b)
     old = adapter.projection(layer, which)
-    linear = _new_linear(old, len(groups) * adapter.head_dim)
+    linear = new_linear(old, len(groups) * adapter.head_dim)
     linear.weight.copy_(torch.cat(merged_w).to(linear.weight.dtype))
     if linear.bias is not None:
         linear.bias.copy_(torch.cat(merged_b).to(linear.bias.dtype))
@@ -181,10 +172,7 @@ def apply_layout(model: nn.Module, grouping: Grouping) -> nn.Module:
     adapter = get_adapter(model)
     grouping.check_model(adapter.num_layers, adapter.num_heads)
     for layer, layer_grouping in enumerate(grouping.layers):
-        adapter.regroup_norms(adapter.attention(layer), layer, layer_grouping.k, None)
-        for which, groups in (("k", layer_grouping.k), ("v", layer_grouping.v)):
-            old = adapter.projection(layer, which)
-            adapter.set_projection(layer, which, _new_linear(old, len(groups) * adapter.head_dim))
+        adapter.layout_layer(layer, layer_grouping.k, layer_grouping.v)
         attention.install_plan(adapter.attention(layer), layer_grouping, adapter.num_heads)
     _mark_converted(model, grouping)
     return model
@@ -260,7 +248,7 @@ def expand_to_mha(model: nn.Module) -> nn.Module:
             source = adapter.source_kv_index(layer, which)
             weights, biases = adapter.head_slices(layer, which)
             old = adapter.projection(layer, which)
-            linear = _new_linear(old, adapter.num_heads * adapter.head_dim)
+            linear = new_linear(old, adapter.num_heads * adapter.head_dim)
             linear.weight.copy_(weights[source].reshape(-1, old.in_features))
             if biases is not None:
                 linear.bias.copy_(biases[source].reshape(-1))

@@ -12,7 +12,7 @@
                    rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
                    table_budget_gb (optional bound on the group tables kept in memory)
     [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window,
-                   valid_windows, test_windows: the byte front (search.kv_front)
+                   valid_windows, test_windows, layer_mix: the byte front (search.kv_front)
     [promote]      top_k, recovery ("none", a registered method, or a list run in order: the
                    rungs), [promote.recovery_config.METHOD] (that method's config fields),
                    valid_windows, pruner ("successive_halving" | "median" | "none"),
@@ -130,6 +130,7 @@ class PrecisionConfig:
     window: int = 0  # recent tokens kept in full precision
     valid_windows: int = 4  # validation windows that choose between points
     test_windows: int = 12  # test windows for the chosen points
+    layer_mix: bool = True  # the joint allocation may take each layer from a different model
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,7 @@ def _precision(table: dict) -> PrecisionConfig:
         if value < (0 if name == "window" else 1):
             raise ConfigError(f"precision.{name}: must be >= {0 if name == 'window' else 1}")
         numbers[name] = value
+    numbers["layer_mix"] = _get(table, "precision.layer_mix", bool, defaults.layer_mix)
     return PrecisionConfig(
         budgets=tuple(sorted((float(b) for b in budgets), reverse=True)),
         bits=tuple(sorted(set(bits), reverse=True)),

@@ -9,7 +9,9 @@ exactly under a byte budget from the KV-quantization proxy (search.precision). P
     quantization     the source, uniform K/V bits and group size (what a careful user would pick)
     mixed_precision  the source, per-layer K/V bits allocated under the budget (G fixed)
     grouping         a converted model (or the source) at 16 bits: head grouping alone
-    joint            every point above and every converted model with allocated bits
+    joint            every point above, every converted model with allocated bits, and (with
+                     `layer_mix`) models that take each layer from the source or a stage-2
+                     winner, grouping and bits allocated together (search.precision.allocate_joint)
 
 Each family's choice at a budget is its point of least *validation* perplexity that fits; only the
 chosen points are measured on test windows. So the joint choice can never be worse on validation
@@ -21,6 +23,7 @@ single record of a run): a stopped front resumes, and nothing measured is measur
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -36,9 +39,15 @@ from gqa.grouping import Grouping
 from gqa.precision import PrecisionPlan
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.evaluate import perplexity
-from objectives.proxies.kv_quant_error import kv_quant_errors
+from objectives.proxies.kv_quant_error import grouping_errors, kv_quant_errors
 from search.budget import Budget
-from search.precision import ByteBudget, InfeasibleBudget, allocate_precision, uniform_settings
+from search.precision import (
+    ByteBudget,
+    InfeasibleBudget,
+    allocate_joint,
+    allocate_precision,
+    uniform_settings,
+)
 from search.study import Study
 
 log = logging.getLogger(__name__)
@@ -84,9 +93,18 @@ class KVFront:
         )
         self._models: dict[str, object] = {}
         self._tables: dict[str, object] = {}
+        self._grouping_errors: dict[str, tuple[float, ...]] = {}
         self._windows: dict[str, object] = {}
+        self._groupings: dict[str, Grouping] = {}  # every point's model, layer mixes included
+        self._mix_layers: dict[str, str] = {}  # a layer mix: how many layers each model gives
 
     # -- models and measurements ---------------------------------------------------------------
+
+    def grouping(self, name: str) -> Grouping:
+        """The grouping of a point's model (after `points()` or `run()` for layer mixes)."""
+        if name not in self._groupings:
+            self._groupings.update(self.groupings())
+        return self._groupings[name]
 
     def groupings(self) -> dict[str, Grouping]:
         """The source and the best complete stage-2 candidate (on validation) per head budget."""
@@ -127,6 +145,16 @@ class KVFront:
             )
         return self._tables[name]
 
+    def _errors_of(self, name: str, grouping: Grouping) -> tuple[float, ...]:
+        if name not in self._grouping_errors:
+            if name == "source":
+                self._grouping_errors[name] = (0.0,) * self.layers
+            else:
+                self._grouping_errors[name] = grouping_errors(
+                    self.model(name, grouping), self.study.source, self.study.stats
+                )
+        return self._grouping_errors[name]
+
     def _split(self, split: str, count: int):
         if split not in self._windows:
             spec = TextSpec(split, self.study.config.promote.seq_len, count)
@@ -162,10 +190,16 @@ class KVFront:
                     "kind": point.kind,
                     "kv_bytes": point.kv_bytes,
                     "kv_fraction": point.kv_bytes / self.source_bytes,
+                    "layers": self.layers_of(point.model),
+                    "grouping": grouping.to_json() if point.model.startswith("mix:") else "",
                 },
             )
         )
         return value
+
+    def layers_of(self, name: str) -> str:
+        """For a layer mix, the layers each model gives ("18 source, 12 2kv:..."); else ""."""
+        return self._mix_layers.get(name, "")
 
     # -- the front -----------------------------------------------------------------------------
 
@@ -196,20 +230,53 @@ class KVFront:
                     continue
                 point = Point(name, plan, self._bytes(plan, Budget.of(grouping)), "allocated")
                 out.append(point)
+            if self.config.layer_mix and len(groupings) > 1:
+                mixed = self._layer_mix(groupings, budget)
+                if mixed is not None and mixed.key not in {p.key for p in out}:
+                    out.append(mixed)
         return out
+
+    def _layer_mix(self, groupings: dict[str, Grouping], budget: ByteBudget) -> Point | None:
+        """Grouping and bits allocated together over layers of the source and every winner; the
+        model is named `mix:<digest>` unless every layer comes from one grouping."""
+        if groupings["source"].kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
+            return None  # the source fits at 16 bits
+        try:
+            allocation = allocate_joint(
+                {name: self._table(name, g) for name, g in groupings.items()},
+                {name: self._errors_of(name, g) for name, g in groupings.items()},
+                budget.bytes_per_token,
+                self.head_dim,
+                (*self.config.bits, 16),
+            )
+        except InfeasibleBudget:
+            return None
+        layers = tuple(
+            groupings[name].layers[layer] for layer, name in enumerate(allocation.models)
+        )
+        mixed = Grouping(self.study.source_grouping.num_heads, layers)
+        name = next((n for n, g in groupings.items() if g == mixed), None)
+        if name is None:
+            name = "mix:" + hashlib.sha1(mixed.to_json().encode()).hexdigest()[:8]
+            counts = pd.Series(allocation.models).value_counts()
+            self._mix_layers[name] = ", ".join(f"{n} {model}" for model, n in counts.items())
+        self._groupings[name] = mixed
+        plan = allocation.plan
+        return Point(name, plan, self._bytes(plan, Budget.of(mixed)), "allocated")
 
     def _bytes(self, plan: PrecisionPlan, counts: Budget) -> float:
         return plan.bytes_per_token(counts.k, counts.v, self.head_dim)
 
     def run(self) -> pd.DataFrame:
         groupings = self.groupings()
+        self._groupings.update(groupings)
         points = self.points(groupings)
         for point in tqdm(points, desc="byte front (validation)", disable=not self.progress):
-            self._measure(point, groupings[point.model], VALID_SPLIT)
+            self._measure(point, self.grouping(point.model), VALID_SPLIT)
         chosen = self.choose(points)
         for row in tqdm(chosen, desc="byte front (test)", disable=not self.progress):
             point = row["point"]
-            row["test_ppl"] = self._measure(point, groupings[point.model], TEST_SPLIT)
+            row["test_ppl"] = self._measure(point, self.grouping(point.model), TEST_SPLIT)
         return pd.DataFrame(chosen)
 
     def choose(self, points: list[Point]) -> list[dict]:
@@ -238,6 +305,7 @@ class KVFront:
                         "budget_fraction": fraction,
                         "family": family,
                         "model": point.model,
+                        "layers": self.layers_of(point.model),
                         "precision": point.label(),
                         "kv_bytes": point.kv_bytes,
                         "kv_fraction": point.kv_bytes / self.source_bytes,

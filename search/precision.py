@@ -11,7 +11,7 @@ dynamic programming over integer byte costs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,17 +62,57 @@ def _costs(
     return out
 
 
+def _least_error(
+    items: Sequence[Sequence[tuple[int, float]]], limit: float, scale: int, what: str
+) -> list[int]:
+    """The exact multiple-choice knapsack: one (integer cost, error) option per item, total cost
+    <= limit, least summed error; the index of the option picked for each item.
+
+    Costs are divided by their common divisor; dp[c] holds the least error of the items seen so
+    far at total cost exactly c. `scale` converts costs back to bytes and `what` names the options
+    for the error message."""
+    unit = math.gcd(*(cost for options in items for cost, _ in options))
+    cells = math.floor(limit / unit + 1e-9)
+    floor_cost = sum(min(cost for cost, _ in options) for options in items) // unit
+    if cells < floor_cost:
+        raise InfeasibleBudget(
+            f"a budget of {limit / scale:.0f} B/token is below the least {what} can cost "
+            f"({floor_cost * unit / scale:.0f} B/token)"
+        )
+    if cells > MAX_UNITS:
+        raise ValueError(f"byte grid too fine for an exact allocation ({cells} cells)")
+    best = np.full(cells + 1, np.inf)
+    best[0] = 0.0
+    choices = np.zeros((len(items), cells + 1), dtype=np.int16)
+    for i, options in enumerate(items):
+        new = np.full(cells + 1, np.inf)
+        for j, (cost, error) in enumerate(options):
+            c = cost // unit
+            if c > cells:
+                continue
+            candidate = np.full(cells + 1, np.inf)
+            candidate[c:] = best[: cells + 1 - c] + error
+            better = candidate < new
+            new[better] = candidate[better]
+            choices[i, better] = j
+        best = new
+    total = int(np.argmin(best))
+    picks = []
+    for i in reversed(range(len(items))):
+        j = int(choices[i, total])
+        picks.append(j)
+        total -= items[i][j][0] // unit
+    return picks[::-1]
+
+
 def allocate_precision(
     table: QuantErrorTable,
     budget_bytes: float,
     head_dim: int,
     bits: Sequence[int] = (2, 3, 4, 8, 16),
 ) -> PrecisionPlan:
-    """The plan of least summed error whose steady-state bytes per token are <= budget_bytes.
-
-    Exact: the costs are integers in units of 1/(8 * group_size) byte, divided by their common
-    divisor; dp[c] holds the least error of the items seen so far at total cost exactly c.
-    """
+    """The plan of least summed error whose steady-state bytes per token are <= budget_bytes:
+    one item per (layer, kind), exact (costs are integers in units of 1/(8 * group_size) byte)."""
     options = sorted({int(b) for b in bits} | {16})
     missing = [b for b in options if any(b not in row[k] for row in table.errors for k in KINDS)]
     if missing:
@@ -83,39 +123,13 @@ def allocate_precision(
         for kind, heads in (("k", table.k_heads[layer]), ("v", table.v_heads[layer])):
             costs = _costs(options, heads, head_dim, table.group_size, scale)
             items.append((layer, kind, costs, [row[kind][b] for b in options]))
-    unit = math.gcd(*(c for item in items for c in item[2]))
-    limit = math.floor(budget_bytes * scale / unit + 1e-9)
-    floor_cost = sum(min(item[2]) for item in items) // unit
-    if limit < floor_cost:
-        least = floor_cost * unit / scale
-        raise InfeasibleBudget(
-            f"a budget of {budget_bytes:.0f} B/token is below the least this grouping can cost "
-            f"with bits {options} ({least:.0f} B/token)"
-        )
-    if limit > MAX_UNITS:
-        raise ValueError(f"byte grid too fine for an exact allocation ({limit} cells)")
-    best = np.full(limit + 1, np.inf)
-    best[0] = 0.0
-    choices = np.zeros((len(items), limit + 1), dtype=np.int8)
-    for i, (_, _, costs, errors) in enumerate(items):
-        new = np.full(limit + 1, np.inf)
-        for j, (cost, error) in enumerate(zip(costs, errors, strict=True)):
-            c = cost // unit
-            if c > limit:
-                continue
-            candidate = np.full(limit + 1, np.inf)
-            candidate[c:] = best[: limit + 1 - c] + error
-            better = candidate < new
-            new[better] = candidate[better]
-            choices[i, better] = j
-        best = new
-    total = int(np.argmin(best))
-    picked: dict[tuple[int, str], int] = {}
-    for i in reversed(range(len(items))):
-        layer, kind, costs, _ = items[i]
-        j = int(choices[i, total])
-        picked[layer, kind] = options[j]
-        total -= costs[j] // unit
+    picks = _least_error(
+        [list(zip(item[2], item[3], strict=True)) for item in items],
+        budget_bytes * scale,
+        scale,
+        "this grouping",
+    )
+    picked = {(item[0], item[1]): options[j] for item, j in zip(items, picks, strict=True)}
     layers = tuple(
         LayerPrecision(picked[layer, "k"], picked[layer, "v"]) for layer in range(len(table.errors))
     )
@@ -127,3 +141,63 @@ def uniform_settings(bits: Sequence[int], group_sizes: Sequence[int]) -> list[tu
     bits than values (keys are the more sensitive, as KIVI and KVQuant found)."""
     bits = sorted({int(b) for b in bits if b < 16}, reverse=True)
     return [(k, v, g) for g in group_sizes for k in bits for v in bits if v <= k]
+
+
+@dataclass(frozen=True)
+class JointAllocation:
+    """Per layer, which model's attention layer (grouping and recovered weights) it takes, and
+    the cache precision of every layer; `error` is the decomposed proxy error it minimised."""
+
+    models: tuple[str, ...]
+    plan: PrecisionPlan
+    error: float
+
+
+def allocate_joint(
+    tables: Mapping[str, QuantErrorTable],
+    grouping_errors: Mapping[str, Sequence[float]],
+    budget_bytes: float,
+    head_dim: int,
+    bits: Sequence[int] = (2, 3, 4, 8, 16),
+) -> JointAllocation:
+    """Head grouping and cache precision allocated together, layer by layer.
+
+    A layer's option is (model m, K bits, V bits): m's attention layer (its K and V head counts)
+    with its cache at those bits. Its error is grouping_errors[m][l] (what m's layer costs against
+    the source's, 0 for the source) plus m's quantization errors of K and V at those bits: the
+    same second-order, layer-decomposed estimate the precision allocation uses, so one exact
+    multiple-choice knapsack (one item per layer) picks grouping and bits jointly. The per-model
+    allocations are inside this search space, so its proxy error is never above theirs."""
+    names = list(tables)
+    if not names or set(names) != set(grouping_errors):
+        raise ValueError("tables and grouping_errors must name the same, non-empty set of models")
+    first = tables[names[0]]
+    if any((t.group_size, t.window) != (first.group_size, first.window) for t in tables.values()):
+        raise ValueError("the error tables differ in group size or window")
+    layers = len(first.errors)
+    if any(len(t.errors) != layers or len(grouping_errors[n]) != layers for n, t in tables.items()):
+        raise ValueError("the error tables differ in their number of layers")
+    options = sorted({int(b) for b in bits} | {16})
+    scale = 8 * first.group_size
+    items, labels = [], []
+    for layer in range(layers):
+        row, names_bits = [], []
+        for name in names:
+            table = tables[name]
+            k_costs = _costs(options, table.k_heads[layer], head_dim, table.group_size, scale)
+            v_costs = _costs(options, table.v_heads[layer], head_dim, table.group_size, scale)
+            errors = table.errors[layer]
+            for kb, kc in zip(options, k_costs, strict=True):
+                for vb, vc in zip(options, v_costs, strict=True):
+                    error = grouping_errors[name][layer] + errors["k"][kb] + errors["v"][vb]
+                    row.append((kc + vc, error))
+                    names_bits.append((name, kb, vb))
+        items.append(row)
+        labels.append(names_bits)
+    picks = _least_error(items, budget_bytes * scale, scale, "these models")
+    chosen = [labels[layer][j] for layer, j in enumerate(picks)]
+    plan = PrecisionPlan(
+        tuple(LayerPrecision(kb, vb) for _, kb, vb in chosen), first.group_size, first.window
+    )
+    error = sum(items[layer][j][1] for layer, j in enumerate(picks))
+    return JointAllocation(tuple(name for name, _, _ in chosen), plan, error)

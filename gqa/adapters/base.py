@@ -186,12 +186,32 @@ class ModelAdapter:
     def expand_norms(self, module: nn.Module, k_index: torch.Tensor) -> None:
         """Give K-width norms one slice per query head (k_index: the group each head reads)."""
 
+    def layout_layer(self, layer: int, k_groups, v_groups) -> None:
+        """Give layer `layer` the module shapes of a grouping (K and V partitions of its query
+        heads) without merging: the weights are loaded next. Used by headgroup's loader and by the
+        modeling code a self-contained checkpoint carries (gqa.remote)."""
+        self.regroup_norms(self.attention(layer), layer, k_groups, None)
+        for which, groups in (("k", k_groups), ("v", v_groups)):
+            old = self.projection(layer, which)
+            self.set_projection(layer, which, new_linear(old, len(groups) * self.head_dim))
+
     def regrouped_modules(self, layer: int) -> list[nn.Module]:
         """Modules whose shapes depend on the grouping: loaded from a converted checkpoint."""
         return [self.projection(layer, "k"), self.projection(layer, "v")]
 
     def to_stock(self, layer: int) -> None:
         """Restore the family's stock module layout once K/V are plain GQA or MHA again."""
+
+
+def new_linear(like: nn.Linear, out_features: int, device=None) -> nn.Linear:
+    """A linear layer like `like` (input width, bias, dtype, device) with `out_features` outputs."""
+    return nn.Linear(
+        like.in_features,
+        out_features,
+        bias=like.bias is not None,
+        dtype=like.weight.dtype,
+        device=device or like.weight.device,
+    )
 
 
 def _window_mask(x: torch.Tensor, window: int | None) -> torch.Tensor | None:

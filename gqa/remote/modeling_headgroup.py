@@ -1,10 +1,12 @@
 """Modeling code that a saved asymmetric headgroup checkpoint carries (auto_map in config.json).
 
 Stock transformers loads the folder with `trust_remote_code=True`, where headgroup is not
-installed: this file and `headgroup_attention.py` (a copy of gqa/attention.py) import only torch
-and transformers. The model is the stock causal LM named by BASE_ARCHITECTURE (written in when
-the checkpoint is saved) whose K/V projections output only the group heads of the grouping in
-`config.headgroup`, so the KV cache holds the grouped heads; the grouped attention functions map
+installed: this file, `headgroup_attention.py` and `headgroup_kv_quant.py` (copies of
+gqa/attention.py and gqa/kv_quant.py) and the family's `hg_adapter_*.py` (copies of headgroup's
+adapters) import only torch and transformers. The model is the stock causal LM named by
+BASE_ARCHITECTURE (written in when the checkpoint is saved, as is the adapter import) whose K/V
+projections output only the group heads of the grouping in `config.headgroup`, laid out by the
+family's adapter, so the KV cache holds the grouped heads; the grouped attention functions map
 them onto the query heads after the cache update.
 """
 
@@ -13,10 +15,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import transformers
-from torch import nn
 
 from .headgroup_attention import grouped_implementation, install_plan, register
 from .headgroup_kv_quant import LayerQuantizer, QuantizedGenerationMixin
+from .hg_adapter_llama import LlamaAdapter as Adapter
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # replaced by the source model's class when saved
 CONFIG_KEY = "headgroup"
@@ -33,34 +35,30 @@ class HeadgroupForCausalLM(QuantizedGenerationMixin, _Base):
 
     def __init__(self, config):
         super().__init__(config)
-        for attn, groups in self._grouped_layers():
-            for which in ("k", "v"):
-                old = getattr(attn, f"{which}_proj")
-                out_features = len(groups[which]) * attn.head_dim
-                new = nn.Linear(old.in_features, out_features, bias=old.bias is not None)
-                setattr(attn, f"{which}_proj", new.to(old.weight.dtype))
+        adapter = Adapter(self)
+        for layer, groups in enumerate(self._layer_groups(adapter)):
+            adapter.layout_layer(layer, groups["k"], groups["v"])
         if not any(p.is_meta for p in self.parameters()):  # from_config; from_pretrained: below
             self._install_plans()
         self.set_attn_implementation(grouped_implementation(config._attn_implementation))
 
-    def _grouped_layers(self):
+    def _layer_groups(self, adapter) -> list[dict]:
         layers = getattr(self.config, CONFIG_KEY)["layers"]
-        modules = self.model.layers
-        if len(layers) != len(modules):
-            raise ValueError(f"grouping has {len(layers)} layers, the model {len(modules)}")
-        return [(module.self_attn, groups) for module, groups in zip(modules, layers, strict=True)]
+        if len(layers) != adapter.num_layers:
+            raise ValueError(f"grouping has {len(layers)} layers, the model {adapter.num_layers}")
+        return layers
 
     def _install_plans(self) -> None:
-        heads = self.config.num_attention_heads
-        for attn, groups in self._grouped_layers():
-            install_plan(attn, SimpleNamespace(k=groups["k"], v=groups["v"]), heads)
+        adapter = Adapter(self)
+        for layer, groups in enumerate(self._layer_groups(adapter)):
+            plan = SimpleNamespace(k=groups["k"], v=groups["v"])
+            install_plan(adapter.attention(layer), plan, adapter.num_heads)
         precision = getattr(self.config, PRECISION_KEY, None)
         if precision is not None:
             group, window = precision["group_size"], precision["window"]
-            for (attn, _), (k_bits, v_bits) in zip(
-                self._grouped_layers(), precision["layers"], strict=True
-            ):
-                attn.hg_kv_quant = LayerQuantizer(k_bits, v_bits, group, window)
+            for layer, (k_bits, v_bits) in enumerate(precision["layers"]):
+                quantizer = LayerQuantizer(k_bits, v_bits, group, window)
+                adapter.attention(layer).hg_kv_quant = quantizer
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -12,7 +12,9 @@ the second-order estimate of the loss increase (the `fisher` proxy's weighting).
 per (layer, kind) with the other kind exact, so the model's error is approximated by the sum over
 layers and kinds: the decomposition the byte allocation (search.precision) optimises exactly.
 The table is computed once per model, grouping and group size (a few seconds: 2 x L x |bits|
-single-layer attention passes).
+single-layer attention passes). `grouping_errors` gives, in the same units, what each layer of a
+converted model costs against the source's at 16 bits, so that grouping and precision can be
+allocated together layer by layer (search.precision.allocate_joint).
 """
 
 from __future__ import annotations
@@ -52,6 +54,43 @@ class QuantErrorTable:
         )
 
 
+def _weighted(delta: torch.Tensor, fisher: torch.Tensor | None) -> float:
+    """sum over tokens of delta^T F delta, per sequence (squared norm without a Fisher matrix)."""
+    flat = delta.flatten(0, 1)
+    if fisher is None:
+        return float(flat.pow(2).sum()) / delta.shape[0]
+    return float(torch.einsum("nd,de,ne->", flat, fisher.to(flat), flat)) / delta.shape[0]
+
+
+def _grouped(model: nn.Module) -> nn.Module:
+    """`model` itself when converted, else an exact converted copy (the grouped attention
+    functions are the ones that simulate the cache)."""
+    if gqa.model_grouping(model) is None:
+        return gqa.converted_copy(model, gqa.current_grouping(model))
+    return model
+
+
+@torch.no_grad()
+def grouping_errors(
+    model: nn.Module, source: nn.Module, stats: CalibrationStats
+) -> tuple[float, ...]:
+    """Per layer, the same weighted error for `model`'s attention layer (its grouping and
+    recovered weights) against the source's, both on the source's calibration inputs at 16 bits:
+    what choosing this layer costs before its cache is quantized (0 where they are equal)."""
+    model, source = _grouped(model), _grouped(source)
+    adapter, reference = get_adapter(model), get_adapter(source)
+    param = next(model.parameters())
+    errors = []
+    for layer in range(adapter.num_layers):
+        x = stats.layers[layer].inputs.to(param.device, param.dtype)
+        delta = (
+            adapter.attend(adapter.attention(layer), x).double()
+            - reference.attend(reference.attention(layer), x).double()
+        )
+        errors.append(_weighted(delta, stats.layers[layer].grad))
+    return tuple(errors)
+
+
 @torch.no_grad()
 def kv_quant_errors(
     model: nn.Module,
@@ -62,8 +101,7 @@ def kv_quant_errors(
     progress: bool = False,
 ) -> QuantErrorTable:
     """The error table of `model` (stock or converted; its own grouping and weights)."""
-    if gqa.model_grouping(model) is None:  # the grouped attention simulates the cache
-        model = gqa.converted_copy(model, gqa.current_grouping(model))
+    model = _grouped(model)
     adapter = get_adapter(model)
     PrecisionPlan.uniform(adapter.num_layers, *(max(bits),) * 2, group_size, window).check_model(
         adapter.num_layers, adapter.head_dim
@@ -87,12 +125,8 @@ def kv_quant_errors(
                 for b in bits:
                     k_bits, v_bits = (b, 16) if kind == "k" else (16, b)
                     module.hg_kv_quant = LayerQuantizer(k_bits, v_bits, group_size, window)
-                    delta = (adapter.attend(module, x).double() - exact).flatten(0, 1)
-                    if fisher is None:
-                        value = delta.pow(2).sum()
-                    else:
-                        value = torch.einsum("nd,de,ne->", delta, fisher.to(delta), delta)
-                    row[kind][int(b)] = float(value) / x.shape[0]
+                    delta = adapter.attend(module, x).double() - exact
+                    row[kind][int(b)] = _weighted(delta, fisher)
         finally:
             if saved is None:
                 del module.hg_kv_quant

@@ -154,3 +154,32 @@ def test_standalone_attend_matches_the_layer_inside_the_model(family):
     with torch.no_grad():
         y = adapter.attend(adapter.attention(0), seen["x"])
     torch.testing.assert_close(y, seen["y"], atol=1e-5, rtol=0)
+
+
+def test_every_family_loads_self_contained_without_headgroup(tmp_path):
+    """Each family's asymmetric folder carries its modeling code (the adapter included): stock
+    transformers with trust_remote_code=True, in an interpreter where headgroup cannot be
+    imported, gives the converted model's logits, its grouped cache and the same generation.
+    Without trust_remote_code, loading fails (no family loads as a different model)."""
+    from tests.gqa.test_remote import run_stock_folders
+
+    models, folders = {}, []
+    for family in FAMILIES:
+        models[family] = gqa.convert(family_model(family), ASYM)
+        folders.append(gqa.save(models[family], tmp_path / family))
+        assert (folders[-1] / "modeling_headgroup.py").is_file()
+    results = run_stock_folders(folders, tmp_path)
+    x = torch.tensor([[5, 17, 33, 8, 61, 2, 44]])
+    for (family, model), stock in zip(models.items(), results, strict=True):
+        assert stock["leaked"] == [] and stock["class"] == "HeadgroupForCausalLM", family
+        with torch.no_grad():
+            expected = model(input_ids=x).logits
+            generated = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        torch.testing.assert_close(stock["logits"], expected, rtol=1e-5, atol=1e-5, msg=family)
+        assert torch.equal(stock["sequences"], generated), family
+        assert stock["k_heads"] == [3, 2] and stock["v_heads"] == [1, 3], family
+    # without the carried code stock transformers must not load a different model silently
+    for family, folder in zip(models, folders, strict=True):
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(folder)
+        assert gqa.model_grouping(gqa.load(folder)) == ASYM, family

@@ -16,13 +16,18 @@ from gqa.remote import ATTENTION_FILE, MODELING_FILE
 from tests.tiny import tiny_model
 
 PROJECT = Path(__file__).resolve().parents[2]
+ASYM_GROUPING = Grouping.create(
+    6,
+    [[[0, 4, 5], [1], [2, 3]], [[5], [0, 1, 2, 3, 4]]],
+    [[[0, 1, 2, 3, 4, 5]], [[0, 1], [2], [3, 4, 5]]],
+)
 
 # Run in a fresh interpreter (-I: no PYTHONPATH, no current directory on sys.path) from a temp dir.
 # Any import of a headgroup package fails loudly, the editable install's finder is dropped, and at
 # the end no loaded module may come from the project.
 LOADER = r"""
 import json, sys
-PROJECT, FOLDER, OUT = sys.argv[1:4]
+PROJECT, OUT, *FOLDERS = sys.argv[1:]
 HEADGROUP = {"gqa", "objectives", "search", "experiments", "tests"}
 
 class Blocker:
@@ -39,12 +44,23 @@ sys.path[:] = [p for p in sys.path if not p.startswith(PROJECT) or "site-package
 import torch
 from transformers import AutoModelForCausalLM
 
-model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True, dtype=torch.float32)
-ids = torch.tensor([[5, 17, 33, 8, 61, 2, 44]])
-logits = model(input_ids=ids).logits
-out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
-                     pad_token_id=0)
-cache = out.past_key_values
+results = []
+for folder in FOLDERS:
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 33, 8, 61, 2, 44]])
+    logits = model(input_ids=ids).logits
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                         pad_token_id=0)
+    cache = out.past_key_values
+    results.append({
+        "class": type(model).__name__,
+        "logits": logits,
+        "sequences": out.sequences,
+        "k_heads": [layer.keys.shape[1] for layer in cache.layers],
+        "v_heads": [layer.values.shape[1] for layer in cache.layers],
+        "cache_class": type(cache).__name__,
+        "cache_bytes": cache.nbytes() if hasattr(cache, "nbytes") else None,
+    })
 leaked = sorted(
     name for name, module in sys.modules.items()
     if (
@@ -53,33 +69,32 @@ leaked = sorted(
     )
     or name.partition(".")[0] in HEADGROUP
 )
-torch.save({
-    "class": type(model).__name__,
-    "logits": logits,
-    "sequences": out.sequences,
-    "k_heads": [layer.keys.shape[1] for layer in cache.layers],
-    "v_heads": [layer.values.shape[1] for layer in cache.layers],
-    "leaked": leaked,
-    "cache_class": type(cache).__name__,
-    "cache_bytes": cache.nbytes() if hasattr(cache, "nbytes") else None,
-}, OUT)
+for result in results:
+    result["leaked"] = leaked
+torch.save(results, OUT)
 """
 
 
 def _run_stock(folder: Path, tmp_path: Path) -> dict:
     """Copy `folder` into a temp dir and load it there in an interpreter without headgroup."""
+    return run_stock_folders([folder], tmp_path)[0]
+
+
+def run_stock_folders(folders: list[Path], tmp_path: Path) -> list[dict]:
+    """Copy `folders` into a temp dir and load each there, in one interpreter without headgroup:
+    logits and greedy generation on fixed ids, the cache's head counts, leaked modules."""
     work = tmp_path / "elsewhere"
     work.mkdir()
-    copy = shutil.copytree(folder, work / "model")
+    copies = [str(shutil.copytree(f, work / f"model{i}")) for i, f in enumerate(folders)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(work / "hf_modules"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
-        [sys.executable, "-I", "-c", LOADER, str(PROJECT), str(copy), str(work / "out.pt")],
+        [sys.executable, "-I", "-c", LOADER, str(PROJECT), str(work / "out.pt"), *copies],
         cwd=work,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(work / "out.pt")
@@ -132,3 +147,32 @@ def test_other_family_carries_its_own_base_class(tmp_path, model_type):
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([[5, 17, 33, 8, 61, 2, 44]])).logits
     torch.testing.assert_close(stock["logits"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_carried_adapters_are_the_family_chain_with_relative_imports(tmp_path):
+    from gqa.remote import ADAPTER_PREFIX
+
+    model = gqa.convert(tiny_model("gemma3_text", num_kv_heads=3, head_dim=12), ASYM_GROUPING)
+    folder = gqa.save(model, tmp_path / "g3")
+    carried = sorted(p.name for p in folder.glob(f"{ADAPTER_PREFIX}*.py"))
+    assert carried == [
+        f"{ADAPTER_PREFIX}{n}.py" for n in ("base", "gemma", "gemma2", "gemma3", "llama")
+    ]
+    for path in folder.glob("*.py"):
+        text = path.read_text()
+        assert "from gqa" not in text and "import gqa" not in text, path.name
+    modeling = (folder / MODELING_FILE).read_text()
+    assert f"from .{ADAPTER_PREFIX}gemma3 import Gemma3TextAdapter as Adapter" in modeling
+
+
+def test_a_folder_that_cannot_carry_code_is_refused_in_one_line(tmp_path):
+    from gqa.remote import RemoteCodeError, write_remote_code
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["MyPrivateLlamaForCausalLM"]})
+    )
+    with pytest.raises(RemoteCodeError, match="MyPrivateLlamaForCausalLM is not a stock"):
+        write_remote_code(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]  # nothing written

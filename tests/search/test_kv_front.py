@@ -1,14 +1,20 @@
 """The byte front on a tiny study: families, selection on validation, resumption, bad input."""
 
 import json
+import math
 
 import optuna
 import pytest
+import torch
 
 from experiments.byte_front_report import byte_front_report
 from experiments.cli import main
+from gqa.adapters import get_adapter
+from gqa.grouping import Grouping
+from objectives.data import VALID_SPLIT
 from search.config import ConfigError, StudyConfig
 from search.kv_front import FAMILIES, FRONT_SUFFIX, KVFront, front_frame
+from search.precision import ByteBudget
 from search.study import Study, make_storage
 from tests.search.study_fixtures import save_tiny_model, write_config
 
@@ -69,6 +75,36 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     paths = byte_front_report(chosen, points, source_bytes, tmp_path / "report")
     assert paths["png"].stat().st_size > 0
     assert "| **joint** |" in paths["md"].read_text()
+
+
+def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_config):
+    """With the source's layer 0 and the 2-KV winner's layer 1 made prohibitively bad, the joint
+    allocation must mix: layer 0 from the winner, layer 1 from the source. The mixed model is
+    built from those layers, measured, recorded with its grouping, and found again by name."""
+    path, storage = front_config
+    study = Study(StudyConfig.load(path), progress=False)
+    study.run()
+    front = KVFront(study, progress=False)
+    groupings = front.groupings()
+    winner = next(n for n in groupings if n.startswith("2kv:"))
+    groupings = {"source": groupings["source"], winner: groupings[winner]}
+    bad = {"source": (1e12, 0.0), winner: (0.0, 1e12)}
+    front._errors_of = lambda name, grouping: bad[name]
+    budget = ByteBudget.of_source(0.9, front.source_bytes)  # the source does not fit at 16 bits
+    point = front._layer_mix(groupings, budget)
+    assert point.model.startswith("mix:") and point.kv_bytes <= budget.bytes_per_token
+    mixed = front.grouping(point.model)
+    assert mixed.layers == (groupings[winner].layers[0], groupings["source"].layers[1])
+    assert front.layers_of(point.model) in (f"1 {winner}, 1 source", f"1 source, 1 {winner}")
+    value = front._measure(point, mixed, VALID_SPLIT)
+    assert math.isfinite(value)
+    row = front_frame("tiny", storage).set_index("model").loc[point.model]
+    assert Grouping.from_json(row["grouping"]) == mixed and row["valid_ppl"] == value
+    # the layer-wise fit of the winner's layer 0 is the one its stage-2 model got (LayerFitCache)
+    model, own = front.model(point.model, mixed), front.model(winner, groupings[winner])
+    ours = get_adapter(model).attention(0).state_dict()
+    theirs = get_adapter(own).attention(0).state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, capsys):

@@ -9,8 +9,14 @@ import gqa
 from gqa.grouping import Grouping
 from gqa.precision import LayerPrecision, PrecisionPlan
 from objectives.calibration import CalibrationConfig, calibrate
-from objectives.proxies.kv_quant_error import QuantErrorTable, kv_quant_errors
-from search.precision import ByteBudget, InfeasibleBudget, allocate_precision, uniform_settings
+from objectives.proxies.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
+from search.precision import (
+    ByteBudget,
+    InfeasibleBudget,
+    allocate_joint,
+    allocate_precision,
+    uniform_settings,
+)
 from tests.tiny import tiny_model
 
 BITS = (2, 3, 4, 8, 16)
@@ -98,3 +104,84 @@ def test_byte_budgets_and_uniform_settings():
             ByteBudget.of_source(bad, 23040)
     settings = uniform_settings((8, 4, 2, 16), (32,))
     assert settings == [(8, 8, 32), (8, 4, 32), (8, 2, 32), (4, 4, 32), (4, 2, 32), (2, 2, 32)]
+
+
+@pytest.fixture(scope="module")
+def pair(smol_tokenizer, tmp_path_factory):
+    """A stock 3-KV-head source, its statistics, and a converted copy that groups differently in
+    layer 0 and keeps the source's grouping in layer 1."""
+    source = tiny_model(num_kv_heads=3, vocab_size=49152)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADGROUP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        stats = calibrate(source, smol_tokenizer, CONFIG, "tiny-pair", progress=False)
+    own = gqa.current_grouping(source).layers[1]
+    grouping = Grouping(6, (Grouping.create(6, [[[0, 4, 5], [1, 2, 3]]]).layers[0], own))
+    return source, stats, gqa.converted_copy(source, grouping)
+
+
+def test_grouping_errors_are_zero_where_the_layer_is_the_sources(pair):
+    source, stats, converted = pair
+    assert grouping_errors(source, source, stats) == (0.0, 0.0)
+    errors = grouping_errors(converted, source, stats)
+    assert errors[0] > 0  # 2 merged K/V heads of 3
+    assert errors[1] == pytest.approx(0.0, abs=1e-12)  # the source's own grouping, merged exactly
+
+
+def _joint_brute_force(tables, errors, budget):
+    """Every (model, K bits, V bits) per layer: the least summed error within the budget."""
+    names = list(tables)
+    per_layer = []
+    for layer in range(2):
+        options = []
+        for name, kb, vb in itertools.product(names, BITS, BITS):
+            t = tables[name]
+            plan = PrecisionPlan((LayerPrecision(kb, vb),), t.group_size, t.window)
+            cost = plan.bytes_per_token((t.k_heads[layer],), (t.v_heads[layer],), HEAD_DIM)
+            error = errors[name][layer] + t.errors[layer]["k"][kb] + t.errors[layer]["v"][vb]
+            options.append((cost, error, name))
+        per_layer.append(options)
+    fits = [
+        (a[1] + b[1], (a[2], b[2]))
+        for a, b in itertools.product(*per_layer)
+        if a[0] + b[0] <= budget + 1e-9
+    ]
+    return min(fits)
+
+
+@pytest.mark.parametrize("fraction", [0.32, 0.4, 0.5, 0.65, 0.8])
+def test_joint_allocation_equals_brute_force(pair, fraction):
+    source, stats, converted = pair
+    models = {"source": source, "converted": converted}
+    tables = {n: kv_quant_errors(m, stats, group_size=8) for n, m in models.items()}
+    errors = {n: grouping_errors(m, source, stats) for n, m in models.items()}
+    full = 2 * 2 * 3 * HEAD_DIM * 2  # 2 layers, K and V, 3 heads, fp16
+    budget = fraction * full
+    joint = allocate_joint(tables, errors, budget, HEAD_DIM, BITS)
+    k = tuple(tables[n].k_heads[i] for i, n in enumerate(joint.models))
+    v = tuple(tables[n].v_heads[i] for i, n in enumerate(joint.models))
+    assert joint.plan.bytes_per_token(k, v, HEAD_DIM) <= budget + 1e-9
+    expected, _ = _joint_brute_force(tables, errors, budget)
+    assert joint.error == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # the source-only allocation is inside the joint search space
+    try:
+        alone = tables["source"].plan_error(
+            allocate_precision(tables["source"], budget, HEAD_DIM, BITS)
+        )
+    except InfeasibleBudget:
+        alone = float("inf")
+    assert joint.error <= alone + 1e-15
+    if fraction == 0.32:  # below the source's 2-bit floor: only a grouped layer 0 fits
+        assert alone == float("inf") and joint.models == ("converted", "source")
+
+
+def test_joint_allocation_refuses_mismatched_tables(pair):
+    source, stats, converted = pair
+    a = kv_quant_errors(source, stats, group_size=8)
+    b = kv_quant_errors(converted, stats, group_size=4)
+    zeros = (0.0, 0.0)
+    with pytest.raises(ValueError, match="differ in group size"):
+        allocate_joint({"a": a, "b": b}, {"a": zeros, "b": zeros}, 100.0, HEAD_DIM)
+    with pytest.raises(ValueError, match="name the same"):
+        allocate_joint({"a": a}, {"b": zeros}, 100.0, HEAD_DIM)
+    with pytest.raises(InfeasibleBudget, match="below the least these models can cost"):
+        allocate_joint({"a": a}, {"a": zeros}, 10.0, HEAD_DIM)
