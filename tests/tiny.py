@@ -7,7 +7,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 # Family settings on top of the common tiny ones: each family's distinctive attention features
 # switched on and made large enough to matter (soft-capping that bites, windows shorter than the
-# test sequences, head_dim independent of hidden_size, biases, multipliers, partial RoPE).
+# test sequences, head_dim independent of hidden_size, biases, multipliers, partial RoPE, per-head
+# q/k norms, q/k/v clipping, layers without RoPE).
 FAMILIES: dict[str, dict] = {
     "llama": {},
     "mistral": {},
@@ -37,9 +38,25 @@ FAMILIES: dict[str, dict] = {
         "logits_scaling": 2.0,
     },
     "gpt2": {"n_positions": 128, "n_inner": 64},
+    "gpt_neox": {
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5},
+        "attention_bias": True,
+    },
+    "opt": {"ffn_dim": 64, "enable_bias": True},
+    "gptj": {"rotary_dim": 4, "n_inner": 64},
+    "starcoder2": {"use_bias": True, "sliding_window": 4},
+    "stablelm": {
+        "qk_layernorm": True,
+        "use_qkv_bias": True,
+        "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5},
+    },
+    "cohere": {"use_qk_norm": True},
+    "olmo": {"clip_qkv": 1.0},
+    "smollm3": {"no_rope_layers": [1, 0]},  # layer 1 without RoPE
 }
 CONFIGS = FAMILIES  # the families tiny_model can build
-RANDOMISED = ("proj", "c_attn", "q_norm", "k_norm")  # weights drawn larger than the default init
+# weights drawn larger than the default init
+RANDOMISED = ("proj", "c_attn", "query_key_value", "q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 
 def tiny_model(

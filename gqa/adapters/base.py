@@ -4,7 +4,8 @@ Surgery, calibration and proxies only talk to an adapter, never to a concrete mo
 supporting a new family is one short file in `gqa/adapters/` (see docs/adding_a_model.md).
 Families that differ from the LLaMA layout override a class attribute or one of the hooks below
 (`output_weight`, `rope_inv_freq`, `position_embeddings`, `query_head_tensors`,
-`regroup_norms`, `expand_norms`, `to_stock`); `gqa.adapters.fused` handles fused q/k/v.
+`regroup_norms`, `expand_norms`, `to_stock`); `gqa.adapters.fused` handles fused q/k/v and
+`gqa.adapters.head_norms` per-head q/k norms with a gain per head.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class ModelAdapter:
     # Stock transformers can express a uniform grouping as `num_key_value_heads` (False for
     # MHA-only families: their converted models always save in headgroup's format).
     stock_gqa: ClassVar[bool] = True
+    # RoPE that rotates adjacent dims (2i, 2i + 1) (GPT-J, Cohere) rather than (i, i + R/2): the
+    # model runs exactly, but `rope_inv_freq` cannot describe it to the RoPE-aware key weighting.
+    rope_interleaved: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -100,12 +104,21 @@ class ModelAdapter:
     def rope_inv_freq(self, layer: int = 0) -> torch.Tensor | None:
         """RoPE inverse frequencies (R/2,) of `layer`, R <= D the rotated dims: pair i rotates
         dims i and i + R/2 by position * f_i. None for a model without RoPE."""
+        if self.rope_interleaved:
+            raise UnsupportedModelError(
+                f"{self.config.model_type} rotates adjacent dims (interleaved RoPE), which the "
+                "RoPE-aware key weighting (attn_out and fisher proxies, query_aware merge) cannot "
+                "express; use the mean merge with kv_recon, wse, act_cos or local_attn"
+            )
         if self.rotary_path is None:
             return None
         return self._get(self.rotary_path).inv_freq
 
     def position_embeddings(self, x: torch.Tensor, module: nn.Module | None = None):
-        """RoPE (cos, sin) for positions 0..T-1 of x (B, T, d), as `module` takes them."""
+        """RoPE (cos, sin) for positions 0..T-1 of x (B, T, d), as `module` takes them; None
+        without RoPE (learned positions are added to the embeddings, outside attention)."""
+        if self.rotary_path is None:
+            return None
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         return self._get(self.rotary_path)(x, positions)
 

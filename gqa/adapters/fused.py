@@ -1,4 +1,5 @@
-"""Families with one fused q/k/v projection (Phi-3 `qkv_proj`, GPT-2 `c_attn`).
+"""Families with one fused q/k/v projection (Phi-3 `qkv_proj`, GPT-2 `c_attn`, GPT-NeoX
+`query_key_value`).
 
 A stock fused projection is read through views: `projection(layer, 'k')` is an `nn.Linear` whose
 weight shares storage with its rows of the fused weight, so reading, calibration and in-place
@@ -49,6 +50,13 @@ class FusedQKVAdapter(ModelAdapter):
         """Output widths of q, k and v in the fused output, as the attention module splits it."""
         raise NotImplementedError
 
+    def qkv_rows(self, module: nn.Module, which: str) -> slice | torch.Tensor:
+        """Rows of the fused (out, in) weight that hold q, k or v: a slice (read as a view) or,
+        for rows that are not contiguous (GPT-NeoX), an index (read as a copy)."""
+        sizes = self.qkv_sizes(module)
+        start = sum(sizes[: "qkv".index(which)])
+        return slice(start, start + sizes["qkv".index(which)])
+
     def record_sizes(self, module: nn.Module, sizes: tuple[int, int, int]) -> None:
         """Tell the attention module where k and v now sit in the fused output."""
         raise NotImplementedError
@@ -66,11 +74,9 @@ class FusedQKVAdapter(ModelAdapter):
             return super().module_projection(module, which)
         if isinstance(fused, SplitQKV):
             return getattr(fused, which)
-        sizes = self.qkv_sizes(module)
-        start = sum(sizes[: "qkv".index(which)])
-        stop = start + sizes["qkv".index(which)]
-        bias = None if fused.bias is None else fused.bias[start:stop]
-        return _view_linear(self._fused_weight(fused)[start:stop], bias)
+        rows = self.qkv_rows(module, which)
+        bias = None if fused.bias is None else fused.bias[rows]
+        return _view_linear(self._fused_weight(fused)[rows], bias)
 
     def set_module_projection(self, module: nn.Module, which: str, linear: nn.Linear) -> None:
         if which == "o":
@@ -107,6 +113,16 @@ def _copy_linear(view: nn.Linear) -> nn.Linear:
         linear.weight.copy_(view.weight)
         if view.bias is not None:
             linear.bias.copy_(view.bias)
+    return linear
+
+
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` (out, in) and `bias`, on their device and dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    linear.to(weight)
+    linear.weight.data.copy_(weight)
+    if bias is not None:
+        linear.bias.data.copy_(bias)
     return linear
 
 

@@ -29,9 +29,6 @@ class GPT2Adapter(FusedQKVAdapter):
         if getattr(self.config, "add_cross_attention", False):
             raise UnsupportedModelError("gpt2 with cross-attention is not a decoder-only model")
 
-    def position_embeddings(self, x: torch.Tensor, module: nn.Module | None = None):
-        return None  # learned absolute positions are added to the embeddings, not in attention
-
     def output_weight(self, layer: int) -> torch.Tensor:
         return self.projection(layer, "o").weight.T
 

@@ -3,7 +3,7 @@
 from torch import nn
 
 from gqa.adapters.base import register_adapter
-from gqa.adapters.fused import FusedQKVAdapter, concat_linear
+from gqa.adapters.fused import FusedQKVAdapter, concat_linear, linear_from
 
 
 @register_adapter
@@ -20,10 +20,4 @@ class Phi3Adapter(FusedQKVAdapter):
         module.num_key_value_heads = sizes[1] // self.head_dim
 
     def fuse(self, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> nn.Module:
-        weight, bias = concat_linear(q, k, v)
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        fused.to(weight)
-        fused.weight.data.copy_(weight)
-        if bias is not None:
-            fused.bias.data.copy_(bias)
-        return fused
+        return linear_from(*concat_linear(q, k, v))

@@ -16,6 +16,14 @@ from types import SimpleNamespace
 
 import transformers
 
+try:  # transformers 5: checkpoint keys renamed at load (GPT-NeoX's embed_out -> lm_head)
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+except ImportError:  # older releases rename nothing at load
+    get_checkpoint_conversion_mapping = register_checkpoint_conversion_mapping = None
+
 from .headgroup_attention import grouped_implementation, install_plan, register
 from .headgroup_kv_quant import LayerQuantizer, QuantizedGenerationMixin
 from .hg_adapter_llama import LlamaAdapter as Adapter
@@ -62,6 +70,7 @@ class HeadgroupForCausalLM(QuantizedGenerationMixin, _Base):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
+        _adopt_key_renames(cls)
         # Weights are loaded onto modules built on the meta device; the plan's index buffers are
         # not weights, so they are made once the parameters are real.
         model = super().from_pretrained(*args, **kwargs)
@@ -69,3 +78,15 @@ class HeadgroupForCausalLM(QuantizedGenerationMixin, _Base):
         # An attn_implementation asked for at loading ("eager", "sdpa") becomes its grouped twin.
         model.set_attn_implementation(grouped_implementation(model.config._attn_implementation))
         return model
+
+
+def _adopt_key_renames(cls: type) -> None:
+    """transformers renames checkpoint keys by class name or model_type (GPT-NeoX's `embed_out`
+    is its `lm_head`) but skips remote-code classes whose name is not registered: register the
+    base's renames under this class's name, at each load, as carried families share the name."""
+    if get_checkpoint_conversion_mapping is None:
+        return
+    mapping = get_checkpoint_conversion_mapping(BASE_ARCHITECTURE)
+    if mapping is None:
+        mapping = get_checkpoint_conversion_mapping(cls.config_class.model_type) or []
+    register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)

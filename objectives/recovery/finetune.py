@@ -5,10 +5,14 @@ merged LoRA (peft). The model keeps its grouping.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from gqa.adapters import ModelAdapter, get_adapter
+from gqa.grouping import write_text_atomic
 from gqa.surgery import model_grouping
 from objectives.calibration import CalibrationStats
-from objectives.data import TextSpec, token_windows
+from objectives.data import READING_SPLIT, TextSpec, all_windows, token_windows
 from objectives.recovery.base import (
     PROJECTIONS,
     RecoveryResult,
@@ -31,16 +36,25 @@ from objectives.recovery.base import (
     snapshot,
 )
 
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("linear", "cosine", "constant")
+TEXTS = ("train", READING_SPLIT)
+RUN_FILE = "headgroup_run.json"  # what a checkpoint folder was started for
+
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """End-to-end causal-LM training (optionally distilled from the source) on the train split."""
 
     max_steps: int = 200
+    tokens: int = 0  # > 0: train on this many tokens instead (steps = tokens / (batch x seq_len))
     lr: float = 1e-4
+    lr_scheduler: str = "linear"  # decay after warm-up: "linear", "cosine" or "constant"
     batch_size: int = 8
     seq_len: int = 256
-    num_train_windows: int = 512  # the train split holds about 600 windows of 256 tokens
+    text: str = "train"  # "train" (LAMBADA, ~600 windows of 256) or "reading" (~2M tokens)
+    num_train_windows: int = 512  # windows drawn from `text` (with `tokens`: as many as needed)
     distill: bool = False  # add distill_weight * KL(source || converted) of next-token logits
     distill_weight: float = 1.0
     trainable: tuple[str, ...] | str = ("k", "v")  # attention projections, or "all"
@@ -53,6 +67,15 @@ class FinetuneConfig:
     logging_steps: int = 10
     device: str = "auto"  # "auto" (CUDA when available), "cpu" or "cuda"
     seed: int = 0
+    checkpoint_dir: str = ""  # non-empty: save every `save_steps`, and resume from there
+    save_steps: int = 50
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps: from the token budget when one is set, else max_steps."""
+        if self.tokens > 0:
+            return math.ceil(self.tokens / (self.batch_size * self.seq_len))
+        return self.max_steps
 
     def __post_init__(self) -> None:
         if self.trainable != "all":
@@ -62,7 +85,23 @@ class FinetuneConfig:
                 )
             object.__setattr__(self, "trainable", tuple(self.trainable))
             check_projections(self.trainable, "finetune trainable")
-        for name in ("max_steps", "batch_size", "num_train_windows", "logging_steps", "lora_r"):
+        if self.tokens < 0:
+            raise ValueError(f"finetune tokens must be >= 0, got {self.tokens}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(
+                f"finetune lr_scheduler must be one of {', '.join(SCHEDULERS)}, "
+                f"got {self.lr_scheduler!r}"
+            )
+        if self.text not in TEXTS:
+            raise ValueError(f"finetune text must be one of {', '.join(TEXTS)}, got {self.text!r}")
+        for name in (
+            "max_steps",
+            "batch_size",
+            "num_train_windows",
+            "logging_steps",
+            "lora_r",
+            "save_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"finetune {name} must be at least 1, got {getattr(self, name)}")
         if self.seq_len < 2:
@@ -149,6 +188,59 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _training_windows(tokenizer, config: FinetuneConfig) -> torch.Tensor:
+    """The training windows: `num_train_windows` of the text, or with a token budget one pass
+    of it where the text holds that many windows (else all of them, trained in epochs)."""
+    if not config.tokens:
+        return token_windows(
+            tokenizer, TextSpec(config.text, config.seq_len, config.num_train_windows)
+        )
+    needed = config.steps * config.batch_size
+    try:
+        return token_windows(tokenizer, TextSpec(config.text, config.seq_len, needed))
+    except ValueError:  # shorter than one pass
+        return all_windows(tokenizer, config.text, config.seq_len)
+
+
+def _run_fingerprint(config: FinetuneConfig, model: nn.Module) -> dict:
+    settings = {
+        k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "save_steps")
+    }
+    settings["trainable"] = list(settings["trainable"]) if config.trainable != "all" else "all"
+    grouping = model_grouping(model)
+    weights = hashlib.sha1()
+    for name, param in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(param.detach().float().sum().cpu().numpy().tobytes())
+    return {
+        "config": settings,
+        "grouping": None if grouping is None else grouping.to_dict(),
+        "start_weights": weights.hexdigest(),
+    }
+
+
+def _prepare_checkpoints(config: FinetuneConfig, model: nn.Module) -> str | None:
+    """The checkpoint to resume from (None: start afresh). A folder started for another run
+    (settings, grouping or starting weights) is refused rather than resumed."""
+    if not config.checkpoint_dir:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(config.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / RUN_FILE
+    fingerprint = _run_fingerprint(config, model)
+    if record.is_file():
+        if json.loads(record.read_text()) != fingerprint:
+            raise ValueError(
+                f"finetune checkpoint_dir {folder} holds checkpoints of another run (settings, "
+                "grouping or starting weights differ): use a new folder"
+            )
+    else:
+        write_text_atomic(record, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    return get_last_checkpoint(str(folder))
+
+
 @register_recovery("finetune", FinetuneConfig)
 def finetune(
     converted: nn.Module,
@@ -172,7 +264,8 @@ def finetune(
     grouping = model_grouping(converted)
     adapter = get_adapter(converted)
     device = _resolve_device(config.device)
-    windows = token_windows(tokenizer, TextSpec("train", config.seq_len, config.num_train_windows))
+    windows = _training_windows(tokenizer, config)
+    resume = _prepare_checkpoints(config, converted)
 
     names = PROJECTIONS if config.trainable == "all" else config.trainable
     if config.lora:
@@ -211,15 +304,18 @@ def finetune(
                 )
                 model = get_peft_model(converted, lora)  # injects adapters into `converted`
             args = TrainingArguments(
-                output_dir=out,
-                max_steps=config.max_steps,
+                output_dir=config.checkpoint_dir or out,
+                max_steps=config.steps,
                 per_device_train_batch_size=config.batch_size,
                 learning_rate=config.lr,
+                lr_scheduler_type=config.lr_scheduler,
                 warmup_steps=config.warmup_steps,
                 weight_decay=config.weight_decay,
                 logging_steps=config.logging_steps,
                 logging_nan_inf_filter=False,
-                save_strategy="no",
+                save_strategy="steps" if config.checkpoint_dir else "no",
+                save_steps=config.save_steps,
+                save_total_limit=2,
                 eval_strategy="no",
                 report_to=[],
                 use_cpu=device.type == "cpu",
@@ -239,7 +335,7 @@ def finetune(
             if not progress:
                 trainer.remove_callback(PrinterCallback)
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            trainer.train()
+            trainer.train(resume_from_checkpoint=resume)
         except BaseException:  # leave the model as it was: no adapters, weights restored
             if model is not converted:
                 model.unload()  # drop the adapters unmerged: the base weights never changed
@@ -255,13 +351,16 @@ def finetune(
             converted.eval()
     if model_grouping(converted) != grouping:
         raise RuntimeError("finetune changed the model's grouping")
-    history = trainer.loss_history
+    history = trainer.loss_history  # this run's steps (a resumed run: those after the checkpoint)
+    seconds = time.perf_counter() - start
+    tokens = len(history) * config.batch_size * config.seq_len
+    log.info("finetune: %d tokens in %.0f s (%.0f tokens/s)", tokens, seconds, tokens / seconds)
     return RecoveryResult(
         method="finetune",
-        seconds=time.perf_counter() - start,
+        seconds=seconds,
         steps=trainer.state.global_step,
-        initial_loss=history[0],
-        final_loss=history[-1],
+        initial_loss=history[0] if history else math.nan,
+        final_loss=history[-1] if history else math.nan,
         trainable_parameters=trainable,
         history=history,
     )

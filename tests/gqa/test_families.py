@@ -19,7 +19,7 @@ ASYM = Grouping.create(
 )
 UNIFORM = Grouping.create(6, [[[0, 3, 5], [1, 2, 4]]] * 2)  # uniform, shared, reordered
 NEW_FAMILIES = [f for f in FAMILIES if f not in ("llama", "mistral", "qwen2")]
-MHA_ONLY = {"gpt2"}  # no num_key_value_heads: the source is MHA
+MHA_ONLY = {"gpt2", "gpt_neox", "opt", "gptj"}  # no num_key_value_heads: the source is MHA
 
 
 def family_model(family: str, **overrides):
@@ -138,7 +138,32 @@ def test_olmo2_k_norm_gain_is_the_rescaled_mean_of_member_gains():
     assert float(c) < 1  # merged heads have less energy than the source heads
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize(("family", "attr"), [("stablelm", "k_layernorm"), ("cohere", "k_norm")])
+def test_per_head_k_norm_gain_is_the_mean_of_member_gains(family, attr):
+    model = family_model(family)
+    adapter = gqa.get_adapter(model)
+    gains = adapter.gains(getattr(adapter.attention(0), attr)).detach().clone()  # (3, D)
+    converted = gqa.get_adapter(gqa.convert(copy.deepcopy(model), ASYM))
+    new = converted.gains(getattr(converted.attention(0), attr))
+    source = adapter.source_kv_index(0, "k")
+    assert new.shape == (len(ASYM.layers[0].k), 8)
+    for g, heads in enumerate(ASYM.layers[0].k):
+        torch.testing.assert_close(new[g], gains[source[list(heads)]].mean(0))
+
+
+def test_smollm3_layers_without_rope_have_no_rope_frequencies():
+    adapter = gqa.get_adapter(family_model("smollm3"))
+    assert adapter.rope_inv_freq(0) is not None and adapter.rope_inv_freq(1) is None
+
+
+@pytest.mark.parametrize("family", ["gptj", "cohere"])
+def test_interleaved_rope_is_refused_to_the_rope_aware_proxies(family):
+    adapter = gqa.get_adapter(family_model(family))
+    with pytest.raises(gqa.UnsupportedModelError, match=f"{family} rotates adjacent dims"):
+        adapter.rope_inv_freq(0)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "starcoder2"])
 def test_standalone_attend_matches_the_layer_inside_the_model(family):
     """`attend` (layer-local proxies, recovery) must see the sliding window the model uses."""
     model = gqa.convert(family_model(family, sliding_window=4), ASYM)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, OPTConfig
+from transformers import AutoModelForCausalLM, BloomConfig
 
 import gqa
 from gqa.adapters import UnsupportedModelError, get_adapter
@@ -162,13 +162,11 @@ def test_unknown_merge_method():
 
 def test_unsupported_model_type_names_it_and_the_docs():
     model = AutoModelForCausalLM.from_config(
-        OPTConfig(
-            num_hidden_layers=1, num_attention_heads=2, hidden_size=8, ffn_dim=8, vocab_size=11
-        )
+        BloomConfig(n_layer=1, n_head=2, hidden_size=8, vocab_size=11)
     )
     with pytest.raises(
         UnsupportedModelError,
-        match="model_type 'opt' has no headgroup adapter.*docs/adding_a_model.md",
+        match="model_type 'bloom' has no headgroup adapter.*docs/adding_a_model.md",
     ):
         get_adapter(model)
 

@@ -9,7 +9,7 @@ import torch
 from optuna.trial import TrialState
 
 import gqa
-from gqa.adapters import get_adapter
+from gqa.adapters import UnsupportedModelError, get_adapter
 from objectives.calibration import CalibrationConfig, calibrate
 from objectives.proxies import make_proxy
 from objectives.sensitivity import key_weights, value_weights
@@ -19,6 +19,8 @@ from tests.gqa.test_families import ASYM, NEW_FAMILIES, family_model
 
 CONFIG = CalibrationConfig(seq_len=12, num_seqs=3, grad_seqs=1, sample_seqs=3, batch_size=3)
 FAMILIES = ["qwen2", *NEW_FAMILIES]  # qwen2: the k/v biases the proxies used to ignore
+# RoPE on adjacent dim pairs: the RoPE-aware key weighting (attn_out, fisher, query_aware) refuses.
+INTERLEAVED_ROPE = {"gptj", "cohere"}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -63,6 +65,11 @@ def _closed_form(proxy, layer: int, kind: str) -> float:
 def test_weighted_proxies_equal_brute_force(calibrated, merge):
     family, model, stats = calibrated
     adapter = get_adapter(model)
+    interleaved = family in INTERLEAVED_ROPE
+    if interleaved and merge == "query_aware":
+        with pytest.raises(UnsupportedModelError, match="interleaved RoPE"):
+            gqa.convert(copy.deepcopy(model), ASYM, merge=merge, stats=stats)
+        return
     converted = gqa.convert(copy.deepcopy(model), ASYM, merge=merge, stats=stats)
     kv = make_proxy("kv_recon", model, stats, merge=merge)
     out = make_proxy("attn_out", model, stats, merge=merge)
@@ -73,6 +80,10 @@ def test_weighted_proxies_equal_brute_force(calibrated, merge):
         m_v = value_weights(adapter, layer, stats.layers[layer])
         expected_v = _brute(model, converted, stats, layer, "v", weight_of=m_v)
         assert _closed_form(out, layer, "v") == pytest.approx(expected_v, rel=1e-4)
+        if interleaved:
+            with pytest.raises(UnsupportedModelError, match="interleaved RoPE"):
+                out.group_error(layer, "k", (0, 1))
+            continue
         m_k = key_weights(adapter, layer, stats.layers[layer])
         expected_k = _brute(model, converted, stats, layer, "k", weight_of=m_k, centred=True)
         assert _closed_form(out, layer, "k") == pytest.approx(expected_k, rel=1e-4)
@@ -124,8 +135,8 @@ sample_seqs = 3
 batch_size = 3
 [search]
 budgets = [1.5]
-proxy = "fisher"
-merge = "query_aware"
+proxy = "{proxy}"
+merge = "{merge}"
 trials = 4
 [search.strategies.neighbour]
 [search.strategies.neighbour_kv]
@@ -140,10 +151,15 @@ def test_stage1_study_runs(calibrated, smol_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
     gqa.save(model, tmp_path / "model", tokenizer=smol_tokenizer)
     path = tmp_path / "study.toml"
-    path.write_text(STAGE1.format(tmp=tmp_path, model=tmp_path / "model"))
+    proxy, merge = ("kv_recon", "mean") if family in INTERLEAVED_ROPE else ("fisher", "query_aware")
+    path.write_text(STAGE1.format(tmp=tmp_path, model=tmp_path / "model", proxy=proxy, merge=merge))
     study = Study(StudyConfig.load(path), progress=False).stage1()
     trials = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(trials) == 4
+    if family in INTERLEAVED_ROPE:  # strategies agree more under kv_recon: repeats are pruned
+        assert not study.get_trials(states=(TrialState.FAIL,))
+        assert 1 <= len(trials) <= 4
+    else:
+        assert len(trials) == 4
     for t in trials:
         assert t.user_attrs["kv_heads"] == 6  # 1.5 K and 1.5 V heads per layer, 2 layers
         assert t.user_attrs["proxy"] > 0 and t.value > 0

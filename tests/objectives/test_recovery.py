@@ -245,6 +245,74 @@ def test_finetune_lora_is_merged_back(model, smol_tokenizer):
     _assert_grouping_and_cache(converted, MERGED)
 
 
+def test_finetune_by_token_budget_on_the_reading_text(model, smol_tokenizer, monkeypatch):
+    """tokens = N sets the steps (N / (batch x seq_len), rounded up) and reads one pass of
+    windows from the chosen text; the schedule is the one asked for."""
+    from transformers import Trainer
+
+    seen = {}
+    real_train = Trainer.train
+
+    def spy(self, *args, **kwargs):
+        seen["windows"] = len(self.train_dataset)
+        seen["scheduler"] = self.args.lr_scheduler_type
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    converted = gqa.convert(copy.deepcopy(model), MERGED)
+    settings = {**TINY_FINETUNE, "num_train_windows": 2}
+    config = FinetuneConfig(**settings, tokens=130, text="reading", lr_scheduler="cosine")
+    assert config.steps == 5  # ceil(130 / 32)
+    result = recover("finetune", converted, model, smol_tokenizer, None, config, progress=False)
+    assert result.steps == 5 and len(result.history) == 5
+    assert seen == {"windows": 10, "scheduler": "cosine"}
+
+
+def test_a_stopped_finetune_resumes_to_the_same_weights(
+    model, smol_tokenizer, tmp_path, monkeypatch
+):
+    """Checkpoints every 2 steps; a run killed after step 3 resumes from step 2 and ends with
+    the weights of an unstopped run. A folder of another run is refused."""
+    module = importlib.import_module("objectives.recovery.finetune")
+
+    settings = {**TINY_FINETUNE, "max_steps": 5, "save_steps": 2}
+    unstopped = gqa.convert(copy.deepcopy(model), MERGED)
+    recover("finetune", unstopped, model, smol_tokenizer, None, FinetuneConfig(**settings))
+
+    config = FinetuneConfig(**settings, checkpoint_dir=str(tmp_path / "ckpt"))
+    stopped = gqa.convert(copy.deepcopy(model), MERGED)
+    start = _state(stopped)
+    real = module._make_trainer_class
+
+    def killed_after_step_3():
+        cls = real()
+
+        class Killed(cls):
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step == 3:
+                    raise KeyboardInterrupt("stopped")
+                return super().training_step(*args, **kwargs)
+
+        return Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(module, "_make_trainer_class", killed_after_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            recover("finetune", stopped, model, smol_tokenizer, None, config, progress=False)
+    assert not _changed(start, stopped)  # the failed call left the model as it was
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint-*")) == ["checkpoint-2"]
+
+    result = recover("finetune", stopped, model, smol_tokenizer, None, config, progress=False)
+    assert result.steps == 5 and len(result.history) == 3  # steps 3, 4, 5
+    final = _state(unstopped)
+    for name, tensor in _state(stopped).items():
+        torch.testing.assert_close(tensor, final[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    other = gqa.convert(copy.deepcopy(model), Grouping.neighbour(6, 2, 2))
+    with pytest.raises(ValueError, match="holds checkpoints of another run"):
+        recover("finetune", other, model, smol_tokenizer, None, config, progress=False)
+
+
 # -- divergence and errors ---------------------------------------------------------------------
 
 
@@ -298,6 +366,12 @@ def test_bad_configs(model):
         LayerwiseConfig(train=("k", "x"))
     with pytest.raises(ValueError, match="finetune trainable must be 'all'"):
         FinetuneConfig(trainable="kv")
+    with pytest.raises(ValueError, match="lr_scheduler must be one of linear, cosine, constant"):
+        FinetuneConfig(lr_scheduler="cosine_with_restarts")
+    with pytest.raises(ValueError, match="finetune text must be one of train, reading"):
+        FinetuneConfig(text="eval")  # never train on test text
+    with pytest.raises(ValueError, match="finetune tokens must be >= 0"):
+        FinetuneConfig(tokens=-5)
     with pytest.raises(TypeError, match="recovery 'layerwise' takes a LayerwiseConfig"):
         recover("layerwise", copy.deepcopy(model), model, config=FinetuneConfig())
 

@@ -108,3 +108,35 @@ def test_table_budget_needs_a_table_proxy():
     data["search"]["proxy"] = "local_attn"
     with pytest.raises(ConfigError, match="proxy 'local_attn' keeps no group tables"):
         StudyConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr_scheduler": "warm"}, "finetune lr_scheduler must be one of linear, cosine, constant"),
+        ({"text": "eval"}, "finetune text must be one of train, reading"),
+        ({"tokens": -1}, "finetune tokens must be >= 0"),
+        ({"tokenz": 300000}, "finetune.tokenz: unknown key"),
+    ],
+)
+def test_bad_finetune_recipes_are_one_line_errors_and_exit_2(setting, message, tmp_path, capsys):
+    from experiments.cli import main
+    from tests.search.study_fixtures import write_config
+
+    data = with_("promote.recovery", ["layerwise", "finetune"])
+    data["promote"]["recovery_config"] = {"finetune": setting}
+    with pytest.raises(ConfigError, match=message):
+        StudyConfig.from_dict(data)
+    path = write_config(tmp_path / "bad.toml", tmp_path / "model", "sqlite:///unused.db")
+    ((key, value),) = setting.items()
+    value = f'"{value}"' if isinstance(value, str) else value
+    path.write_text(
+        path.read_text().replace(
+            'recovery = "layerwise"\nrecovery_config = {layerwise = {steps = 2}}',
+            'recovery = ["layerwise", "finetune"]\n'
+            f"recovery_config = {{finetune = {{{key} = {value}}}}}",
+        )
+    )
+    assert main(["study", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
