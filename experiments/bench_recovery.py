@@ -2,7 +2,7 @@
 
 One conversion (`neighbour_kv` at 2 KV heads per layer: merge source KV heads 0 and 1 in every
 layer) is recovered layer-wise under several settings, side by side in one run: the starting
-merge (`mean` or the closed-form `query_aware`), the Adam learning rate and steps, whether the
+merge (`mean`, the closed-form `query_aware` or `aligned`), the Adam learning rate and steps, whether the
 best held-out weights are kept (checked every 10 steps) or only the end is compared with the
 start, and a least-squares solve for V (`v_solve` conjugate-gradient steps) before Adam. For
 each: seconds, the summed held-out local error before and after, and validation perplexity
@@ -41,6 +41,9 @@ VARIANTS = [  # (merge, layer-wise settings)
     ("query_aware", {"steps": 20, "lr": 3e-3, "v_solve": 5}),
     ("query_aware", {"steps": 30, "lr": 3e-3, "v_solve": 5}),
     ("query_aware", {"steps": 50, "lr": 3e-3, "v_solve": 5}),
+    # members rotated into a common frame first (Procrustes), frames folded into q and o
+    ("aligned", {"steps": 30, "lr": 3e-3}),
+    ("aligned", {"steps": 60, "lr": 3e-3}),
 ]
 
 
@@ -57,7 +60,7 @@ def main() -> None:
     grouping: Grouping = make_strategy("neighbour_kv").propose(ctx, Budget.uniform(30, 2))
     rows = [{"model": "source", **vars(perplexity(source, windows, progress=False))}]
     merged = {}
-    for merge in ("mean", "query_aware"):
+    for merge in ("mean", "query_aware", "aligned"):
         merged[merge] = gqa.convert(copy.deepcopy(source), grouping, merge=merge, stats=stats)
         ppl = perplexity(merged[merge], windows, progress=False)
         rows.append({"model": f"neighbour_kv 2 KV heads, {merge}, no recovery", **vars(ppl)})

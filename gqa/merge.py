@@ -4,6 +4,11 @@ A merge gets, for one group, the source K (V) slice that each member query head 
 as (n_members, head_dim, hidden), plus biases (n_members, head_dim) for models that have them.
 With a GQA source several members may read the same source head; each counts once per member.
 Merges are registered by name; `objectives.merging` adds data-aware ones.
+
+A merge registered with `folds=True` returns a third item, per-member orthogonal frames R
+(n_members, head_dim, head_dim): the merged head serves member h in R_h's frame. The surgery
+folds R_h into what reads that head (query rows R_h W_q for K, output columns W_o R_h^T for V),
+so the rotation itself changes nothing the model computes; only the merge is approximate.
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ MergeFn = Callable[
     [torch.Tensor, torch.Tensor | None, MergeContext], tuple[torch.Tensor, torch.Tensor | None]
 ]
 MERGES: dict[str, MergeFn] = {}
+FOLDING: set[str] = set()  # merges that return frames to fold into q and o
 
 
-def register_merge(name: str) -> Callable[[MergeFn], MergeFn]:
+def register_merge(name: str, folds: bool = False) -> Callable[[MergeFn], MergeFn]:
     def decorate(fn: MergeFn) -> MergeFn:
         MERGES[name] = fn
+        if folds:
+            FOLDING.add(name)
         return fn
 
     return decorate

@@ -19,7 +19,7 @@ from gqa import attention
 from gqa.adapters import ModelAdapter, get_adapter
 from gqa.adapters.base import new_linear
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
-from gqa.merge import MergeContext, get_merge
+from gqa.merge import FOLDING, MergeContext, get_merge
 
 CONFIG_KEY = "headgroup"  # the grouping, stored in the model config (and so in config.json)
 
@@ -53,32 +53,59 @@ def _merged_projection(
 ) -> nn.Linear:
     source = adapter.source_kv_index(layer, which)
     weights, biases = adapter.head_slices(layer, which)
-    merged_w, merged_b = [], []
+    merged_w, merged_b, frames = [], [], {}
     for heads in groups:
         members = source[list(heads)]
         ctx = MergeContext(
             layer=layer, kind=which, heads=tuple(heads), adapter=adapter, stats=stats
         )
-        w, b = merge(weights[members], None if biases is None else biases[members], ctx)
+        w, b, *rotations = merge(weights[members], None if biases is None else biases[members], ctx)
         merged_w.append(w)
         merged_b.append(b)
+        if rotations:
+            frames.update(zip(heads, rotations[0], strict=True))
     old = adapter.projection(layer, which)
     linear = new_linear(old, len(groups) * adapter.head_dim)
     linear.weight.copy_(torch.cat(merged_w).to(linear.weight.dtype))
     if linear.bias is not None:
         linear.bias.copy_(torch.cat(merged_b).to(linear.bias.dtype))
-    return linear
+    return linear, frames
 
 
 @torch.no_grad()
 def merged_projections(
     adapter: ModelAdapter, layer: int, grouping: LayerGrouping, merge: str = "mean", stats=None
-) -> tuple[nn.Linear, nn.Linear]:
-    """The K and V projections one layer gets under `grouping`, without touching the model."""
+) -> tuple[nn.Linear, nn.Linear, dict[str, dict[int, torch.Tensor]]]:
+    """The K and V projections one layer gets under `grouping`, without touching the model, and
+    the frames a folding merge asks to fold per kind and query head (empty otherwise)."""
     merge_fn = get_merge(merge)
-    k = _merged_projection(adapter, layer, "k", grouping.k, merge_fn, stats)
-    v = _merged_projection(adapter, layer, "v", grouping.v, merge_fn, stats)
-    return k, v
+    k, k_frames = _merged_projection(adapter, layer, "k", grouping.k, merge_fn, stats)
+    v, v_frames = _merged_projection(adapter, layer, "v", grouping.v, merge_fn, stats)
+    return k, v, {"k": k_frames, "v": v_frames}
+
+
+def _fold_frames(adapter: ModelAdapter, module: nn.Module, frames: dict) -> None:
+    """Fold each query head's frames into `module`'s own q rows (K: W_q,h <- R_h W_q,h, and its
+    bias) and o columns (V: W_o[:, h] <- W_o[:, h] R_h^T): q.k and o(v) are unchanged."""
+    d = adapter.head_dim
+    for which, kind in (("q", "k"), ("o", "v")):
+        if not frames[kind]:
+            continue
+        proj = adapter.module_projection(module, which)
+        if type(proj) is not nn.Linear:
+            raise ValueError(
+                f"a folding merge needs linear {which} projections; "
+                f"{adapter.config.model_type} has {type(proj).__name__}"
+            )
+        for head, rotation in frames[kind].items():
+            rows = slice(head * d, (head + 1) * d)
+            r = rotation.to(proj.weight)
+            if which == "q":
+                proj.weight[rows] = r @ proj.weight[rows]
+                if proj.bias is not None:
+                    proj.bias[rows] = r @ proj.bias[rows]
+            else:
+                proj.weight[:, rows] = proj.weight[:, rows] @ r.T
 
 
 @torch.no_grad()
@@ -92,10 +119,11 @@ def regroup_module(
 ) -> nn.Module:
     """Give `module` (layer `layer`'s attention, or a copy of it) the merged K/V projections,
     K-width norms and head plan of `grouping`."""
-    k, v = merged_projections(adapter, layer, grouping, merge, stats)
+    k, v, frames = merged_projections(adapter, layer, grouping, merge, stats)
     adapter.regroup_norms(module, layer, grouping.k, k)
     adapter.set_module_projection(module, "k", k)
     adapter.set_module_projection(module, "v", v)
+    _fold_frames(adapter, module, frames)
     attention.install_plan(module, grouping, adapter.num_heads)
     return module
 
@@ -127,9 +155,12 @@ def converted_copy(
     projections named in `own` (those that recovery may train) and the rest of each attention
     module. Every other tensor (embeddings, MLPs, norms, unowned q/o) is `model`'s own, so a copy
     of a 7B model costs a few hundred MB instead of 13 GB. Train only projections the copy owns:
-    training a shared tensor would change `model` too. `own="all"` makes a full deep copy."""
+    training a shared tensor would change `model` too. `own="all"` makes a full deep copy. A merge
+    that folds frames into q and o (gqa.merge.FOLDING) always gets its own q and o."""
     adapter = get_adapter(model)
     memo: dict[int, object] = {}
+    if own != "all" and merge in FOLDING:
+        own = tuple(sorted({*own, "q", "o"}))
     if own != "all":
         check = set(own) - {"q", "o"}
         if check:
