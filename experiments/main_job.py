@@ -155,7 +155,7 @@ def run_main_job(config_path: Path, out: Path | None = None, progress: bool = Tr
         with study.timed():
             front = KVFront(study, progress=progress)
             chosen = front.run().drop(columns=["point"])
-        points = front_frame(config.name, config.storage)
+        points = front_frame(config.name, config.storage, front.windows())
         byte_front_report(chosen, points, front.source_bytes, out)
     # The study's wall time is kept in its storage, summed over the runs that did its work
     # (`headgroup study` runs and workers included), so a resumed study reports what it cost.

@@ -161,10 +161,25 @@ class KVFront:
             self._windows[split] = token_windows(self.study.loaded.tokenizer, spec)
         return self._windows[split]
 
+    def windows(self) -> dict[str, str]:
+        """The text each metric is measured on ("<windows>x<seq_len>"): a measurement on other
+        windows (a changed config) is not reused."""
+        seq_len = self.study.config.promote.seq_len
+        return {
+            "valid_ppl": f"{self.config.valid_windows}x{seq_len}",
+            "test_ppl": f"{self.config.test_windows}x{seq_len}",
+        }
+
     def _measured(self) -> dict[tuple[str, str], float]:
-        """(point key, "valid_ppl" | "test_ppl") -> perplexity, as recorded in the storage."""
+        """(point key, "valid_ppl" | "test_ppl") -> perplexity, as recorded in the storage on the
+        windows the config asks for."""
         trials = self.storage_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return {(t.user_attrs["key"], t.user_attrs["metric"]): t.value for t in trials}
+        windows = self.windows()
+        return {
+            (t.user_attrs["key"], t.user_attrs["metric"]): t.value
+            for t in trials
+            if t.user_attrs.get("windows") == windows[t.user_attrs["metric"]]
+        }
 
     def _measure(self, point: Point, grouping: Grouping, split: str) -> float:
         """Validation or test perplexity of a point, from the storage when already measured."""
@@ -184,6 +199,7 @@ class KVFront:
                 user_attrs={
                     "key": point.key,
                     "metric": metric,
+                    "windows": self.windows()[metric],
                     "model": point.model,
                     "plan": json.dumps(None if point.plan is None else point.plan.to_dict()),
                     "precision": point.label(),
@@ -316,9 +332,10 @@ class KVFront:
         return rows
 
 
-def front_frame(name: str, storage) -> pd.DataFrame:
+def front_frame(name: str, storage, windows: dict[str, str] | None = None) -> pd.DataFrame:
     """Every measured point of a study's byte front, one row per point (valid_ppl, test_ppl where
-    measured), from the storage."""
+    measured), from the storage; with `windows` (KVFront.windows()), only measurements on those
+    windows."""
     from search.results import _load
 
     study = _load(name + FRONT_SUFFIX, storage)
@@ -326,6 +343,9 @@ def front_frame(name: str, storage) -> pd.DataFrame:
     rows: dict[str, dict] = {}
     for t in trials:
         attrs = dict(t.user_attrs)
-        row = rows.setdefault(attrs["key"], {k: v for k, v in attrs.items() if k != "metric"})
+        if windows is not None and attrs.get("windows") != windows[attrs["metric"]]:
+            continue
+        skip = ("metric", "windows")
+        row = rows.setdefault(attrs["key"], {k: v for k, v in attrs.items() if k not in skip})
         row[attrs["metric"]] = t.value
     return pd.DataFrame(list(rows.values()))

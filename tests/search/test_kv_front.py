@@ -1,5 +1,6 @@
 """The byte front on a tiny study: families, selection on validation, resumption, bad input."""
 
+import dataclasses
 import json
 import math
 
@@ -72,6 +73,13 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     assert again[["family", "model", "precision", "test_ppl"]].equals(
         chosen[["family", "model", "precision", "test_ppl"]]
     )
+    # other validation windows (a changed config): nothing measured on the old ones is reused
+    fewer = dataclasses.replace(config.precision, valid_windows=1)
+    changed = dataclasses.replace(config, precision=fewer)
+    front = KVFront(Study(changed, progress=False), progress=False)
+    front.run()
+    assert _count(storage) >= measured + len(points)
+    assert front_frame("tiny", storage, front.windows())["valid_ppl"].notna().all()
     paths = byte_front_report(chosen, points, source_bytes, tmp_path / "report")
     assert paths["png"].stat().st_size > 0
     assert "| **joint** |" in paths["md"].read_text()
