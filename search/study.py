@@ -241,6 +241,9 @@ class Study:
             # Repeats of a deterministic configuration are pruned and do not count, so rounds
             # continue until `trials` trials completed, or a round completed none (exhausted).
             study.optimize(objective, n_trials=search.trials - done + 8, catch=())
+            # Other workers' running trials count toward the cap but may still end as pruned
+            # repeats: wait for them before deciding that the cap is reached.
+            self._wait_for_running(study)
             before, done = done, self._live_before(study, None)
             if done == before:
                 break
@@ -254,6 +257,18 @@ class Study:
             raise ValueError(
                 f"study {self.config.name!r} has no stage 1 in {self.config.storage}; run stage 1 first"
             ) from None
+
+    @staticmethod
+    def _wait_for_running(study: optuna.Study, limit: float = 600.0, poll: float = 0.5) -> None:
+        """Wait (at most `limit` seconds) until no trial of the study is running; this worker's
+        own have finished, so these are other workers'. A crashed worker's trial that stays
+        running is given up on after `limit` (recover_dead_trials fails it on the next start)."""
+        deadline = time.monotonic() + limit
+        while study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if time.monotonic() > deadline:
+                log.warning("stage 1: trials of other workers still running after %.0f s", limit)
+                return
+            time.sleep(poll)
 
     @staticmethod
     def _live_before(study: optuna.Study, number: int | None) -> int:
