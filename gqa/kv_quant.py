@@ -24,6 +24,7 @@ import inspect
 import math
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 BITS = (2, 3, 4, 8, 16)  # 16: kept in the model's dtype, not quantized
@@ -166,24 +167,35 @@ class LayerQuantizer:
         scaling: float | None,
     ) -> torch.Tensor:
         """Attention where each query reads the keys and values a real cache would give it;
-        returns (B, S_q, H, D) like transformers' attention functions."""
+        returns (B, S_q, H, D) like transformers' attention functions.
+
+        One fused SDPA call over the keys twice, [quantized; exact], where each query's mask lets
+        it see key t's quantized copy if the cache holds t quantized for it, else the exact one:
+        the softmax over the union of the two disjoint halves is the attention it would get."""
         s_q, s_k = query.shape[2], key.shape[2]
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         seen = self.seen_quantized(s_q, s_k, query.device)  # (S_q, S_k)
-        scores = torch.where(seen, query @ key_q.transpose(2, 3), query @ key.transpose(2, 3))
-        scores = scores * scaling
         if attention_mask is None:
-            causal = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device).tril(s_k - s_q)
-            scores = scores.masked_fill(~causal, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
-        dtype = torch.promote_types(query.dtype, torch.float32)  # float64 stays float64
-        probs = torch.softmax(scores, dim=-1, dtype=dtype).to(query.dtype)
-        probs = probs.nan_to_num(0.0)  # fully masked (padding) rows
-        zero = torch.zeros((), dtype=probs.dtype, device=probs.device)
-        out = torch.where(seen, probs, zero) @ value_q + torch.where(seen, zero, probs) @ value
+            attention_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device)
+            attention_mask = attention_mask.tril(s_k - s_q)
+        if attention_mask.dtype == torch.bool:
+            mask = torch.cat([attention_mask & seen, attention_mask & ~seen], dim=-1)
+        else:  # additive
+            blocked = torch.finfo(attention_mask.dtype).min
+            mask = torch.cat(
+                [
+                    attention_mask.masked_fill(~seen, blocked),
+                    attention_mask.masked_fill(seen, blocked),
+                ],
+                dim=-1,
+            )
+        out = F.scaled_dot_product_attention(
+            query,
+            torch.cat([key_q, key], dim=2),
+            torch.cat([value_q, value], dim=2),
+            attn_mask=mask,
+            scale=scaling,
+        )
+        out = out.nan_to_num(0.0)  # fully masked (padding) rows
         return out.transpose(1, 2).contiguous()
 
 

@@ -131,6 +131,9 @@ class PrecisionConfig:
     valid_windows: int = 4  # validation windows that choose between points
     test_windows: int = 12  # test windows for the chosen points
     layer_mix: bool = True  # the joint allocation may take each layer from a different model
+    # Per budget and family, how many fitting points (least proxy error first) are measured on
+    # validation; 0 measures every point.
+    screen: int = 0
 
 
 @dataclass(frozen=True)
@@ -370,10 +373,11 @@ def _precision(table: dict) -> PrecisionConfig:
     ):
         raise ConfigError("precision.group_sizes: expected a non-empty list of positive integers")
     numbers = {}
-    for name in ("window", "valid_windows", "test_windows"):
+    for name in ("window", "valid_windows", "test_windows", "screen"):
         value = _get(table, f"precision.{name}", int, getattr(defaults, name))
-        if value < (0 if name == "window" else 1):
-            raise ConfigError(f"precision.{name}: must be >= {0 if name == 'window' else 1}")
+        least = 0 if name in ("window", "screen") else 1
+        if value < least:
+            raise ConfigError(f"precision.{name}: must be >= {least}")
         numbers[name] = value
     numbers["layer_mix"] = _get(table, "precision.layer_mix", bool, defaults.layer_mix)
     return PrecisionConfig(

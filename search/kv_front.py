@@ -61,6 +61,7 @@ class Point:
     plan: PrecisionPlan | None  # None: 16 bits
     kv_bytes: float
     kind: str  # "uniform", "allocated" or "16-bit"
+    proxy: float = 0.0  # the decomposed error estimate (grouping + quantization) that screens it
 
     @property
     def key(self) -> str:
@@ -134,16 +135,25 @@ class KVFront:
             self._models[name, seed] = model
         return self._models[name, seed]
 
-    def _table(self, name: str, grouping: Grouping):
-        if name not in self._tables:
-            self._tables[name] = kv_quant_errors(
+    def _table(self, name: str, grouping: Grouping, group_size: int | None = None):
+        group_size = self.config.group_sizes[0] if group_size is None else group_size
+        if (name, group_size) not in self._tables:
+            self._tables[name, group_size] = kv_quant_errors(
                 self.model(name, grouping),
                 self.study.stats,
                 bits=self.config.bits,
-                group_size=self.config.group_sizes[0],
+                group_size=group_size,
                 window=self.config.window,
             )
-        return self._tables[name]
+        return self._tables[name, group_size]
+
+    def _proxy(self, name: str, grouping: Grouping, plan: PrecisionPlan | None) -> float:
+        """The decomposed error estimate of a whole-model point: its grouping's layer errors
+        against the source plus its cache's quantization errors (the allocation's units)."""
+        error = sum(self._errors_of(name, grouping))
+        if plan is not None:
+            error += self._table(name, grouping, plan.group_size).plan_error(plan)
+        return error
 
     def _errors_of(self, name: str, grouping: Grouping) -> tuple[float, ...]:
         if name not in self._grouping_errors:
@@ -206,6 +216,7 @@ class KVFront:
                     "kind": point.kind,
                     "kv_bytes": point.kv_bytes,
                     "kv_fraction": point.kv_bytes / self.source_bytes,
+                    "proxy": point.proxy,
                     "layers": self.layers_of(point.model),
                     "grouping": grouping.to_json() if point.model.startswith("mix:") else "",
                 },
@@ -227,9 +238,11 @@ class KVFront:
         counts = Budget.of(source)
         for k, v, g in uniform_settings(self.config.bits, self.config.group_sizes):
             plan = PrecisionPlan.uniform(self.layers, k, v, g, self.config.window)
-            out.append(Point("source", plan, self._bytes(plan, counts), "uniform"))
+            proxy = self._proxy("source", source, plan)
+            out.append(Point("source", plan, self._bytes(plan, counts), "uniform", proxy))
         for name, grouping in groupings.items():
-            out.append(Point(name, None, grouping.kv_bytes_per_token(self.head_dim), "16-bit"))
+            kv_bytes = grouping.kv_bytes_per_token(self.head_dim)
+            out.append(Point(name, None, kv_bytes, "16-bit", self._proxy(name, grouping, None)))
         for fraction in self.config.budgets:
             budget = ByteBudget.of_source(fraction, self.source_bytes)
             for name, grouping in groupings.items():
@@ -244,8 +257,9 @@ class KVFront:
                     )
                 except InfeasibleBudget:
                     continue
-                point = Point(name, plan, self._bytes(plan, Budget.of(grouping)), "allocated")
-                out.append(point)
+                kv_bytes = self._bytes(plan, Budget.of(grouping))
+                proxy = self._proxy(name, grouping, plan)
+                out.append(Point(name, plan, kv_bytes, "allocated", proxy))
             if self.config.layer_mix and len(groupings) > 1:
                 mixed = self._layer_mix(groupings, budget)
                 if mixed is not None and mixed.key not in {p.key for p in out}:
@@ -278,7 +292,8 @@ class KVFront:
             self._mix_layers[name] = ", ".join(f"{n} {model}" for model, n in counts.items())
         self._groupings[name] = mixed
         plan = allocation.plan
-        return Point(name, plan, self._bytes(plan, Budget.of(mixed)), "allocated")
+        kv_bytes = self._bytes(plan, Budget.of(mixed))
+        return Point(name, plan, kv_bytes, "allocated", allocation.error)
 
     def _bytes(self, plan: PrecisionPlan, counts: Budget) -> float:
         return plan.bytes_per_token(counts.k, counts.v, self.head_dim)
@@ -286,7 +301,7 @@ class KVFront:
     def run(self) -> pd.DataFrame:
         groupings = self.groupings()
         self._groupings.update(groupings)
-        points = self.points(groupings)
+        points = self.screened(self.points(groupings))
         for point in tqdm(points, desc="byte front (validation)", disable=not self.progress):
             self._measure(point, self.grouping(point.model), VALID_SPLIT)
         chosen = self.choose(points)
@@ -295,27 +310,35 @@ class KVFront:
             row["test_ppl"] = self._measure(point, self.grouping(point.model), TEST_SPLIT)
         return pd.DataFrame(chosen)
 
+    def _fits(self, points: list[Point], fraction: float) -> list[Point]:
+        limit = fraction * self.source_bytes * (1 + 1e-9)
+        return [p for p in points if p.kv_bytes <= limit]
+
+    def screened(self, points: list[Point]) -> list[Point]:
+        """The points worth measuring: per budget and family, the `screen` fitting points of least
+        proxy error (every point when `screen` is 0). The joint family's choice is then made over
+        every measured point that fits, so it is never worse on validation than a single axis."""
+        if not self.config.screen:
+            return points
+        keep: dict[str, Point] = {}
+        for fraction in self.config.budgets:
+            members = family_members(self._fits(points, fraction))
+            for family in FAMILIES:
+                ranked = sorted(members[family], key=lambda p: p.proxy)
+                keep.update((p.key, p) for p in ranked[: self.config.screen])
+        return [p for p in points if p.key in keep]
+
     def choose(self, points: list[Point]) -> list[dict]:
         """Per budget and family, the point of least validation perplexity that fits."""
         measured = self._measured()
         rows = []
         for fraction in self.config.budgets:
-            limit = fraction * self.source_bytes * (1 + 1e-9)
-            fits = [(p, measured[p.key, "valid_ppl"]) for p in points if p.kv_bytes <= limit]
-            members = {
-                "quantization": [
-                    f for f in fits if f[0].model == "source" and f[0].kind != "allocated"
-                ],
-                "mixed_precision": [
-                    f for f in fits if f[0].model == "source" and f[0].kind != "uniform"
-                ],
-                "grouping": [f for f in fits if f[0].kind == "16-bit"],
-                "joint": fits,
-            }
+            valid = {p.key: measured[p.key, "valid_ppl"] for p in self._fits(points, fraction)}
+            members = family_members(self._fits(points, fraction))
             for family in FAMILIES:
                 if not members[family]:
                     continue
-                point, valid = min(members[family], key=lambda f: f[1])
+                point = min(members[family], key=lambda p: valid[p.key])
                 rows.append(
                     {
                         "budget_fraction": fraction,
@@ -325,11 +348,22 @@ class KVFront:
                         "precision": point.label(),
                         "kv_bytes": point.kv_bytes,
                         "kv_fraction": point.kv_bytes / self.source_bytes,
-                        "valid_ppl": valid,
+                        "valid_ppl": valid[point.key],
+                        "proxy": point.proxy,
                         "point": point,
                     }
                 )
         return rows
+
+
+def family_members(points: list[Point]) -> dict[str, list[Point]]:
+    """The points each family may choose from (the joint family: all of them)."""
+    return {
+        "quantization": [p for p in points if p.model == "source" and p.kind != "allocated"],
+        "mixed_precision": [p for p in points if p.model == "source" and p.kind != "uniform"],
+        "grouping": [p for p in points if p.kind == "16-bit"],
+        "joint": points,
+    }
 
 
 def front_frame(name: str, storage, windows: dict[str, str] | None = None) -> pd.DataFrame:

@@ -11,8 +11,9 @@ Fisher matrix E[g g^T] of the loss gradient at that output (calibration statisti
 the second-order estimate of the loss increase (the `fisher` proxy's weighting). It is computed
 per (layer, kind) with the other kind exact, so the model's error is approximated by the sum over
 layers and kinds: the decomposition the byte allocation (search.precision) optimises exactly.
-The table is computed once per model, grouping and group size (a few seconds: 2 x L x |bits|
-single-layer attention passes). `grouping_errors` gives, in the same units, what each layer of a
+The table is computed once per model, grouping and group size: one pass per layer computes the
+projections and RoPE once and attends with each setting in turn (the output projection is linear,
+so Delta is W_o times the change of the attention output). `grouping_errors` gives, in the same units, what each layer of a
 converted model costs against the source's at 16 bits, so that grouping and precision can be
 allocated together layer by layer (search.precision.allocate_joint).
 """
@@ -91,6 +92,36 @@ def grouping_errors(
     return tuple(errors)
 
 
+class _Sweep(LayerQuantizer):
+    """Installed as a module's cache precision for one forward pass: the grouped attention
+    function hands it the layer's queries and (RoPE'd) keys and values, and it attends with each
+    (kind, bits) setting quantized in turn, keeping every output (B, S, H, D) and the exact one.
+    Quantizing the keys and values expanded to query heads equals quantizing them per KV head:
+    every block is within one head."""
+
+    def __init__(self, settings: list[tuple[str, int]], group_size: int, window: int):
+        super().__init__(2, 2, group_size, window)  # not exact: the attention function calls it
+        self.settings = settings
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.exact_output: torch.Tensor | None = None
+
+    def fake_quantize(self, key: torch.Tensor, value: torch.Tensor):
+        return key, value  # each setting quantizes in `attend`
+
+    def attend(self, query, key, value, key_q, value_q, attention_mask, scaling):
+        exact = LayerQuantizer(16, 16, self.group_size, self.window)
+        self.exact_output = exact.attend(query, key, value, key, value, attention_mask, scaling)
+        for kind, b in self.settings:
+            quant = LayerQuantizer(
+                *((b, 16) if kind == "k" else (16, b)), self.group_size, self.window
+            )
+            k_q, v_q = quant.fake_quantize(key, value)
+            self.outputs[kind, b] = quant.attend(
+                query, key, value, k_q, v_q, attention_mask, scaling
+            )
+        return self.exact_output
+
+
 @torch.no_grad()
 def kv_quant_errors(
     model: nn.Module,
@@ -108,30 +139,30 @@ def kv_quant_errors(
     )
     grouping = gqa.model_grouping(model)
     param = next(model.parameters())
+    settings = [(kind, int(b)) for kind in KINDS for b in bits]
     errors = []
     for layer in tqdm(
         range(adapter.num_layers), desc="KV quantization error", disable=not progress
     ):
         module = adapter.attention(layer)
-        layer_stats = stats.layers[layer]
-        x = layer_stats.inputs.to(param.device, param.dtype)
-        fisher = layer_stats.grad
+        x = stats.layers[layer].inputs.to(param.device, param.dtype)
+        sweep = _Sweep(settings, group_size, window)
         saved = getattr(module, "hg_kv_quant", None)
         try:
-            module.hg_kv_quant = None
-            exact = adapter.attend(module, x).double()
-            row: dict[str, dict[int, float]] = {kind: {16: 0.0} for kind in KINDS}
-            for kind in KINDS:
-                for b in bits:
-                    k_bits, v_bits = (b, 16) if kind == "k" else (16, b)
-                    module.hg_kv_quant = LayerQuantizer(k_bits, v_bits, group_size, window)
-                    delta = adapter.attend(module, x).double() - exact
-                    row[kind][int(b)] = _weighted(delta, fisher)
+            module.hg_kv_quant = sweep
+            adapter.attend(module, x)  # one pass: projections and RoPE computed once
         finally:
             if saved is None:
                 del module.hg_kv_quant
             else:
                 module.hg_kv_quant = saved
+        w_o = adapter.output_weight(layer).detach().double()  # (d, H * D); its bias cancels
+        row: dict[str, dict[int, float]] = {kind: {16: 0.0} for kind in KINDS}
+        for (kind, b), out in sweep.outputs.items():
+            delta = (out - sweep.exact_output).flatten(
+                2
+            ).double() @ w_o.T  # the residual-stream change
+            row[kind][b] = _weighted(delta, stats.layers[layer].grad)
         errors.append(row)
     return QuantErrorTable(
         tuple(errors),

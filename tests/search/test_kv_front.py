@@ -14,7 +14,7 @@ from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
 from objectives.data import VALID_SPLIT
 from search.config import ConfigError, StudyConfig
-from search.kv_front import FAMILIES, FRONT_SUFFIX, KVFront, front_frame
+from search.kv_front import FAMILIES, FRONT_SUFFIX, KVFront, family_members, front_frame
 from search.precision import ByteBudget
 from search.study import Study, make_storage
 from tests.search.study_fixtures import save_tiny_model, write_config
@@ -85,6 +85,35 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     assert "| **joint** |" in paths["md"].read_text()
 
 
+def test_screening_measures_the_least_proxy_points_and_joint_stays_best(front_config):
+    """With `screen = 1`, each budget and family measures only its fitting point of least proxy
+    error; the joint family still chooses over every measured point, so it is never worse on
+    validation, and fewer points are measured than without screening."""
+    path, storage = front_config
+    config = StudyConfig.load(path)
+    study = Study(config, progress=False)
+    study.run()
+    one = dataclasses.replace(config, precision=dataclasses.replace(config.precision, screen=1))
+    front = KVFront(Study(one, progress=False), progress=False)
+    groupings = front.groupings()
+    front._groupings.update(groupings)
+    every = front.points(groupings)
+    assert all(p.proxy >= 0 for p in every) and len({p.proxy for p in every}) > 1
+    chosen = front.run()
+    measured = front_frame("tiny", storage)
+    assert 0 < len(measured) < len(every)
+    expected = set()
+    for fraction in config.precision.budgets:
+        fits = [p for p in every if p.kv_bytes <= fraction * front.source_bytes * (1 + 1e-9)]
+        for members in family_members(fits).values():
+            if members:
+                expected.add(min(members, key=lambda p: p.proxy).key)
+    assert set(measured["key"]) == expected
+    for _, rows in chosen.groupby("budget_fraction"):
+        joint = rows.set_index("family").loc["joint", "valid_ppl"]
+        assert joint == rows["valid_ppl"].min()
+
+
 def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_config):
     """With the source's layer 0 and the 2-KV winner's layer 1 made prohibitively bad, the joint
     allocation must mix: layer 0 from the winner, layer 1 from the source. The mixed model is
@@ -121,6 +150,7 @@ def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, caps
     for old, new, message in [
         ("bits = [8, 4, 2]", "bits = [8, 5]", "precision.bits: expected a non-empty list from"),
         ("budgets = [1.0", "budgets = [1.5", "precision.budgets: expected fractions"),
+        ("test_windows = 2", "test_windows = 2\nscreen = -1", "precision.screen: must be >= 0"),
     ]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text.replace(old, new))

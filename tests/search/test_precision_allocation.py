@@ -185,3 +185,51 @@ def test_joint_allocation_refuses_mismatched_tables(pair):
         allocate_joint({"a": a}, {"b": zeros}, 100.0, HEAD_DIM)
     with pytest.raises(InfeasibleBudget, match="below the least these models can cost"):
         allocate_joint({"a": a}, {"a": zeros}, 10.0, HEAD_DIM)
+
+
+def _reference_table(model, stats, bits, group_size):
+    """The table the slow, obvious way: the whole attention module run once per setting."""
+    from gqa.kv_quant import LayerQuantizer
+
+    adapter = gqa.get_adapter(model)
+    rows = []
+    with torch.no_grad():
+        for layer in range(adapter.num_layers):
+            module, layer_stats = adapter.attention(layer), stats.layers[layer]
+            exact = adapter.attend(module, layer_stats.inputs).double()
+            row = {}
+            for kind in "kv":
+                for b in bits:
+                    module.hg_kv_quant = LayerQuantizer(
+                        *((b, 16) if kind == "k" else (16, b)), group_size, 0
+                    )
+                    delta = (adapter.attend(module, layer_stats.inputs).double() - exact).flatten(
+                        0, 1
+                    )
+                    fisher = layer_stats.grad.double()
+                    row[kind, b] = float(torch.einsum("nd,de,ne->", delta, fisher, delta)) / len(
+                        layer_stats.inputs
+                    )
+            del module.hg_kv_quant
+            rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3_text", "olmo"])
+def test_one_pass_table_equals_running_the_module_per_setting(family, smol_tokenizer, tmp_path):
+    """The table's one pass per layer (projections once, W_o applied to the change of the
+    attention output) gives what running the whole module once per setting gives."""
+    source = tiny_model(family, num_kv_heads=3, vocab_size=49152)
+    grouping = Grouping.create(6, [[[0, 4, 5], [1], [2, 3]], [[5], [0, 1, 2, 3, 4]]])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADGROUP_CACHE", str(tmp_path))
+        stats = calibrate(source, smol_tokenizer, CONFIG, family, progress=False)
+    model = gqa.convert(source, grouping)
+    table = kv_quant_errors(model, stats, bits=(2, 4), group_size=4)
+    reference = _reference_table(model, stats, (2, 4), 4)
+    for row, expected in zip(table.errors, reference, strict=True):
+        for (kind, b), value in expected.items():
+            assert value > 0
+            # float32 attention outputs of size ~1 differ by rounding (~1e-6 relative) between the
+            # two paths; the error is a quadratic form of their difference
+            assert row[kind][b] == pytest.approx(value, rel=1e-3, abs=1e-9)
