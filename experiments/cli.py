@@ -396,7 +396,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
         help="recovery seeds (default 0,1)",
     )
     p.add_argument("--windows", type=int, default=48, help="test windows of seq_len tokens")
-    p.add_argument("--limit", type=int, default=300, help="test questions per task")
+    p.add_argument("--limit", type=int, default=300, help="test questions per task (0: none)")
     p.add_argument("--out", type=Path, default=None, help="default results/<study>")
 
 
@@ -405,8 +405,8 @@ def run_compare_command(args: argparse.Namespace) -> None:
     """After recovery, the searched winner vs neighbour_kv and neighbour on test data, with CIs."""
     from experiments.compare import CompareConfig, run_compare
 
-    if not args.seeds or args.windows < 2 or args.limit < 1:
-        raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 1")
+    if not args.seeds or args.windows < 2 or args.limit < 0:
+        raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 0")
     torch.set_grad_enabled(True)  # recovery trains
     options = CompareConfig(args.budgets, args.seeds, args.windows, args.limit)
     path = run_compare(args.config, options, args.out)

@@ -4,7 +4,7 @@ Per budget, the searched winner (the complete stage-2 candidate with the least *
 perplexity), `neighbour_kv` and `neighbour` are rebuilt with the study's merge and recovery chain
 under several recovery seeds, and measured on test data only: perplexity on `windows` test windows
 (per-window NLLs kept, so each difference gets a paired bootstrap 95% interval, resampling
-windows), and accuracy on `limit` test questions per multiple-choice task (first seed only).
+windows), and accuracy on `limit` test questions per multiple-choice task (first seed only; 0: none).
 Every (candidate, seed) result is written to `<out>/compare/` as it finishes, so a stopped run
 resumes; `answer.json` and `answer.md` are rewritten at the end.
 
@@ -86,7 +86,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     windows = token_windows(
         study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
     )
-    tasks = [t for t in config.promote.tasks if t != "ppl"]
+    tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
     folder = out / "compare"
     start = time.time()
     report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
@@ -126,7 +126,8 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                     print(f"{budget:g} KV heads, {label}, seed {seed}: test ppl {ppl:.2f}")
                     return {"nll": nll.tolist(), "ppl": ppl, "seconds": round(time.time() - t0, 1)}
 
-                path = folder / f"{budget:g}kv_{label}_seed{seed}.json"
+                digest = study.candidate_digest(Grouping.from_json(row["grouping"]), seed)
+                path = folder / f"{budget:g}kv_{label}_{digest}_seed{seed}.json"
                 per_seed.append(_cached(path, measure))
             ppls = [r["ppl"] for r in per_seed]
             nlls[label] = np.mean([r["nll"] for r in per_seed], axis=0)  # seed-averaged windows
@@ -166,7 +167,9 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                 )
                 return {t: {"acc": results[t]["acc"], "n": results[t]["n"]} for t in tasks}
 
-            accs = _cached(folder / f"{budget:g}kv_{label}_acc{options.limit}.json", accuracy)
+            digest = study.candidate_digest(Grouping.from_json(row["grouping"]), options.seeds[0])
+            name = f"{budget:g}kv_{label}_{digest}_acc{options.limit}.json"
+            accs = _cached(folder / name, accuracy)
             candidate = report["budgets"][f"{budget:g}"]["candidates"][label]
             candidate["acc"] = {t: v["acc"] for t, v in accs.items()}
             candidate["questions"] = {t: v["n"] for t, v in accs.items()}
@@ -192,7 +195,7 @@ def answer_markdown(report: dict) -> str:
         f"Test perplexity on {opts['windows']} x 256 test tokens, recovery seeds {seeds} "
         f"(mean ± std); differences use seed-averaged per-window NLLs with a paired bootstrap "
         f"95% interval ({opts['resamples']} resamples of windows). Accuracy: first seed, up to "
-        f"{opts['limit']} test questions per task (- : not measured yet). The searched candidate "
+        f"{opts['limit']} test questions per task (- : not measured; --limit 0 measures none). The searched candidate "
         "was chosen on validation data.",
         "",
     ]

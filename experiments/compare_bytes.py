@@ -61,7 +61,12 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
 
     def measure(point) -> dict:
         seeds = options.seeds[:1] if point.model == "source" else options.seeds
-        digest = hashlib.sha1(point.key.encode()).hexdigest()[:12]
+
+        def digest(seed: int) -> str:  # the point and how its model is built
+            grouping = front.grouping(point.model)
+            recipe = "" if point.model == "source" else study.candidate_digest(grouping, seed)
+            return hashlib.sha1((point.key + recipe).encode()).hexdigest()[:12]
+
         per_seed = []
         for seed in seeds:
 
@@ -69,7 +74,8 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 nll = window_nlls(model_of(point, seed), windows, progress=False)
                 return {"nll": nll.tolist(), "ppl": float(np.exp(nll.mean()))}
 
-            per_seed.append(_cached(folder / f"{digest}_w{options.windows}_seed{seed}.json", nlls))
+            path = folder / f"{digest(seed)}_w{options.windows}_seed{seed}.json"
+            per_seed.append(_cached(path, nlls))
         result = {
             "model": point.model,
             "layers": front.layers_of(point.model),
@@ -91,7 +97,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 )
                 return {t: results[t]["acc"] for t in tasks}
 
-            accs = _cached(folder / f"{digest}_acc{options.limit}.json", accuracy)
+            accs = _cached(folder / f"{digest(options.seeds[0])}_acc{options.limit}.json", accuracy)
             result["mean_acc"] = statistics.fmean(accs.values())
         return result
 

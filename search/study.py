@@ -468,6 +468,21 @@ class Study:
             chain.append((method, config))
         return chain
 
+    def candidate_digest(self, grouping: Grouping, recovery_seed: int | None = None) -> str:
+        """A digest of everything `build_candidate` depends on (model, calibration, grouping,
+        merge, recovery chain and seed): results cached under it are never reused for a model
+        built differently."""
+        recipe = {
+            "model": self.config.model,
+            "calibration": repr(self.config.calibration),
+            "grouping": grouping.to_json(),
+            "merge": self.config.search.merge,
+            "chain": [
+                (method, repr(config)) for method, config in self.recovery_chain(recovery_seed)
+            ],
+        }
+        return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
     def build_candidate(
         self,
         grouping: Grouping,

@@ -188,6 +188,18 @@ def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsy
     monkeypatch.setattr(Study, "build_candidate", lambda *a, **k: pytest.fail("rebuilt"))
     assert main(argv) == 0
     assert json.loads((out / "answer.json").read_text())["budgets"] == answer["budgets"]
+    # A study whose models are built differently (another merge) measures again: a cached result
+    # is keyed by how its model is built, not only by its label.
+    path = out.parent / "s.toml"
+    path.write_text(path.read_text().replace('merge = "query_aware"', 'merge = "mean"'))
+    monkeypatch.setattr(
+        Study,
+        "build_candidate",
+        lambda self, g, **k: builds.append(("mean", k["recovery_seed"])) or build(self, g, **k),
+    )
+    argv[argv.index("--limit") + 1] = "0"
+    assert main(argv) == 0
+    assert ("mean", 0) in builds and ("mean", 1) in builds
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--config", config, "--seeds", "x"])
