@@ -1,7 +1,8 @@
 """How much recovery costs: test quality against fine-tuning tokens, per converted model.
 
 For the default study's searched 2-KV and 1.5-KV groupings and `neighbour_kv` at 2 KV (saved in
-`results/default/groupings/`), each point is: the study's merge and layer-wise recovery, then a
+`results/default/groupings/`), each point is: the `--merge` (default `aligned`, which recovers
+best: results/bench/recovery.json) and the study's layer-wise recovery, then a
 token-budgeted fine-tune (objectives.recovery.finetune) on the `reading` text (no evaluation
 reads it), distilled from the source (KL + LM loss), K/V/Q/O trained, cosine decay after a 5%
 warm-up; 0 tokens is layer-wise recovery alone. Test perplexity on `--windows` x 256 tokens and
@@ -45,7 +46,7 @@ GROUPINGS = Path("results/default/groupings")
 TASKS = ("arc_easy", "hellaswag", "piqa")
 
 
-def recipe(tokens: int, name: str) -> FinetuneConfig:
+def recipe(tokens: int, name: str, merge: str) -> FinetuneConfig:
     """The fine-tuning recipe of every point (its checkpoints keyed by model and tokens)."""
     steps = max(1, tokens // (8 * 256))
     return FinetuneConfig(
@@ -58,7 +59,7 @@ def recipe(tokens: int, name: str) -> FinetuneConfig:
         text=READING_SPLIT,
         distill=True,
         trainable=("q", "k", "v", "o"),
-        checkpoint_dir=str(cache_dir() / "recovery_curve" / f"{name}-{tokens}"),
+        checkpoint_dir=str(cache_dir() / "recovery_curve" / f"{name}-{merge}-{tokens}"),
         save_steps=25,
         logging_steps=5,
     )
@@ -67,10 +68,13 @@ def recipe(tokens: int, name: str) -> FinetuneConfig:
 def plot(frame: pd.DataFrame, path: Path) -> None:
     fig, (ppl, acc) = plt.subplots(1, 2, figsize=(10, 4))
     source = frame[frame["model"] == "source"]
-    for model, rows in frame[frame["model"] != "source"].groupby("model"):
+    if "merge" not in frame:
+        frame = frame.assign(merge="query_aware")
+    for (model, merge), rows in frame[frame["model"] != "source"].groupby(["model", "merge"]):
         rows = rows.sort_values("tokens")
-        ppl.plot(rows["tokens"], rows["test_ppl"], marker="o", label=model)
-        acc.plot(rows["tokens"], rows["mean_acc"], marker="o", label=model)
+        label = f"{model} ({merge})"
+        ppl.plot(rows["tokens"], rows["test_ppl"], marker="o", label=label)
+        acc.plot(rows["tokens"], rows["mean_acc"], marker="o", label=label)
     if not source.empty:
         ppl.axhline(source["test_ppl"].iloc[0], color="k", ls="--", label="source")
         acc.axhline(source["mean_acc"].iloc[0], color="k", ls="--", label="source")
@@ -90,14 +94,16 @@ def main() -> None:
     )
     parser.add_argument("--windows", type=int, default=48)
     parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--merge", default="aligned", help="merge before recovery")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     args = parser.parse_args()
     path = args.out / "recovery_curve.csv"
     rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
-    done = {(r["model"], int(r["tokens"])) for r in rows}
+    done = {(r["model"], r.get("merge", "-"), int(r["tokens"])) for r in rows}
     config = StudyConfig.load(CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
-        config = dataclasses.replace(config, storage=f"sqlite:///{tmp}/unused.db")
+        search = dataclasses.replace(config.search, merge=args.merge)
+        config = dataclasses.replace(config, storage=f"sqlite:///{tmp}/unused.db", search=search)
         study = Study(config, progress=False)
         tokenizer = study.loaded.tokenizer
         windows = token_windows(tokenizer, TextSpec(TEST_SPLIT, 256, args.windows))
@@ -108,6 +114,7 @@ def main() -> None:
             rows.append(
                 {
                     "model": name,
+                    "merge": "-" if name == "source" else args.merge,
                     "tokens": tokens,
                     "test_ppl": ppl,
                     "mean_acc": statistics.fmean(accs[t]["acc"] for t in TASKS),
@@ -122,12 +129,12 @@ def main() -> None:
             plot(pd.DataFrame(rows), path.with_suffix(".png"))
             print(rows[-1], flush=True)
 
-        if ("source", 0) not in done:
+        if ("source", "-", 0) not in done:
             measure(study.source, "source", 0, time.time())
         for name in args.models.split(","):
             grouping = Grouping.load(next(GROUPINGS.glob(f"{name}_*.json")))
             for tokens in (int(t) for t in args.tokens.split(",")):
-                if (name, tokens) in done:
+                if (name, args.merge, tokens) in done:
                     continue
                 start = time.time()
                 model = study.build_candidate(grouping, progress=True)  # merge + layer-wise
@@ -138,7 +145,7 @@ def main() -> None:
                         study.source,
                         tokenizer,
                         study.stats,
-                        recipe(tokens, name),
+                        recipe(tokens, name, args.merge),
                         progress=True,
                     )
                     print(f"{name}: {tokens} tokens, {result.steps} steps", flush=True)
