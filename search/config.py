@@ -12,7 +12,8 @@
                    rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
                    table_budget_gb (optional bound on the group tables kept in memory)
     [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window,
-                   valid_windows, test_windows, layer_mix: the byte front (search.kv_front)
+                   valid_windows, test_windows, layer_mix, screen: the byte front
+                   (search.kv_front)
     [promote]      top_k, recovery ("none", a registered method, or a list run in order: the
                    rungs), [promote.recovery_config.METHOD] (that method's config fields),
                    valid_windows, pruner ("successive_halving" | "median" | "none"),

@@ -15,7 +15,10 @@ exactly under a byte budget from the KV-quantization proxy (search.precision). P
 
 Each family's choice at a budget is its point of least *validation* perplexity that fits; only the
 chosen points are measured on test windows. So the joint choice can never be worse on validation
-than a single-axis one; test perplexity says whether that holds on unseen text.
+than a single-axis one; test perplexity says whether that holds on unseen text. With `screen = k`
+only the k fitting points of least proxy error (each point's grouping error plus its cache's
+quantization error, the units the allocations minimise) per budget and family are measured on
+validation: the proxy screens, validation chooses.
 
 Points are recorded as trials of the Optuna study `<name>:kvfront` in the study's storage (the
 single record of a run): a stopped front resumes, and nothing measured is measured again.
