@@ -4,7 +4,8 @@ Per budget, the searched winner (the complete stage-2 candidate with the least *
 perplexity), `neighbour_kv` and `neighbour` are rebuilt with the study's merge and recovery chain
 under several recovery seeds, and measured on test data only: perplexity on `windows` test windows
 (per-window NLLs kept, so each difference gets a paired bootstrap 95% interval, resampling
-windows), and accuracy on `limit` test questions per multiple-choice task (first seed only; 0: none).
+windows), and accuracy on `limit` test questions per multiple-choice task (first seed only;
+0: none).
 Every (candidate, seed) result is written to `<out>/compare/` as it finishes, so a stopped run
 resumes; `answer.json` and `answer.md` are rewritten at the end.
 
@@ -195,7 +196,8 @@ def answer_markdown(report: dict) -> str:
         f"Test perplexity on {opts['windows']} x 256 test tokens, recovery seeds {seeds} "
         f"(mean ± std); differences use seed-averaged per-window NLLs with a paired bootstrap "
         f"95% interval ({opts['resamples']} resamples of windows). Accuracy: first seed, up to "
-        f"{opts['limit']} test questions per task (- : not measured; --limit 0 measures none). The searched candidate "
+        f"{opts['limit']} test questions per task (- : not measured; --limit 0 measures none). "
+        "The searched candidate "
         "was chosen on validation data.",
         "",
     ]

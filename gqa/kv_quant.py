@@ -187,7 +187,7 @@ class LayerQuantizer:
                     attention_mask.masked_fill(seen, blocked),
                 ],
                 dim=-1,
-            )
+            ).to(query.dtype)
         out = F.scaled_dot_product_attention(
             query,
             torch.cat([key_q, key], dim=2),

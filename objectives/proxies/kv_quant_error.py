@@ -13,8 +13,8 @@ per (layer, kind) with the other kind exact, so the model's error is approximate
 layers and kinds: the decomposition the byte allocation (search.precision) optimises exactly.
 The table is computed once per model, grouping and group size: one pass per layer computes the
 projections and RoPE once and attends with each setting in turn (the output projection is linear,
-so Delta is W_o times the change of the attention output). `grouping_errors` gives, in the same units, what each layer of a
-converted model costs against the source's at 16 bits, so that grouping and precision can be
+so Delta is W_o times the change of the attention output). `grouping_errors` gives, in the same
+units, what each layer of a converted model costs against the source's at 16 bits, so that grouping and precision can be
 allocated together layer by layer (search.precision.allocate_joint).
 """
 
