@@ -99,6 +99,9 @@ def main() -> None:
     args = parser.parse_args()
     path = args.out / "recovery_curve.csv"
     rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+    for row in rows:  # rows written before the merge was recorded started from query_aware
+        if not isinstance(row.get("merge"), str) or not row["merge"]:
+            row["merge"] = "-" if row["model"] == "source" else "query_aware"
     done = {(r["model"], r.get("merge", "-"), int(r["tokens"])) for r in rows}
     config = StudyConfig.load(CONFIG)
     with tempfile.TemporaryDirectory() as tmp:
