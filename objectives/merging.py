@@ -33,49 +33,66 @@ def query_aware_merge(
 
 
 def _orthogonal_fit(cross: torch.Tensor, proper: bool) -> torch.Tensor:
-    """argmax over orthogonal R of tr(R M) for M = `cross` (the Procrustes solution R = V U^T
-    of M = U S V^T); `proper` restricts R to rotations (det +1)."""
+    """argmax over orthogonal R of tr(R M) for each M in the batch `cross` (..., s, s): the
+    Procrustes solution R = V U^T of M = U S V^T; `proper` restricts R to rotations (det +1)."""
     u, _, vh = torch.linalg.svd(cross)
     v = vh.mH
-    if proper and torch.linalg.det(v @ u.mH) < 0:
-        v = v.clone()
-        v[:, -1] = -v[:, -1]
+    if proper:
+        flip = torch.linalg.det(v @ u.mH) < 0
+        if bool(flip.any()):
+            v = v.clone()
+            v[..., -1] = torch.where(flip[..., None], -v[..., -1], v[..., -1])
     return v @ u.mH
 
 
-def _blocks(adapter, layer: int, kind: str) -> list[tuple[list[int], bool]]:
-    """The dims a frame may mix, as (dims, rotation only): for V one block of all D dims; for K
-    each RoPE frequency pair (i, i + R/2) alone, rotations only (they commute with RoPE, so q.k is
-    kept), and the unrotated dims (partial RoPE) as one free block."""
+def frame_blocks(adapter, layer: int, kind: str) -> list[tuple[torch.Tensor, bool]]:
+    """The dims a frame may mix, as (dims (B, s): B blocks of s dims, rotation only): for V one
+    block of all D dims; for K each RoPE frequency pair (i, i + R/2) alone, rotations only (they
+    commute with RoPE, so q.k is kept), and the unrotated dims (partial RoPE) as one free block."""
     d = adapter.head_dim
     inv_freq = adapter.rope_inv_freq(layer) if kind == "k" else None
     if inv_freq is None:
-        return [(list(range(d)), False)]
+        return [(torch.arange(d)[None], False)]
     half = inv_freq.numel()
-    pairs = [([i, i + half], True) for i in range(half)]
-    rest = list(range(2 * half, d))
-    return pairs + ([(rest, False)] if rest else [])
+    pairs = torch.stack([torch.arange(half), torch.arange(half) + half], 1)
+    rest = torch.arange(2 * half, d)
+    return [(pairs, True)] + ([(rest[None], False)] if len(rest) else [])
 
 
-def _frames(
-    weights: torch.Tensor, covariance: torch.Tensor, blocks: list[tuple[list[int], bool]]
-) -> torch.Tensor:
+def check_foldable(adapter, layer: int) -> None:
+    """Frames fold into q and o only where nothing per head sits between (a norm's gain does
+    not commute with a rotation)."""
+    module = adapter.attention(layer)
+    norms = [name for name, _ in module.named_children() if "norm" in name]
+    if norms:
+        raise ValueError(
+            f"merge 'aligned' cannot fold frames past {adapter.config.model_type}'s "
+            f"per-head {', '.join(norms)} (a norm's gain does not commute with a rotation)"
+        )
+
+
+def cross_moments(weights: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    """K_hj = W_h C W_j^T for every pair of heads (n, n, D, D), float64: all the frames need."""
+    w = weights.double()
+    x = w @ covariance.double().to(w.device)
+    return torch.einsum("hid,jad->hjia", x, w)
+
+
+def member_frames(cross: torch.Tensor, blocks: list[tuple[torch.Tensor, bool]]) -> torch.Tensor:
     """Per member, the block-orthogonal frame R_h that best maps its slice onto the group's
     common one, in the input metric C (min ||(R_h W_h - W) C^1/2||): generalized Procrustes,
-    first onto the first member, then onto the mean of the aligned slices."""
-    n, d, _ = weights.shape
-    w = weights.double()
-    c = covariance.double().to(w.device)
-    target = w[0]
-    frames = torch.eye(d, dtype=torch.float64, device=w.device).repeat(n, 1, 1)
+    first onto the first member, then onto the mean of the aligned slices. Works on the cross
+    moments K_hj = W_h C W_j^T (`cross_moments`) alone: W_h C W^T = (1/n) sum_j K_hj R_j^T for
+    the mean W = (1/n) sum_j R_j W_j. float64, (n, D, D)."""
+    n, _, d, _ = cross.shape
+    frames = torch.zeros(n, d, d, dtype=torch.float64, device=cross.device)
+    blocks = [(dims.to(cross.device), proper) for dims, proper in blocks]
+    target = cross[:, 0]  # (n, D, D): W_h C W_0^T
     for _ in range(2):
-        for h in range(n):
-            cross = w[h] @ c @ target.T  # (D, D): M = W_h C W^T
-            for dims, proper in blocks:
-                index = torch.tensor(dims, device=w.device)
-                block = cross[index][:, index]
-                frames[h][index[:, None], index] = _orthogonal_fit(block, proper)
-        target = torch.einsum("nij,njd->id", frames, w) / n
+        for dims, proper in blocks:
+            rows, cols = dims[:, :, None], dims[:, None, :]  # (B, s, 1), (B, 1, s)
+            frames[:, rows, cols] = _orthogonal_fit(target[:, rows, cols], proper)
+        target = torch.einsum("hjab,jcb->hac", cross, frames) / n
     return frames
 
 
@@ -91,17 +108,12 @@ def aligned_merge(
     weights M_h rotate with their heads (R_h M_h R_h^T)."""
     if ctx.stats is None:
         raise ValueError("merge 'aligned' needs calibration statistics (pass stats=...)")
-    module = ctx.adapter.attention(ctx.layer)
-    norms = [name for name, _ in module.named_children() if "norm" in name]
-    if norms:
-        raise ValueError(
-            f"merge 'aligned' cannot fold frames past {ctx.adapter.config.model_type}'s "
-            f"per-head {', '.join(norms)} (a norm's gain does not commute with a rotation)"
-        )
+    check_foldable(ctx.adapter, ctx.layer)
     layer_stats = ctx.stats.layers[ctx.layer]
     weigh = key_weights if ctx.kind == "k" else value_weights
     m = weigh(ctx.adapter, ctx.layer, layer_stats)[list(ctx.heads)].double()
-    frames = _frames(weights, layer_stats.covariance, _blocks(ctx.adapter, ctx.layer, ctx.kind))
+    blocks = frame_blocks(ctx.adapter, ctx.layer, ctx.kind)
+    frames = member_frames(cross_moments(weights, layer_stats.covariance), blocks)
     rotated = torch.einsum("nij,njd->nid", frames, weights.double())
     m = frames.to(m.device) @ m @ frames.mT.to(m.device)
     merged = merge_weighted(rotated.to(weights.dtype), m)

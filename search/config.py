@@ -88,7 +88,7 @@ class ParamSpace:
 class SearchConfig:
     budgets: tuple[float, ...]
     proxy: str = "fisher"
-    merge: str = "query_aware"
+    merge: str = "aligned"
     trials: int = 60
     allocation: tuple[bool, ...] = (False, True)
     objective: str = "constrained"
@@ -278,7 +278,7 @@ def _search(table: dict) -> SearchConfig:
         raise ConfigError(
             f"search.proxy: unknown proxy {proxy!r} (available: {', '.join(sorted(PROXIES))})"
         )
-    merge = _get(table, "search.merge", str, "query_aware")
+    merge = _get(table, "search.merge", str, SearchConfig.merge)
     if merge not in MERGES:
         raise ConfigError(
             f"search.merge: unknown merge {merge!r} (available: {', '.join(sorted(MERGES))})"

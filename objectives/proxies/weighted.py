@@ -7,18 +7,25 @@
             layers are comparable
 Cost: tables of at most H^2 D^2 per layer and kind, built once on the model's device (one W C W^T
 product); then one batched D x D inverse per new group and a dictionary lookup per known group;
-no forward pass.
+no forward pass. Under the `aligned` merge each new group is scored directly, frames included
+(objectives.aligned_error): exact, a few milliseconds per group.
 """
 
 from __future__ import annotations
 
 import torch
 
+from objectives.aligned_error import AlignedMergeErrorTable
 from objectives.merge_error import MergeErrorTable
+from objectives.merging import check_foldable, frame_blocks
 from objectives.proxies.base import GroupTableProxy, register_proxy
 from objectives.sensitivity import key_weights, plain_weights, value_weights
 
-MERGE_WEIGHTS = {"query_aware": False}  # merges with a closed form: name -> uses fisher weights
+# Merges with a closed form: name -> whether its merge weights N_h use the fisher weighting.
+MERGE_WEIGHTS = {"query_aware": False, "aligned": False}
+# Merges that rotate members into a common frame first: scored group by group
+# (objectives.aligned_error) instead of from pairwise tables.
+FRAMED_MERGES = {"aligned"}
 
 
 class WeightedMergeProxy(GroupTableProxy):
@@ -45,7 +52,7 @@ class WeightedMergeProxy(GroupTableProxy):
         """E[x] and E[1] paired with `gram`: the moments of the constant input a bias sees."""
         return self.stats.layers[layer].mean, 1.0
 
-    def build_table(self, layer: int, kind: str) -> MergeErrorTable:
+    def build_table(self, layer: int, kind: str) -> MergeErrorTable | AlignedMergeErrorTable:
         weights, biases = self.adapter.head_slices(layer, kind)
         weights = weights.detach().float()
         gram = self.gram(layer, kind).to(weights.device)
@@ -57,6 +64,17 @@ class WeightedMergeProxy(GroupTableProxy):
             corner = torch.tensor([[one]], dtype=gram.dtype, device=weights.device)
             gram = torch.cat(
                 [torch.cat([gram, mean[:, None]], 1), torch.cat([mean[None], corner], 1)]
+            )
+        if (self.merge_override or self.merge) in FRAMED_MERGES:
+            check_foldable(self.adapter, layer)
+            return AlignedMergeErrorTable(
+                weights,
+                self.adapter.source_kv_index(layer, kind),
+                gram,
+                self.head_weights(layer, kind),
+                self.merge_weights(layer, kind),
+                self.stats.layers[layer].covariance,
+                frame_blocks(self.adapter, layer, kind),
             )
         return MergeErrorTable(
             weights,  # on the model's device: the table is built there

@@ -98,3 +98,50 @@ def test_aligned_refuses_per_head_norms(smol_tokenizer, tmp_path):
         stats = calibrate(model, smol_tokenizer, CONFIG, "qwen3", progress=False)
     with pytest.raises(ValueError, match="cannot fold frames past qwen3's per-head q_norm, k_norm"):
         gqa.converted_copy(model, Grouping.neighbour(6, 2, 1), "aligned", stats)
+
+
+def _aligned_error_by_hand(model, stats, proxy, layer: int, kind: str, group: tuple[int, ...]):
+    """sum_h tr(M_h (W_h - R_h^T W_g) C (W_h - R_h^T W_g)^T) from the merge function itself:
+    member h reads the merged head W_g through its frame R_h (folded into q or o)."""
+    from gqa.merge import MergeContext, get_merge
+
+    adapter = gqa.get_adapter(model)
+    weights, _ = adapter.head_slices(layer, kind)
+    members = weights[adapter.source_kv_index(layer, kind)[list(group)]].detach()
+    ctx = MergeContext(layer, kind, group, adapter, stats)
+    merged, _, frames = get_merge("aligned")(members, None, ctx)
+    m = proxy.head_weights(layer, kind)[list(group)].double()
+    gram = proxy.gram(layer, kind).double()
+    diff = members.double() - frames.double().mT @ merged.double()
+    return float(torch.einsum("hij,hjd,de,hie->", m, diff, gram, diff))
+
+
+def test_fisher_proxy_scores_the_aligned_merge_exactly(smol_tokenizer, tmp_path):
+    """The guide proxy under `aligned` equals the error of what the merge builds, frames
+    included, and differs from the query-aware closed form."""
+    from objectives.proxies import make_proxy
+
+    model = tiny_model(num_kv_heads=3, vocab_size=49152)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADGROUP_CACHE", str(tmp_path))
+        stats = calibrate(model, smol_tokenizer, CONFIG, "random3", progress=False)
+    aligned = make_proxy("fisher", model, stats, merge="aligned")
+    plain = make_proxy("fisher", model, stats, merge="query_aware")
+    for layer, kind, group in ((0, "k", (0, 2, 5)), (1, "v", (1, 2, 3, 4)), (1, "k", (0, 5))):
+        expected = _aligned_error_by_hand(model, stats, aligned, layer, kind, group)
+        got = aligned.group_error(layer, kind, group)
+        # float64 on both sides except the merged head, which the merge returns in float32
+        assert got == pytest.approx(expected, rel=1e-4)
+        assert abs(got - plain.group_error(layer, kind, group)) > 1e-3 * got
+    # a single head (a source KV head kept as it is) costs nothing
+    assert aligned.score(gqa.current_grouping(model)) == pytest.approx(0, abs=1e-6)
+
+
+def test_fisher_proxy_sees_heads_equal_up_to_rotation_as_free_under_aligned(rotated_twins):
+    from objectives.proxies import make_proxy
+
+    model, stats = rotated_twins
+    one = Grouping.neighbour(6, 2, 1)
+    aligned = make_proxy("fisher", model, stats, merge="aligned").score(one)
+    plain = make_proxy("fisher", model, stats, merge="query_aware").score(one)
+    assert aligned < 1e-6 * plain

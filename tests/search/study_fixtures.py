@@ -26,7 +26,7 @@ batch_size = 4
 [search]
 budgets = [2.0, 1.5]
 proxy = "fisher"
-merge = "query_aware"
+merge = "{merge}"
 trials = {trials}
 allocation = [false, true]
 
@@ -56,7 +56,14 @@ def save_tiny_model(path: Path, tokenizer) -> Path:
 
 
 def write_config(
-    path: Path, model: Path, storage: str, trials: int = 12, pruner: str = "successive_halving"
+    path: Path,
+    model: Path,
+    storage: str,
+    trials: int = 12,
+    pruner: str = "successive_halving",
+    merge: str = "query_aware",
 ) -> Path:
-    path.write_text(TINY_STUDY.format(model=model, storage=storage, trials=trials, pruner=pruner))
+    path.write_text(
+        TINY_STUDY.format(model=model, storage=storage, trials=trials, pruner=pruner, merge=merge)
+    )
     return path

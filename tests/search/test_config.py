@@ -97,7 +97,7 @@ def test_shipped_configs_are_valid():
     from pathlib import Path
 
     configs = sorted((Path(__file__).parents[2] / "experiments" / "configs").glob("*.toml"))
-    assert {p.stem for p in configs} >= {"default", "llama2_7b_mha", "llama3_8b_gqa"}
+    assert {p.stem for p in configs} >= {"demo", "default", "llama2_7b_mha", "llama3_8b_gqa"}
     for path in configs:
         StudyConfig.load(path)
 

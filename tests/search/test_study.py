@@ -101,6 +101,18 @@ def test_study_runs_both_stages_and_resumes_without_new_work(tiny, tmp_path):
     assert len(_trials(storage, "tiny" + STAGE2_SUFFIX, states=finished)) == len(stage2)
 
 
+def test_study_runs_under_the_aligned_merge(tiny, tmp_path):
+    """`aligned` as the study's merge: the fisher guide proxy scores it (no closed-form error),
+    and stage 2 builds its candidates with it."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    path = write_config(tmp_path / "s.toml", tiny, storage, trials=6, merge="aligned")
+    config = StudyConfig.load(path)
+    assert config.search.merge == "aligned"
+    Study(config, progress=False).run()
+    stage1, _ = _check_complete_study(storage, trials=6)
+    assert all(t.user_attrs["proxy"] >= 0 for t in stage1)
+
+
 def _run_cli(config, env_extra=None, storage=None):
     env = dict(os.environ, **(env_extra or {}))
     cmd = [sys.executable, "-m", "experiments.cli", "study", "--config", str(config)]
