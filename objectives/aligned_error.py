@@ -49,6 +49,9 @@ class AlignedMergeErrorTable:
         self.n = merge_weights.double().to(device)
         self.blocks = blocks
         self.cache: dict[tuple[int, ...], float] = {}
+        # The frames depend on the members' source heads only (not on M or N): with a GQA source
+        # many groups of query heads share them.
+        self.frames: dict[tuple[int, ...], torch.Tensor] = {}
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +68,11 @@ class AlignedMergeErrorTable:
     def _error(self, group: list[int]) -> float:
         heads = torch.tensor(group, device=self.source.device)
         members = self.source[heads]
-        frames = member_frames(self.frame_moments[members][:, members], self.blocks)  # R_h
+        key = tuple(members.tolist())
+        frames = self.frames.get(key)  # R_h
+        if frames is None:
+            moments = self.frame_moments[members][:, members]
+            frames = self.frames[key] = member_frames(moments, self.blocks)
         g = self.error_moments[members][:, members]  # (n, n, D, D): G_hb
         m = frames @ self.m[heads] @ frames.mT  # M'_h
         p = frames @ self.n[heads]  # P_b = N'_b R_b = R_b N_b
