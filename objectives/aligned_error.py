@@ -16,14 +16,17 @@ K_ab = W_a Cov W_b^T),
     A_h = sum_b G_hb P_b^T,   V = sum_{b,c} P_b G_bc P_c^T,   M_g = sum_h M'_h.
 
 A new group costs its frames (batched 2 x 2 SVDs per RoPE pair for K, one D x D SVD for V, two
-rounds) and O(n^2 D^3) flops, in float64; errors are memoised per group like the pairwise tables'.
+rounds) and O(n^2 D^3) flops, in float64; new groups of one size are scored in batches and memoised, like the pairwise
+tables' groups.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from objectives.merge_error import _regularised
+from objectives.merge_error import GATHER_BYTES, _regularised, memoised_batches
 from objectives.merging import cross_moments, member_frames
 
 
@@ -62,25 +65,45 @@ class AlignedMergeErrorTable:
     def __call__(self, group: tuple[int, ...]) -> float:
         value = self.cache.get(group)
         if value is None:
-            value = self.cache[group] = self._error(list(group))
+            value = self.errors([group])[0]
         return value
 
-    def _error(self, group: list[int]) -> float:
-        heads = torch.tensor(group, device=self.source.device)
-        members = self.source[heads]
-        key = tuple(members.tolist())
-        frames = self.frames.get(key)  # R_h
-        if frames is None:
-            moments = self.frame_moments[members][:, members]
-            frames = self.frames[key] = member_frames(moments, self.blocks)
-        g = self.error_moments[members][:, members]  # (n, n, D, D): G_hb
+    def errors(
+        self,
+        groups: Iterable[tuple[int, ...]],
+        near: Iterable[tuple[int, ...]] | None = None,  # unused: no pairwise sums to reuse
+    ) -> list[float]:
+        """e(g) for each group (sorted tuples of query heads), the unknown ones in batches."""
+        return memoised_batches(groups, self.cache, self.source.device, self._bucket)
+
+    def _bucket(self, index: torch.Tensor) -> torch.Tensor:
+        """Errors of B groups of one size n: index (B, n) -> (B,), in chunks that hold the
+        (n, n, D, D) moments of about GATHER_BYTES at once."""
+        n, d = index.shape[1], self.m.shape[-1]
+        chunk = max(1, GATHER_BYTES // (2 * n * n * d * d * 8))
+        return torch.cat([self._errors(rows) for rows in index.split(chunk)])
+
+    def _group_frames(self, members: torch.Tensor) -> torch.Tensor:
+        """R_h for each row of source heads (B, n) -> (B, n, D, D), new rows fitted at once."""
+        keys = [tuple(row) for row in members.tolist()]
+        new = list(dict.fromkeys(k for k in keys if k not in self.frames))
+        if new:
+            rows = torch.tensor(new, device=members.device)
+            moments = self.frame_moments[rows[:, :, None], rows[:, None, :]]
+            self.frames.update(zip(new, member_frames(moments, self.blocks), strict=True))
+        return torch.stack([self.frames[k] for k in keys])
+
+    def _errors(self, heads: torch.Tensor) -> torch.Tensor:
+        members = self.source[heads]  # (B, n)
+        frames = self._group_frames(members)  # R_h
+        g = self.error_moments[members[:, :, None], members[:, None, :]]  # (B, n, n, D, D): G_hb
         m = frames @ self.m[heads] @ frames.mT  # M'_h
         p = frames @ self.n[heads]  # P_b = N'_b R_b = R_b N_b
-        inverse = torch.linalg.inv(_regularised((p @ frames.mT).sum(0)))  # N_g^-1
-        own = frames @ g[torch.arange(len(group)), torch.arange(len(group))] @ frames.mT
-        a = torch.einsum("hbij,bkj->hik", g, p)  # A_h
-        v = torch.einsum("bij,bcjk,clk->il", p, g, p)  # V
-        first = torch.einsum("hij,hji->", m, own)
-        second = torch.einsum("hij,hji->", m, frames @ a @ inverse.T)
-        third = torch.einsum("ij,ji->", m.sum(0), inverse @ v @ inverse.T)
-        return float(first - 2 * second + third)
+        inverse = torch.linalg.inv(_regularised((p @ frames.mT).sum(1)))  # N_g^-1
+        own = frames @ g.diagonal(dim1=1, dim2=2).permute(0, 3, 1, 2) @ frames.mT
+        a = torch.einsum("zhbij,zbkj->zhik", g, p)  # A_h
+        v = torch.einsum("zbij,zbcjk,zclk->zil", p, g, p)  # V
+        first = torch.einsum("zhij,zhji->z", m, own)
+        second = torch.einsum("zhij,zhji->z", m, frames @ a @ inverse.mT[:, None])
+        third = torch.einsum("zij,zji->z", m.sum(1), inverse @ v @ inverse.mT)
+        return first - 2 * second + third

@@ -83,16 +83,17 @@ def member_frames(cross: torch.Tensor, blocks: list[tuple[torch.Tensor, bool]]) 
     common one, in the input metric C (min ||(R_h W_h - W) C^1/2||): generalized Procrustes,
     first onto the first member, then onto the mean of the aligned slices. Works on the cross
     moments K_hj = W_h C W_j^T (`cross_moments`) alone: W_h C W^T = (1/n) sum_j K_hj R_j^T for
-    the mean W = (1/n) sum_j R_j W_j. float64, (n, D, D)."""
-    n, _, d, _ = cross.shape
-    frames = torch.zeros(n, d, d, dtype=torch.float64, device=cross.device)
+    the mean W = (1/n) sum_j R_j W_j. `cross` (..., n, n, D, D) -> frames (..., n, D, D), float64;
+    leading dims are groups scored at once."""
+    *batch, n, _, d, _ = cross.shape
+    frames = torch.zeros(*batch, n, d, d, dtype=torch.float64, device=cross.device)
     blocks = [(dims.to(cross.device), proper) for dims, proper in blocks]
-    target = cross[:, 0]  # (n, D, D): W_h C W_0^T
+    target = cross[..., 0, :, :]  # (..., n, D, D): W_h C W_0^T
     for _ in range(2):
         for dims, proper in blocks:
             rows, cols = dims[:, :, None], dims[:, None, :]  # (B, s, 1), (B, 1, s)
-            frames[:, rows, cols] = _orthogonal_fit(target[:, rows, cols], proper)
-        target = torch.einsum("hjab,jcb->hac", cross, frames) / n
+            frames[..., rows, cols] = _orthogonal_fit(target[..., rows, cols], proper)
+        target = torch.einsum("...hjab,...jcb->...hac", cross, frames) / n
     return frames
 
 

@@ -135,6 +135,11 @@ def test_fisher_proxy_scores_the_aligned_merge_exactly(smol_tokenizer, tmp_path)
         assert abs(got - plain.group_error(layer, kind, group)) > 1e-3 * got
     # a single head (a source KV head kept as it is) costs nothing
     assert aligned.score(gqa.current_grouping(model)) == pytest.approx(0, abs=1e-6)
+    # groups scored in one batch (per size, chunked) equal groups scored one at a time
+    groups = [(0, 1), (0, 3), (2, 4), (1, 3, 5), (0, 2, 4), (0, 1, 2, 3, 4, 5)]
+    batch = make_proxy("fisher", model, stats, merge="aligned").table(1, "v").errors(groups)
+    single = [make_proxy("fisher", model, stats, merge="aligned").table(1, "v")(g) for g in groups]
+    assert batch == pytest.approx(single, rel=1e-9, abs=1e-12 * max(single))
 
 
 def test_fisher_proxy_sees_heads_equal_up_to_rotation_as_free_under_aligned(rotated_twins):
