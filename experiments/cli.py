@@ -87,7 +87,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--merge",
         default="mean",
-        help="merge method (default: mean); query_aware calibrates (cached) first",
+        help="merge method (default: mean); query_aware and aligned calibrate (cached) first",
     )
     p.add_argument(
         "--recovery",

@@ -117,3 +117,18 @@ def test_load_names_the_file(tmp_path):
         Grouping.load(path)
     with pytest.raises(GroupingError, match="does not exist"):
         Grouping.load(tmp_path / "missing.json")
+
+
+def test_atomic_write_replaces_whole_file_with_plain_permissions(tmp_path):
+    import os
+
+    from gqa.grouping import write_text_atomic
+
+    path = tmp_path / "sub" / "report.md"
+    write_text_atomic(path, "first\n")
+    write_text_atomic(path, "second\n")
+    assert path.read_text() == "second\n"
+    assert [p.name for p in path.parent.iterdir()] == ["report.md"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
