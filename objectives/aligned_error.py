@@ -16,8 +16,8 @@ K_ab = W_a Cov W_b^T),
     A_h = sum_b G_hb P_b^T,   V = sum_{b,c} P_b G_bc P_c^T,   M_g = sum_h M'_h.
 
 A new group costs its frames (batched 2 x 2 SVDs per RoPE pair for K, one D x D SVD for V, two
-rounds) and O(n^2 D^3) flops, in float64; new groups of one size are scored in batches and memoised, like the pairwise
-tables' groups.
+rounds; memoised by the members' source heads, all they depend on) and O(n^2 D^3) flops, in
+float64. New groups of one size are scored in batches and memoised, like the pairwise tables'.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import torch
 
-from objectives.merge_error import GATHER_BYTES, _regularised, memoised_batches
+from objectives.merge_error import GATHER_BYTES, memoised_batches, regularised
 from objectives.merging import cross_moments, member_frames
 
 
@@ -99,7 +99,7 @@ class AlignedMergeErrorTable:
         g = self.error_moments[members[:, :, None], members[:, None, :]]  # (B, n, n, D, D): G_hb
         m = frames @ self.m[heads] @ frames.mT  # M'_h
         p = frames @ self.n[heads]  # P_b = N'_b R_b = R_b N_b
-        inverse = torch.linalg.inv(_regularised((p @ frames.mT).sum(1)))  # N_g^-1
+        inverse = torch.linalg.inv(regularised((p @ frames.mT).sum(1)))  # N_g^-1
         own = frames @ g.diagonal(dim1=1, dim2=2).permute(0, 3, 1, 2) @ frames.mT
         a = torch.einsum("zhbij,zbkj->zhik", g, p)  # A_h
         v = torch.einsum("zbij,zbcjk,zclk->zil", p, g, p)  # V

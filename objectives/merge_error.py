@@ -275,7 +275,7 @@ class MergeErrorTable:
 
     def _finish(self, own, v_g, a_g, n_sum, m_g) -> torch.Tensor:
         """e(g) from each group's own term, V_g, sym(A)_g (None: c V_g), sum N and sum M."""
-        inverse = _inverse(_regularised(n_sum))
+        inverse = _inverse(regularised(n_sum))
         if a_g is None:  # M = c N, so A_g = c V_g
             a_g = self.ratio * v_g
         # The full three-term form, not own - c tr(N^-1 V): its rounding cancels for groups of
@@ -318,7 +318,7 @@ def _inverse(m: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(m)
 
 
-def _regularised(m: torch.Tensor) -> torch.Tensor:
+def regularised(m: torch.Tensor) -> torch.Tensor:
     """m + (1e-12 |mean diagonal| + 1e-30) I, for one (D, D) matrix or a batch (B, D, D)."""
     ridge = 1e-12 * m.diagonal(dim1=-2, dim2=-1).mean(-1).abs() + 1e-30
     eye = torch.eye(m.shape[-1], dtype=m.dtype, device=m.device)
@@ -332,7 +332,7 @@ def merge_weighted(
     """The minimiser of sum_h tr(M_h (W_h - W) C (W_h - W)^T): W = (sum M_h)^-1 sum M_h W_h."""
     m = head_weights.double()
     rhs = torch.einsum("nij,njd->id", m, weights.double())
-    return torch.linalg.solve(_regularised(m.sum(0)), rhs).to(weights.dtype)
+    return torch.linalg.solve(regularised(m.sum(0)), rhs).to(weights.dtype)
 
 
 def memoised_batches(
