@@ -22,15 +22,13 @@ float64. New groups of one size are scored in batches and memoised, like the pai
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
-from objectives.merge_error import GATHER_BYTES, memoised_batches, regularised
+from objectives.merge_error import GATHER_BYTES, GroupErrorTable, regularised
 from objectives.merging import cross_moments, member_frames
 
 
-class AlignedMergeErrorTable:
+class AlignedMergeErrorTable(GroupErrorTable):
     """e(g) under the `aligned` merge for every group g of one layer and one of K/V."""
 
     def __init__(
@@ -45,6 +43,7 @@ class AlignedMergeErrorTable:
     ):
         device = weights.device
         hidden = covariance.shape[0]
+        self.device = device
         self.source = source.to(device)
         self.frame_moments = cross_moments(weights[..., :hidden], covariance)  # (n_src,)^2 D^2
         self.error_moments = cross_moments(weights, gram)
@@ -61,20 +60,6 @@ class AlignedMergeErrorTable:
         """Bytes held by the moments and weights (not the memo)."""
         tensors = (self.frame_moments, self.error_moments, self.m, self.n)
         return sum(t.numel() * t.element_size() for t in tensors)
-
-    def __call__(self, group: tuple[int, ...]) -> float:
-        value = self.cache.get(group)
-        if value is None:
-            value = self.errors([group])[0]
-        return value
-
-    def errors(
-        self,
-        groups: Iterable[tuple[int, ...]],
-        near: Iterable[tuple[int, ...]] | None = None,  # unused: no pairwise sums to reuse
-    ) -> list[float]:
-        """e(g) for each group (sorted tuples of query heads), the unknown ones in batches."""
-        return memoised_batches(groups, self.cache, self.source.device, self._bucket)
 
     def _bucket(self, index: torch.Tensor) -> torch.Tensor:
         """Errors of B groups of one size n: index (B, n) -> (B,), in chunks that hold the

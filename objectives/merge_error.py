@@ -61,7 +61,31 @@ GATHER_BYTES = 64 * 2**20
 NEAR_MIN_SIZE = 4
 
 
-class MergeErrorTable:
+class GroupErrorTable:
+    """A memo of e(g) per group: calling it scores one group, `errors` many, the unknown ones in
+    one batch per size (`_bucket`: index (B, n) -> (B,))."""
+
+    cache: dict[tuple[int, ...], float]
+    device: torch.device
+
+    def __call__(self, group: tuple[int, ...]) -> float:
+        value = self.cache.get(group)
+        if value is None:
+            value = self.errors([group])[0]
+        return value
+
+    def errors(
+        self,
+        groups: Iterable[tuple[int, ...]],
+        near: Iterable[tuple[int, ...]] | None = None,  # a speed hint some tables use
+    ) -> list[float]:
+        return memoised_batches(groups, self.cache, self.device, self._bucket)
+
+    def _bucket(self, index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MergeErrorTable(GroupErrorTable):
     """e(g) for every group g of one layer and one of K/V, under one merge."""
 
     def __init__(
@@ -136,12 +160,6 @@ class MergeErrorTable:
             if isinstance(t, torch.Tensor)
         )
 
-    def __call__(self, group: tuple[int, ...]) -> float:
-        value = self.cache.get(group)
-        if value is None:
-            value = self.errors([group])[0]
-        return value
-
     def errors(
         self,
         groups: Iterable[tuple[int, ...]],
@@ -154,7 +172,7 @@ class MergeErrorTable:
         from that group's row sums, O(1) blocks instead of O(n^2) (see `_near_errors`); others
         are summed directly. Both give e(g) to rounding."""
         if near is None or not self.weighted:
-            return memoised_batches(groups, self.cache, self.device, self._bucket)
+            return super().errors(groups)
         groups = list(groups)
         todo = [g for g in dict.fromkeys(groups) if g not in self.cache]
         small = [g for g in todo if len(g) < NEAR_MIN_SIZE]
