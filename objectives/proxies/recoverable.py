@@ -32,7 +32,12 @@ from gqa.surgery import converted_attention
 from objectives.calibration import CalibrationStats
 from objectives.proxies.base import Proxy, make_proxy, register_proxy
 from objectives.recovery import LayerFit, LayerFitCache, LayerwiseConfig, fit_layer, recovery_config
-from objectives.recovery.layerwise import check_stats, source_outputs
+from objectives.recovery.layerwise import (
+    check_stats,
+    holdout_split,
+    relative_error,
+    source_outputs,
+)
 
 WEIGHTINGS = ("layer", "fisher_ratio", "none")
 
@@ -82,13 +87,9 @@ class Recoverable(Proxy):
 
     def _fit(self, layer: int, grouping: LayerGrouping) -> LayerFit:
         inputs = self.stats.layers[layer].inputs
-        if layer not in self._targets:
-            self._targets[layer] = source_outputs(
-                self.adapter, layer, inputs, self.config.batch_size
-            )
         module = converted_attention(self.adapter, layer, grouping, self.merge, self.stats)
         self.fitted += 1
-        return fit_layer(module, self.adapter, inputs, self._targets[layer], self.config, layer)
+        return fit_layer(module, self.adapter, inputs, self._target(layer), self.config, layer)
 
     def layer_weight(self, layer: int) -> float:
         """w_l: end-to-end (fisher) error per unit of local error, measured on the layer's
@@ -96,10 +97,32 @@ class Recoverable(Proxy):
         if layer not in self._layer_weights:
             heads = (tuple(range(self.adapter.num_heads)),)
             coarsest = LayerGrouping(heads, heads)
-            fit = self.fit(layer, coarsest)
-            local = max(fit.initial, 1e-30)
+            local = max(self.initial_error(layer, coarsest), 1e-30)
             self._layer_weights[layer] = self.fisher.layer_score(layer, coarsest) / local
         return self._layer_weights[layer]
+
+    def initial_error(self, layer: int, grouping: LayerGrouping) -> float:
+        """The layer's held-out error under `grouping` before any training: a fit's `initial`,
+        read from a fit already made or measured without training one."""
+        fit = self._fits.get((layer, grouping))
+        if fit is None and self.cache:
+            fit = self.cache.get(layer, grouping)
+        if fit is not None:
+            return fit.initial
+        inputs = self.stats.layers[layer].inputs
+        module = converted_attention(self.adapter, layer, grouping, self.merge, self.stats)
+        _, held = holdout_split(inputs.shape[0], self.config.holdout)
+        target = self._target(layer)
+        return relative_error(
+            module, self.adapter, inputs[held], target[held], self.config.batch_size
+        )
+
+    def _target(self, layer: int) -> torch.Tensor:
+        if layer not in self._targets:
+            self._targets[layer] = source_outputs(
+                self.adapter, layer, self.stats.layers[layer].inputs, self.config.batch_size
+            )
+        return self._targets[layer]
 
     def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
         fit = self.fit(layer, grouping)

@@ -33,12 +33,17 @@ def test_score_is_what_recovery_leaves_in_end_to_end_units(setup):
     fisher = make_proxy("fisher", model, stats, "mean")
     assert proxy.score(gqa.current_grouping(model)) == 0.0  # the source layout: exact
     one = (tuple(range(6)),)
+    fitted = proxy.fitted
+    weights = [proxy.layer_weight(layer) for layer in range(len(MERGED.layers))]
+    assert proxy.fitted == fitted  # w_l reads the error before training: nothing is fitted
     for layer, lg in enumerate(MERGED.layers):
         fit = proxy.fit(layer, lg)
         assert 0 < fit.final <= fit.initial
-        # w_l: fisher error per unit of local error, on the layer's coarsest grouping.
+        # w_l: fisher error per unit of local error, on the layer's coarsest grouping, before
+        # any training (a fit's `initial`).
         coarsest = proxy.fit(layer, LayerGrouping(one, one))
         weight = fisher.layer_score(layer, LayerGrouping(one, one)) / coarsest.initial
+        assert weights[layer] == pytest.approx(weight, rel=1e-12)
         assert proxy.layer_weight(layer) == pytest.approx(weight, rel=1e-12)
         assert proxy.layer_score(layer, lg) == pytest.approx(weight * fit.final, rel=1e-12)
         ratio = Recoverable(model, stats, "mean", recovery=FIT, weighting="fisher_ratio")
@@ -66,4 +71,4 @@ def test_fits_are_cached_and_shared_with_layerwise_recovery(setup):
     # Another recovery config is another fit.
     other = make_proxy("recoverable", model, stats, "query_aware", recovery={"steps": 2})
     other.score(MERGED)
-    assert other.fitted == 4  # the two merged layers and, for w_l, their coarsest groupings
+    assert other.fitted == 2  # the two merged layers (w_l needs no fit)
