@@ -6,7 +6,8 @@ already measured is measured again), the joint family's choice and the best sing
 measured on `windows` test windows under every recovery seed (points on the source model need no
 recovery and are measured once). The difference gets a paired bootstrap 95% interval over
 windows, from seed-averaged per-window NLLs. Accuracy on `limit` test questions per task (first
-seed) when `limit` > 0. Every (point, seed) result is cached in `<out>/compare_bytes/`.
+seed) when `limit` > 0, at the budgets where the two choices differ (elsewhere the difference is
+exactly 0, or there is no single-axis point to compare with). Every (point, seed) result is cached in `<out>/compare_bytes/`.
 
     headgroup compare-bytes --config F [--seeds 0,1] [--windows 48] [--limit 300]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         model = front.model(point.model, front.grouping(point.model), seed)
         return gqa.apply_precision(model, point.plan)
 
-    def measure(point) -> dict:
+    def measure(point, with_accuracy: bool) -> dict:
         seeds = options.seeds[:1] if point.model == "source" else options.seeds
 
         def digest(seed: int) -> str:  # the point and how its model is built
@@ -72,7 +74,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
 
             def nlls(seed=seed) -> dict:
                 nll = window_nlls(model_of(point, seed), windows, progress=False)
-                return {"nll": nll.tolist(), "ppl": float(np.exp(nll.mean()))}
+                return {"nll": nll.tolist(), "ppl": math.exp(float(nll.mean()))}
 
             path = folder / f"{digest(seed)}_w{options.windows}_seed{seed}.json"
             per_seed.append(_cached(path, nlls))
@@ -84,7 +86,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             "test_ppl": [r["ppl"] for r in per_seed],
             "nll": np.mean([r["nll"] for r in per_seed], axis=0),
         }
-        if tasks:
+        if tasks and with_accuracy:
 
             def accuracy() -> dict:
                 results = evaluate(
@@ -104,8 +106,13 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     for fraction, rows in chosen.groupby("budget_fraction", sort=False):
         joint = rows[rows["family"] == "joint"].iloc[0]
         singles = rows[rows["family"] != "joint"].sort_values("valid_ppl")
-        a = measure(joint["point"])
-        if singles.empty:  # below every single axis's floor: only stacking reaches this budget
+        single = singles.iloc[0] if len(singles) else None
+        same = single is not None and joint["point"].key == single["point"].key
+        # Accuracy where it compares two points: a budget whose joint choice is the single-axis
+        # one has a difference of exactly 0; one no single axis reaches has nothing to compare.
+        contested = single is not None and not same
+        a = measure(joint["point"], contested)
+        if single is None:  # below every single axis's floor: only stacking reaches this budget
             report["budgets"][f"{fraction:g}"] = {
                 "joint": {
                     "family": "joint",
@@ -116,9 +123,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             }
             _write(report, out, start)
             continue
-        single = singles.iloc[0]
-        b = measure(single["point"])
-        same = joint["point"].key == single["point"].key
+        b = measure(single["point"], contested)
         diff = paired_bootstrap(a["nll"], b["nll"], options.resamples) if not same else None
         entry = {}
         for label, family, result in (

@@ -1,0 +1,92 @@
+"""`headgroup compare-bytes` on a tiny study's byte front: paired intervals per budget, accuracy
+only where the joint and the single-axis choices differ, and a second run that rebuilds nothing."""
+
+import json
+
+import pytest
+
+from experiments.cli import main
+from search.config import StudyConfig
+from search.kv_front import KVFront
+from search.study import Study
+from tests.search.study_fixtures import save_tiny_model, write_config
+
+PRECISION = """
+[precision]
+budgets = [1.0, 0.6, 0.3]
+bits = [8, 2]
+group_sizes = [8]
+valid_windows = 2
+test_windows = 2
+"""
+
+
+@pytest.fixture()
+def finished_front(tmp_path, smol_tokenizer, monkeypatch):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "model", smol_tokenizer)
+    path = write_config(tmp_path / "c.toml", model, f"sqlite:///{tmp_path}/s.db", trials=4)
+    path.write_text(path.read_text() + PRECISION)
+    study = Study(StudyConfig.load(path), progress=False)
+    study.run()
+    KVFront(study, progress=False).run()
+    return path
+
+
+def _contest_the_middle_budget(monkeypatch):
+    """At 60% the joint family takes a point of its own (another fitting point than the best
+    single axis's), so that budget compares two points; the others keep their choices."""
+    run = KVFront.run
+
+    def contested(self):
+        chosen = run(self)
+        rows = chosen[chosen["budget_fraction"] == 0.6]
+        singles = rows[rows["family"] != "joint"].sort_values("valid_ppl")
+        best = singles.iloc[0]["point"].key
+        other = next(p for p in rows["point"] if p.key != best)
+        joint = rows.index[rows["family"] == "joint"][0]
+        chosen.at[joint, "point"] = other
+        return chosen
+
+    monkeypatch.setattr(KVFront, "run", contested)
+
+
+def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front, monkeypatch):
+    out = finished_front.parent / "out"
+    _contest_the_middle_budget(monkeypatch)
+    evaluated = []
+    import experiments.compare_bytes as module
+
+    evaluate = module.evaluate
+    monkeypatch.setattr(
+        module,
+        "evaluate",
+        lambda model, *a, **k: evaluated.append(k["limit"]) or evaluate(model, *a, **k),
+    )
+    argv = ["compare-bytes", "--config", str(finished_front), "--seeds", "0,1"]
+    argv += ["--windows", "3", "--limit", "2", "--out", str(out)]
+    assert main(argv) == 0
+    answer = json.loads((out / "byte_answer.json").read_text())["budgets"]
+    assert set(answer) == {"1", "0.6", "0.3"}
+    contested = answer["0.6"]
+    diff = contested["joint - single"]
+    assert not diff.get("same_point")
+    assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
+    assert {"mean_acc"} <= set(contested["joint"]) and {"mean_acc"} <= set(
+        contested["best single-axis"]
+    )
+    for budget, entry in answer.items():
+        if budget == "0.6":
+            continue
+        single = entry["best single-axis"]
+        assert "mean_acc" not in entry["joint"]  # same point, or nothing to compare with
+        if single is not None:
+            assert entry["joint - single"]["same_point"] and "mean_acc" not in single
+    assert evaluated == [2, 2]  # the two contested points, once each (first seed)
+    assert "mean acc" in (out / "byte_answer.md").read_text()
+
+    # A second run reads every result back: no model is measured again.
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(module, "window_nlls", lambda *a, **k: pytest.fail("measured again"))
+    assert main(argv) == 0
+    assert json.loads((out / "byte_answer.json").read_text())["budgets"] == answer
