@@ -21,7 +21,9 @@ quantization error, the units the allocations minimise) per budget and family ar
 validation: the proxy screens, validation chooses.
 
 Points are recorded as trials of the Optuna study `<name>:kvfront` in the study's storage (the
-single record of a run): a stopped front resumes, and nothing measured is measured again.
+single record of a run): a stopped front resumes, and nothing measured is measured again. The
+16-bit points of the source and of the stage-2 winners take stage 2's perplexities when the
+front reads the same windows (`valid_windows` = promote's, `test_windows` = `ppl_windows`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class KVFront:
         self._windows: dict[str, object] = {}
         self._groupings: dict[str, Grouping] = {}  # every point's model, layer mixes included
         self._mix_layers: dict[str, str] = {}  # a layer mix: how many layers each model gives
+        self._stage2_rows: dict[str, pd.Series] = {}  # the source's and each winner's stage 2
 
     # -- models and measurements ---------------------------------------------------------------
 
@@ -119,10 +122,29 @@ class KVFront:
         done = stage2[(stage2["state"] == "complete") & stage2["budget"].notna()]
         if done.empty:
             raise ValueError("the study has no complete stage-2 candidate: run the study first")
+        source = stage2[stage2["kind"] == "source"]
+        if len(source):
+            self._stage2_rows["source"] = source.iloc[0]
         for budget, rows in done.groupby("budget"):
             best = rows.sort_values("valid_ppl").iloc[0]
-            out[f"{budget:g}kv:{best['strategy']}"] = Grouping.from_json(best["grouping"])
+            name = f"{budget:g}kv:{best['strategy']}"
+            out[name] = Grouping.from_json(best["grouping"])
+            self._stage2_rows[name] = best
         return out
+
+    def _from_stage2(self, point: Point, metric: str) -> float | None:
+        """What stage 2 measured for a 16-bit point of the source or of a stage-2 winner (the
+        same model, built by the same recovery) when it read the front's windows; else None."""
+        row = self._stage2_rows.get(point.model)
+        if point.plan is not None or row is None:
+            return None
+        promote = self.study.config.promote
+        if metric == "valid_ppl":
+            same, column = promote.valid_windows == self.config.valid_windows, "valid_ppl"
+        else:
+            same, column = promote.ppl_windows == self.config.test_windows, "ppl"
+        value = row.get(column) if same else None
+        return None if value is None or pd.isna(value) else float(value)
 
     def model(self, name: str, grouping: Grouping, recovery_seed: int | None = None):
         """The 16-bit model of a point (kept: a candidate shares all but its attention with the
@@ -200,10 +222,12 @@ class KVFront:
         known = self._measured().get((point.key, metric))
         if known is not None:
             return known
-        count = self.config.valid_windows if split == VALID_SPLIT else self.config.test_windows
-        model = gqa.apply_precision(self.model(point.model, grouping), point.plan)
-        value = perplexity(model, self._split(split, count), progress=False).perplexity
-        gqa.apply_precision(model, None)
+        value = self._from_stage2(point, metric)
+        if value is None:
+            count = self.config.valid_windows if split == VALID_SPLIT else self.config.test_windows
+            model = gqa.apply_precision(self.model(point.model, grouping), point.plan)
+            value = perplexity(model, self._split(split, count), progress=False).perplexity
+            gqa.apply_precision(model, None)
         self.storage_study.add_trial(
             create_trial(
                 params={"kv_fraction": point.kv_bytes / self.source_bytes},

@@ -193,3 +193,60 @@ def test_convert_with_bad_kv_bits_exits_2(tmp_path, smol_tokenizer, monkeypatch,
     assert code == 0
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["headgroup_kv_precision"]["layers"] == [[4, 2], [4, 2]]
+
+
+def test_16_bit_points_take_stage_2_measurements_on_the_same_windows(front_config, monkeypatch):
+    """The source and each stage-2 winner at 16 bits are the models stage 2 measured: on the same
+    windows the front records stage 2's perplexities instead of measuring them again; on other
+    windows it measures."""
+    import search.kv_front as module
+    from search.results import stage2_frame
+
+    path, storage = front_config
+    path.write_text(path.read_text().replace("valid_windows = 2", "valid_windows = 3"))
+    path.write_text(
+        path.read_text().replace("seq_len = 16\npruner", "seq_len = 16\nvalid_windows = 3\npruner")
+    )
+    config = StudyConfig.load(path)
+    assert config.promote.valid_windows == config.precision.valid_windows == 3
+    assert config.promote.ppl_windows == config.precision.test_windows == 2
+    study = Study(config, progress=False)
+    study.run()
+    measured = []
+    perplexity = module.perplexity
+    monkeypatch.setattr(
+        module,
+        "perplexity",
+        lambda model, *a, **k: measured.append(model) or perplexity(model, *a, **k),
+    )
+    front = KVFront(study, progress=False)
+    front.run()
+    points = front_frame("tiny", storage).set_index("key")
+    stage2 = stage2_frame("tiny", storage)
+    shared = 0
+    for name, row in front._stage2_rows.items():
+        key = json.dumps([name, None], sort_keys=True)
+        if key not in points.index:
+            continue  # screened out
+        shared += 1
+        s2 = stage2[stage2["trial"] == row["trial"]].iloc[0]
+        assert points.loc[key, "valid_ppl"] == s2["valid_ppl"]
+        if not math.isnan(points.loc[key, "test_ppl"]):
+            assert points.loc[key, "test_ppl"] == s2["ppl"]
+    assert shared >= 1  # the source at 16 bits is in every family at 100%
+    measured_by_front = sum(points[c].notna().sum() for c in ("valid_ppl", "test_ppl"))
+    assert len(measured) < measured_by_front
+
+    # Other windows: the front measures the 16-bit source itself.
+    more = dataclasses.replace(config.precision, valid_windows=1)
+    front = KVFront(
+        Study(dataclasses.replace(config, precision=more), progress=False), progress=False
+    )
+    front.groupings()
+    source = next(
+        p for p in front.points(front.groupings()) if p.key == json.dumps(["source", None])
+    )
+    assert front._from_stage2(source, "valid_ppl") is None
+    assert (
+        front._from_stage2(source, "test_ppl") == stage2[stage2["kind"] == "source"]["ppl"].iloc[0]
+    )
