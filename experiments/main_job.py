@@ -99,8 +99,8 @@ def write_readme(
         f"Config: `{config.path}`; storage: `{config.storage}` (rerunning the command resumes from it).",
         f"Model `{config.model}`, proxy `{config.search.proxy}`, merge `{config.search.merge}`, "
         f"{config.search.trials} stage-1 trials, budgets {list(config.search.budgets)} KV heads per layer "
-        f"(K and V each), recovery `{' then '.join(config.promote.recovery) or 'none'}`, tasks {list(config.promote.tasks)} "
-        f"(limit {config.promote.limit} test questions), {config.promote.ppl_windows} x {config.promote.seq_len} test tokens; "
+        f"(K and V each), recovery `{' then '.join(config.promote.recovery) or 'none'}`, "
+        f"{_tasks_text(config)}, {config.promote.ppl_windows} x {config.promote.seq_len} test tokens; "
         f"selection and pruning read {config.promote.valid_windows} x {config.promote.seq_len} validation tokens.",
         "",
         "## What the numbers say",
@@ -126,6 +126,13 @@ def write_readme(
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _tasks_text(config: StudyConfig) -> str:
+    questions = [t for t in config.promote.tasks if t != "ppl"]
+    if not questions:
+        return "tasks ['ppl'] (perplexity only)"
+    return f"tasks {list(config.promote.tasks)} (limit {config.promote.limit} test questions)"
 
 
 def _byte_front_section(config: StudyConfig, out: Path) -> list[str]:
