@@ -7,7 +7,8 @@ measured on `windows` test windows under every recovery seed (points on the sour
 recovery and are measured once). The difference gets a paired bootstrap 95% interval over
 windows, from seed-averaged per-window NLLs. Accuracy on `limit` test questions per task (first
 seed) when `limit` > 0, at the budgets where the two choices differ (elsewhere the difference is
-exactly 0, or there is no single-axis point to compare with). Every (point, seed) result is cached in `<out>/compare_bytes/`.
+exactly 0, or there is no single-axis point to compare with), with a paired bootstrap interval
+over questions from the per-question outcomes. Every (point, seed) result is cached in `<out>/compare_bytes/`.
 
     headgroup compare-bytes --config F [--seeds 0,1] [--windows 48] [--limit 300]
 """
@@ -28,11 +29,13 @@ import gqa
 from experiments.compare import _cached
 from gqa.grouping import write_text_atomic
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
-from objectives.evaluate import evaluate, window_nlls
-from objectives.significance import paired_bootstrap
+from objectives.evaluate import question_outcomes, window_nlls
+from objectives.significance import paired_accuracy, paired_bootstrap
 from search.config import StudyConfig
 from search.kv_front import KVFront
 from search.study import Study
+
+PER_ITEM = ("nll", "correct")  # per window and per question: used for intervals, not reported
 
 
 @dataclass(frozen=True)
@@ -88,19 +91,24 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         }
         if tasks and with_accuracy:
 
-            def accuracy() -> dict:
-                results = evaluate(
-                    model_of(point, options.seeds[0]),
-                    study.loaded.tokenizer,
-                    tasks,
-                    limit=options.limit,
-                    progress=False,
-                    subset="test",
-                )
-                return {t: results[t]["acc"] for t in tasks}
+            def outcomes() -> dict:  # per task, whether each question was answered right
+                model = model_of(point, options.seeds[0])
+                return {
+                    task: question_outcomes(
+                        model,
+                        study.loaded.tokenizer,
+                        task,
+                        options.limit,
+                        progress=False,
+                        subset="test",
+                    )[0]
+                    for task in tasks
+                }
 
-            accs = _cached(folder / f"{digest(options.seeds[0])}_acc{options.limit}.json", accuracy)
-            result["mean_acc"] = statistics.fmean(accs.values())
+            path = folder / f"{digest(options.seeds[0])}_questions{options.limit}.json"
+            result["correct"] = _cached(path, outcomes)
+            result["accuracy"] = {t: statistics.fmean(v) for t, v in result["correct"].items()}
+            result["mean_acc"] = statistics.fmean(result["accuracy"].values())
         return result
 
     for fraction, rows in chosen.groupby("budget_fraction", sort=False):
@@ -116,7 +124,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             report["budgets"][f"{fraction:g}"] = {
                 "joint": {
                     "family": "joint",
-                    **{k: v for k, v in a.items() if k != "nll"},
+                    **{k: v for k, v in a.items() if k not in PER_ITEM},
                     "test_ppl_mean": statistics.fmean(a["test_ppl"]),
                 },
                 "best single-axis": None,
@@ -132,7 +140,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         ):
             entry[label] = {
                 "family": family,
-                **{k: v for k, v in result.items() if k != "nll"},
+                **{k: v for k, v in result.items() if k not in PER_ITEM},
                 "test_ppl_mean": statistics.fmean(result["test_ppl"]),
             }
         entry["joint - single"] = (
@@ -144,6 +152,13 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 "excludes_zero": diff.excludes_zero,
             }
         )
+        if contested and "correct" in a:
+            acc = paired_accuracy(a["correct"], b["correct"], options.resamples)
+            entry["joint - single"]["mean_acc"] = {
+                "difference": acc.difference,
+                "ci95": [acc.low, acc.high],
+                "excludes_zero": acc.excludes_zero,
+            }
         report["budgets"][f"{fraction:g}"] = entry
         _write(report, out, start)
     return _write(report, out, start)
@@ -165,7 +180,9 @@ def _write(report: dict, out: Path, start: float) -> Path:
         f"Test perplexity on {opts['windows']} x 256 test tokens; converted models under recovery "
         f"seeds {', '.join(map(str, opts['seeds']))} (mean), source points once. Both points were "
         "chosen on validation data. Differences: paired bootstrap 95% interval over windows "
-        f"({opts['resamples']} resamples).",
+        f"({opts['resamples']} resamples); where the two points differ, mean accuracy on "
+        f"{opts['limit']} test questions per task (first seed) with a paired bootstrap interval "
+        "over questions.",
         "",
         "| budget | joint (model, cache) | test ppl | best single axis | test ppl | joint - single, 95% CI |",
         "|---|---|---|---|---|---|",
@@ -186,7 +203,14 @@ def _write(report: dict, out: Path, start: float) -> Path:
             else f"{d['ppl']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
             + (" **excludes 0**" if d["excludes_zero"] else "")
         )
-        acc = f" (mean acc {j['mean_acc']:.3f} vs {s['mean_acc']:.3f})" if "mean_acc" in j else ""
+        acc = ""
+        if "mean_acc" in d:
+            a = d["mean_acc"]
+            acc = (
+                f" (mean acc {j['mean_acc']:.3f} vs {s['mean_acc']:.3f}: "
+                f"{a['difference']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}]"
+                + (" **excludes 0**)" if a["excludes_zero"] else ")")
+            )
         lines.append(
             f"| {100 * float(budget):.1f}% | {_named(j)}, {j['precision']} "
             f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | {s['family']}: "

@@ -352,6 +352,38 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)
 
 
+def question_outcomes(
+    model: nn.Module,
+    tokenizer,
+    task: str,
+    limit: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    subset: str | None = None,
+) -> tuple[list[bool], list[bool]]:
+    """Per question of the first `limit` of a multiple-choice task's `subset`, in order: whether
+    the model's choice is the gold one (acc) and whether it is by per-character score (acc_norm).
+    Two models' outcomes on the same questions are paired (significance.paired_accuracy)."""
+    questions = load_questions(task, limit, subset)
+    requests = [request for question in questions for request in question.requests]
+    scores = iter(
+        loglikelihoods(model, tokenizer, requests, batch_size, max_length, progress, desc=task)
+    )
+    correct, correct_norm = [], []
+    for question in questions:
+        choice_scores = [next(scores) for _ in question.requests]
+        # lm-eval's acc_norm: per character of the choice, the joining space not counted (once
+        # per UTF-8 byte of " choice" here; BoolQ's " yes"/" no" then disagreed on 4 in 50).
+        per_char = [
+            score / max(1, len(request.continuation.removeprefix(" ")))
+            for score, request in zip(choice_scores, question.requests, strict=True)
+        ]
+        correct.append(_argmax(choice_scores) == question.gold)
+        correct_norm.append(_argmax(per_char) == question.gold)
+    return correct, correct_norm
+
+
 def evaluate_task(
     model: nn.Module,
     tokenizer,
@@ -363,24 +395,11 @@ def evaluate_task(
     subset: str | None = None,
 ) -> TaskResult:
     """0-shot accuracy on the first `limit` questions of a multiple-choice task's `subset`."""
-    questions = load_questions(task, limit, subset)
-    requests = [request for question in questions for request in question.requests]
-    scores = iter(
-        loglikelihoods(model, tokenizer, requests, batch_size, max_length, progress, desc=task)
+    correct, correct_norm = question_outcomes(
+        model, tokenizer, task, limit, batch_size, progress, max_length, subset
     )
-    correct = correct_norm = 0
-    for question in questions:
-        choice_scores = [next(scores) for _ in question.requests]
-        # lm-eval's acc_norm: per character of the choice, the joining space not counted (once
-        # per UTF-8 byte of " choice" here; BoolQ's " yes"/" no" then disagreed on 4 in 50).
-        per_char = [
-            score / max(1, len(request.continuation.removeprefix(" ")))
-            for score, request in zip(choice_scores, question.requests, strict=True)
-        ]
-        correct += _argmax(choice_scores) == question.gold
-        correct_norm += _argmax(per_char) == question.gold
-    n = len(questions)
-    return TaskResult(task=task, acc=correct / n, acc_norm=correct_norm / n, n=n)
+    n = len(correct)
+    return TaskResult(task=task, acc=sum(correct) / n, acc_norm=sum(correct_norm) / n, n=n)
 
 
 def evaluate(

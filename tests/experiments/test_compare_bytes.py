@@ -57,11 +57,13 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
     evaluated = []
     import experiments.compare_bytes as module
 
-    evaluate = module.evaluate
+    outcomes = module.question_outcomes
     monkeypatch.setattr(
         module,
-        "evaluate",
-        lambda model, *a, **k: evaluated.append(k["limit"]) or evaluate(model, *a, **k),
+        "question_outcomes",
+        lambda model, tok, task, limit, **k: (
+            evaluated.append((task, limit)) or outcomes(model, tok, task, limit, **k)
+        ),
     )
     argv = ["compare-bytes", "--config", str(finished_front), "--seeds", "0,1"]
     argv += ["--windows", "3", "--limit", "2", "--out", str(out)]
@@ -72,9 +74,14 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
     diff = contested["joint - single"]
     assert not diff.get("same_point")
     assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
-    assert {"mean_acc"} <= set(contested["joint"]) and {"mean_acc"} <= set(
-        contested["best single-axis"]
-    )
+    for side in ("joint", "best single-axis"):
+        entry = contested[side]
+        assert "correct" not in entry and set(entry["accuracy"]) == {"piqa"}
+        assert entry["mean_acc"] == entry["accuracy"]["piqa"]
+    acc = diff["mean_acc"]  # paired over the same 2 questions
+    expected = contested["joint"]["mean_acc"] - contested["best single-axis"]["mean_acc"]
+    assert acc["difference"] == pytest.approx(expected, abs=1e-12)
+    assert acc["ci95"][0] <= acc["difference"] <= acc["ci95"][1]
     for budget, entry in answer.items():
         if budget == "0.6":
             continue
@@ -82,11 +89,11 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
         assert "mean_acc" not in entry["joint"]  # same point, or nothing to compare with
         if single is not None:
             assert entry["joint - single"]["same_point"] and "mean_acc" not in single
-    assert evaluated == [2, 2]  # the two contested points, once each (first seed)
+    assert evaluated == [("piqa", 2), ("piqa", 2)]  # the contested points, once each (seed 0)
     assert "mean acc" in (out / "byte_answer.md").read_text()
 
     # A second run reads every result back: no model is measured again.
-    monkeypatch.setattr(module, "evaluate", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(module, "question_outcomes", lambda *a, **k: pytest.fail("measured again"))
     monkeypatch.setattr(module, "window_nlls", lambda *a, **k: pytest.fail("measured again"))
     assert main(argv) == 0
     assert json.loads((out / "byte_answer.json").read_text())["budgets"] == answer

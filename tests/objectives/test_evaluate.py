@@ -20,6 +20,7 @@ from objectives.evaluate import (
     load_questions,
     loglikelihoods,
     perplexity,
+    question_outcomes,
 )
 
 
@@ -153,6 +154,12 @@ def test_evaluate_task_reports_accuracy_on_limit_questions(tiny_model, smol_toke
     assert 0.0 <= result.acc <= 1.0
     assert 0.0 <= result.acc_norm <= 1.0
     assert (result.acc * 6).is_integer()
+    # the accuracy is the share of the per-question outcomes (what paired intervals resample)
+    correct, correct_norm = question_outcomes(
+        tiny_model, smol_tokenizer, task, limit=6, batch_size=8, progress=False
+    )
+    assert len(correct) == len(correct_norm) == 6
+    assert result.acc == sum(correct) / 6 and result.acc_norm == sum(correct_norm) / 6
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from objectives.significance import paired_bootstrap
+from objectives.significance import paired_accuracy, paired_bootstrap
 
 
 def test_identical_models_differ_by_exactly_zero():
@@ -32,3 +32,22 @@ def test_bad_inputs_are_named():
         paired_bootstrap(np.ones(3), np.ones(4))
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap(np.ones(3), np.ones(3), confidence=1.5)
+
+
+def test_paired_accuracy_is_the_mean_over_tasks_and_pairs_questions():
+    rng = np.random.default_rng(1)
+    a = {"arc": list(rng.random(200) < 0.6), "piqa": list(rng.random(100) < 0.7)}
+    same = paired_accuracy(a, a)
+    assert same.difference == same.low == same.high == 0.0  # paired: no spread at all
+    # B answers 20 more ARC questions right and nothing else changes: +0.1 on ARC, 0 on PIQA
+    b = {"arc": list(a["arc"]), "piqa": list(a["piqa"])}
+    wrong = [i for i, c in enumerate(b["arc"]) if not c][:20]
+    for i in wrong:
+        b["arc"][i] = True
+    diff = paired_accuracy(b, a)
+    assert diff.difference == pytest.approx(0.1 / 2)  # the mean over the two tasks
+    assert 0 < diff.low <= diff.difference <= diff.high and diff.excludes_zero
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_accuracy(a, {"arc": a["arc"]})
+    with pytest.raises(ValueError, match="piqa: need two equally long"):
+        paired_accuracy(a, {"arc": a["arc"], "piqa": a["piqa"][:50]})
