@@ -37,7 +37,7 @@ demo: venv-core
 	$(VENV)/bin/headgroup demo
 
 bench: venv
-	$(PY) experiments/bench_inference.py
+	$(PY) experiments/benchmarks/bench_inference.py
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -150,13 +150,35 @@ def run_convert(args: argparse.Namespace) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from objectives.evaluate import TASKS
+    from objectives.evaluate import all_task_names
 
     p.add_argument("--model", required=True, help="registered name, saved folder, or HF id/path")
     p.add_argument(
         "--tasks",
         default="ppl,arc_easy",
-        help=f"comma-separated: ppl,{','.join(sorted(TASKS))} (default: ppl,arc_easy)",
+        help=f"comma-separated: {','.join(all_task_names())} (default: ppl,arc_easy)",
+    )
+    p.add_argument(
+        "--long-seq-len",
+        type=int,
+        default=2048,
+        help="long_ppl: tokens per held-out long document (default 2048)",
+    )
+    p.add_argument("--long-windows", type=int, default=4, help="long_ppl: documents (default 4)")
+    p.add_argument(
+        "--lengths",
+        type=_numbers(int, "integers"),
+        default=(1024, 2048),
+        help="passkey, mdqa: prompt lengths in tokens (default 1024,2048)",
+    )
+    p.add_argument(
+        "--depths",
+        type=_numbers(float, "numbers"),
+        default=(0.1, 0.3, 0.5, 0.7, 0.9),
+        help="passkey, mdqa: where the key or gold paragraph sits, 0..1 (default 0.1,...,0.9)",
+    )
+    p.add_argument(
+        "--trials", type=int, default=2, help="passkey, mdqa: prompts per length and depth"
     )
     p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
     p.add_argument(
@@ -176,10 +198,18 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     from objectives.data import TextSpec
     from objectives.evaluate import evaluate
+    from objectives.long_context import LongContextConfig
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    long_config = LongContextConfig(
+        seq_len=getattr(args, "long_seq_len", 2048),
+        ppl_windows=getattr(args, "long_windows", 4),
+        lengths=tuple(getattr(args, "lengths", (1024, 2048))),
+        depths=tuple(getattr(args, "depths", (0.1, 0.3, 0.5, 0.7, 0.9))),
+        trials=getattr(args, "trials", 2),
+    )
     spec = TextSpec("eval", args.seq_len, args.ppl_windows)
     harness = getattr(args, "harness", "headgroup")
     own = [t for t in tasks if harness == "headgroup" or t == "ppl"]
@@ -190,6 +220,7 @@ def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
         limit=args.limit,
         ppl_spec=spec,
         batch_size=args.batch_size,
+        long_config=long_config,
     )
     if harness == "lm-eval":  # perplexity stays ours: lm-eval has no such task offline
         from objectives.harness import evaluate_harness
@@ -205,7 +236,15 @@ def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
 def format_results(report: dict) -> str:
     parts = [f"{report['model']}: KV {report['kv_bytes_per_token']} B/token"]
     for task, value in report["results"].items():
-        if "perplexity" in value:
+        if "buckets" in value:
+            buckets = ", ".join(f"{k}: {v:.2f}" for k, v in value["buckets"].items())
+            parts.append(f"{task} at {value['seq_len']} tokens: ppl by position {buckets}")
+        elif "by_length" in value:
+            lengths = ", ".join(f"{k}: {v:.2f}" for k, v in value["by_length"].items())
+            parts.append(
+                f"{task} accuracy {value['accuracy']:.3f} (n={value['n']}; by length {lengths})"
+            )
+        elif "perplexity" in value:
             parts.append(f"ppl {value['perplexity']:.2f} ({value['tokens']} tokens)")
         else:
             parts.append(
@@ -413,15 +452,28 @@ def run_compare_command(args: argparse.Namespace) -> None:
     print(path.read_text())
 
 
-@command("compare-bytes", _compare_args)
+def _compare_bytes_args(p: argparse.ArgumentParser) -> None:
+    _compare_args(p)
+    p.add_argument(
+        "--context",
+        type=int,
+        default=0,
+        help="compare at long context: late-position perplexity of held-out documents of this "
+        "many tokens and passkey retrieval (default 0: the study's short windows)",
+    )
+
+
+@command("compare-bytes", _compare_bytes_args)
 def run_compare_bytes_command(args: argparse.Namespace) -> None:
     """Per byte budget, the joint winner vs the best single-axis point on test data, with CIs."""
     from experiments.compare_bytes import ByteCompareConfig, run_compare_bytes
 
     if not args.seeds or args.windows < 2 or args.limit < 0:
         raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 0")
+    if args.context and args.context < 64:
+        raise UsageError(f"--context must be 0 or at least 64 tokens, got {args.context}")
     torch.set_grad_enabled(True)  # recovery trains
-    options = ByteCompareConfig(args.seeds, args.windows, args.limit)
+    options = ByteCompareConfig(args.seeds, args.windows, args.limit, context=args.context)
     print(run_compare_bytes(args.config, options, args.out).read_text())
 
 

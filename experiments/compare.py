@@ -81,7 +81,10 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     out = out or Path("results") / config.name
     stage2 = stage2_frame(config.name, config.storage)
     if stage2.empty:
-        raise ValueError(f"study {config.name!r} has no stage-2 results: run the study first")
+        raise ValueError(
+            f"study {config.name!r} has no stage-2 results: run "
+            f"`headgroup study --config {config_path}` first"
+        )
     budgets = options.budgets or tuple(sorted(b for b in stage2["budget"].dropna().unique()))
     study = Study(config, progress=False)
     windows = token_windows(

@@ -10,11 +10,17 @@ seed) when `limit` > 0, at the budgets where the two choices differ (elsewhere t
 exactly 0, or there is no single-axis point to compare with), with a paired bootstrap interval
 over questions from the per-question outcomes. Every (point, seed) result is cached in `<out>/compare_bytes/`.
 
-    headgroup compare-bytes --config F [--seeds 0,1] [--windows 48] [--limit 300]
+With `context` > 0 the comparison is at long context: the per-window NLL is that of the late
+position bucket of `windows` held-out long test documents of `context` tokens
+(objectives.long_context), and where the two choices differ, passkey retrieval on the test prompts
+(the study's [long_context] lengths up to `context`) gets a paired interval over prompts.
+
+    headgroup compare-bytes --config F [--seeds 0,1] [--windows 48] [--limit 300] [--context 2048]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,18 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import gqa
 from experiments.compare import _cached
 from gqa.grouping import write_text_atomic
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import question_outcomes, window_nlls
+from objectives.long_context import LongContextConfig, late_window_nlls, long_windows, passkey
 from objectives.significance import paired_accuracy, paired_bootstrap
 from search.config import StudyConfig
 from search.kv_front import KVFront
 from search.study import Study
 
-PER_ITEM = ("nll", "correct")  # per window and per question: used for intervals, not reported
+PER_ITEM = (
+    "nll",
+    "correct",
+    "retrieved",
+)  # per window and per question: used for intervals, not reported
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,7 @@ class ByteCompareConfig:
     windows: int = 48
     limit: int = 300
     resamples: int = 2000
+    context: int = 0  # 0: the study's short windows; else long documents of this many tokens
 
 
 def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path | None = None):
@@ -52,17 +65,33 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     study = Study(config, progress=False)
     front = KVFront(study, progress=False)
     chosen = front.run()
-    windows = token_windows(
-        study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
-    )
+    long_config = _long_config(config.long_context, options)
+    if options.context:
+        windows = long_windows(study.loaded.tokenizer, "test", options.context, options.windows)
+    else:
+        windows = token_windows(
+            study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
+        )
+    context = f"_c{options.context}" if options.context else ""
     tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
     folder = out / "compare_bytes"
     start = time.time()
-    report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
+    report: dict = {
+        "study": config.name,
+        "options": options.__dict__,
+        "seq_len": config.promote.seq_len,
+        "positions": f"{long_config.buckets[-1]}-{long_config.seq_len - 1}",
+        "budgets": {},
+    }
 
     def model_of(point, seed):
         model = front.model(point.model, front.grouping(point.model), seed)
         return gqa.apply_precision(model, point.plan)
+
+    def losses(model) -> torch.Tensor:  # (windows,) per-window NLL: short, or the late bucket
+        if options.context:
+            return late_window_nlls(model, windows, long_config)
+        return window_nlls(model, windows, progress=False)
 
     def measure(point, with_accuracy: bool) -> dict:
         seeds = options.seeds[:1] if point.model == "source" else options.seeds
@@ -76,10 +105,10 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         for seed in seeds:
 
             def nlls(seed=seed) -> dict:
-                nll = window_nlls(model_of(point, seed), windows, progress=False)
+                nll = losses(model_of(point, seed))
                 return {"nll": nll.tolist(), "ppl": math.exp(float(nll.mean()))}
 
-            path = folder / f"{digest(seed)}_w{options.windows}_seed{seed}.json"
+            path = folder / f"{digest(seed)}_w{options.windows}{context}_seed{seed}.json"
             per_seed.append(_cached(path, nlls))
         result = {
             "model": point.model,
@@ -109,6 +138,15 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             result["correct"] = _cached(path, outcomes)
             result["accuracy"] = {t: statistics.fmean(v) for t, v in result["correct"].items()}
             result["mean_acc"] = statistics.fmean(result["accuracy"].values())
+        if options.context and with_accuracy:
+
+            def retrieved() -> dict:  # per test prompt, whether the key was retrieved
+                model = model_of(point, options.seeds[0])
+                return {"passkey": passkey(model, study.loaded.tokenizer, "test", long_config)}
+
+            path = folder / f"{digest(options.seeds[0])}_passkey{context}.json"
+            result["retrieved"] = {"passkey": _cached(path, retrieved)["passkey"]["outcomes"]}
+            result["passkey"] = statistics.fmean(result["retrieved"]["passkey"])
         return result
 
     for fraction, rows in chosen.groupby("budget_fraction", sort=False):
@@ -152,16 +190,33 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 "excludes_zero": diff.excludes_zero,
             }
         )
-        if contested and "correct" in a:
-            acc = paired_accuracy(a["correct"], b["correct"], options.resamples)
-            entry["joint - single"]["mean_acc"] = {
-                "difference": acc.difference,
-                "ci95": [acc.low, acc.high],
-                "excludes_zero": acc.excludes_zero,
-            }
+        for key, outcomes in (("mean_acc", "correct"), ("passkey", "retrieved")):
+            if contested and outcomes in a:
+                acc = paired_accuracy(a[outcomes], b[outcomes], options.resamples)
+                entry["joint - single"][key] = {
+                    "difference": acc.difference,
+                    "ci95": [acc.low, acc.high],
+                    "excludes_zero": acc.excludes_zero,
+                }
         report["budgets"][f"{fraction:g}"] = entry
         _write(report, out, start)
     return _write(report, out, start)
+
+
+def _long_config(config: LongContextConfig, options: ByteCompareConfig) -> LongContextConfig:
+    """The study's long-context settings at the comparison's context: its windows, the late
+    bucket from half the context unless the study's edges fit, prompt lengths up to it."""
+    if not options.context:
+        return config
+    buckets = tuple(e for e in config.buckets if e < options.context) or (options.context // 2,)
+    lengths = tuple(n for n in config.lengths if n <= options.context) or (options.context,)
+    return dataclasses.replace(
+        config,
+        seq_len=options.context,
+        ppl_windows=options.windows,
+        buckets=buckets,
+        lengths=lengths,
+    )
 
 
 def _named(entry: dict) -> str:
@@ -174,10 +229,16 @@ def _write(report: dict, out: Path, start: float) -> Path:
     report["seconds"] = round(time.time() - start, 1)
     write_text_atomic(out / "byte_answer.json", json.dumps(report, indent=2) + "\n")
     opts = report["options"]
+    text = (
+        f"late-position perplexity ({report['positions']}) of {opts['windows']} held-out long "
+        f"test documents of {opts['context']} tokens, and passkey retrieval on test prompts"
+        if opts.get("context")
+        else f"perplexity on {opts['windows']} x {report['seq_len']} test tokens"
+    )
     lines = [
         f"# Quality per KV byte: joint winner vs best single axis (study `{report['study']}`)",
         "",
-        f"Test perplexity on {opts['windows']} x 256 test tokens; converted models under recovery "
+        f"Test {text}; converted models under recovery "
         f"seeds {', '.join(map(str, opts['seeds']))} (mean), source points once. Both points were "
         "chosen on validation data. Differences: paired bootstrap 95% interval over windows "
         f"({opts['resamples']} resamples); where the two points differ, mean accuracy on "
@@ -204,13 +265,14 @@ def _write(report: dict, out: Path, start: float) -> Path:
             + (" **excludes 0**" if d["excludes_zero"] else "")
         )
         acc = ""
-        if "mean_acc" in d:
-            a = d["mean_acc"]
-            acc = (
-                f" (mean acc {j['mean_acc']:.3f} vs {s['mean_acc']:.3f}: "
-                f"{a['difference']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}]"
-                + (" **excludes 0**)" if a["excludes_zero"] else ")")
-            )
+        for key, name in (("mean_acc", "mean acc"), ("passkey", "passkey")):
+            if key in d:
+                a = d[key]
+                acc += (
+                    f" ({name} {j[key]:.3f} vs {s[key]:.3f}: "
+                    f"{a['difference']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}]"
+                    + (" **excludes 0**)" if a["excludes_zero"] else ")")
+                )
         lines.append(
             f"| {100 * float(budget):.1f}% | {_named(j)}, {j['precision']} "
             f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | {s['family']}: "

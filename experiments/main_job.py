@@ -101,7 +101,7 @@ def write_readme(
         f"{config.search.trials} stage-1 trials, budgets {list(config.search.budgets)} KV heads per layer "
         f"(K and V each), recovery `{' then '.join(config.promote.recovery) or 'none'}`, "
         f"{_tasks_text(config)}, {config.promote.ppl_windows} x {config.promote.seq_len} test tokens; "
-        f"selection and pruning read {config.promote.valid_windows} x {config.promote.seq_len} validation tokens.",
+        + _selection_text(config),
         "",
         "## What the numbers say",
         "",
@@ -128,6 +128,20 @@ def write_readme(
     return path
 
 
+def _selection_text(config: StudyConfig) -> str:
+    selection = config.selection
+    if selection.is_short_ppl:
+        return (
+            f"selection and pruning read {config.promote.valid_windows} x "
+            f"{config.promote.seq_len} validation tokens."
+        )
+    return (
+        f"selection and pruning read the objective `{selection.describe()}` on validation "
+        "(held-out long documents and retrieval prompts; objectives.selection): the `valid_ppl` "
+        "columns hold its value."
+    )
+
+
 def _tasks_text(config: StudyConfig) -> str:
     questions = [t for t in config.promote.tasks if t != "ppl"]
     if not questions:
@@ -137,14 +151,20 @@ def _tasks_text(config: StudyConfig) -> str:
 
 def _byte_front_section(config: StudyConfig, out: Path) -> list[str]:
     precision = config.precision
+    measured = (
+        f"{precision.valid_windows} x {config.promote.seq_len} validation tokens; test perplexity "
+        f"on {precision.test_windows} x {config.promote.seq_len} test tokens"
+        if config.selection.is_short_ppl
+        else f"validation by the objective `{config.selection.describe()}`, which the 'valid ppl' "
+        "and 'test ppl' columns hold (on validation and test prompts)"
+    )
     return [
         "## Quality per KV byte (byte front)",
         "",
         f"Byte budgets {[f'{100 * b:g}%' for b in precision.budgets]} of the source's 16-bit cache; "
         f"cache bits {list(precision.bits)} (and 16), group sizes {list(precision.group_sizes)}, "
         f"window {precision.window}. Each family's point per budget is chosen on "
-        f"{precision.valid_windows} x {config.promote.seq_len} validation tokens; test perplexity "
-        f"on {precision.test_windows} x {config.promote.seq_len} test tokens (search.kv_front).",
+        f"{measured} (search.kv_front).",
         "",
         (out / "byte_front.md").read_text(),
         "![Byte front](byte_front.png)",

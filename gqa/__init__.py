@@ -11,6 +11,7 @@ from gqa.precision import (
     PrecisionPlan,
     apply_precision,
     model_precision,
+    precision_applied,
     quantized_cache,
 )
 from gqa.surgery import (
@@ -28,6 +29,7 @@ __all__ = [
     "PrecisionPlan",
     "apply_precision",
     "model_precision",
+    "precision_applied",
     "quantized_cache",
     "MERGES",
     "Grouping",

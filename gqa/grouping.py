@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gqa.precision import kv_bytes_per_token
+
 FORMAT_NAME = "headgroup.grouping"
 FORMAT_VERSION = 1
 
@@ -180,8 +182,14 @@ class Grouping:
         return sum(layer.num_k_groups + layer.num_v_groups for layer in self.layers)
 
     def kv_bytes_per_token(self, head_dim: int, dtype_bytes: int = 2) -> int:
-        """KV-cache cost: sum over layers of (G_K + G_V) x head_dim x dtype bytes."""
-        return self.kv_heads() * head_dim * dtype_bytes
+        """KV-cache cost at 16 bits: sum over layers of (G_K + G_V) x head_dim x dtype bytes
+        (gqa.precision.kv_bytes_per_token, which also counts a precision plan)."""
+        return kv_bytes_per_token(
+            [layer.num_k_groups for layer in self.layers],
+            [layer.num_v_groups for layer in self.layers],
+            head_dim,
+            dtype_bytes=dtype_bytes,
+        )
 
     def is_uniform_shared(self) -> bool:
         """Same partition for K and V, equal group sizes, same G in every layer (plain-GQA-able)."""

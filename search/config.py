@@ -12,8 +12,13 @@
                    rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
                    table_budget_gb (optional bound on the group tables kept in memory)
     [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window,
-                   valid_windows, test_windows, layer_mix, screen: the byte front
+                   valid_windows, test_windows, layer_mix, screen, protect: the byte front
                    (search.kv_front)
+    [selection]    objective: {task = weight}, over ppl and the long tasks (long_ppl, passkey,
+                   mdqa): what stage 2 and the byte front select by on validation
+                   (objectives.selection; default {ppl = 1})
+    [long_context] fields of objectives.long_context.LongContextConfig (seq_len, ppl_windows,
+                   buckets, lengths, depths, trials): the long tasks' settings
     [promote]      top_k, recovery ("none", a registered method, or a list run in order: the
                    rungs), [promote.recovery_config.METHOD] (that method's config fields),
                    valid_windows, pruner ("successive_halving" | "median" | "none"),
@@ -29,7 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gqa.precision import QUANTIZED_BITS
 from objectives.calibration import CalibrationConfig
+from objectives.long_context import LongContextConfig
+from objectives.selection import SelectionObjective
 
 
 class ConfigError(ValueError):
@@ -126,7 +134,7 @@ class PrecisionConfig:
     """The byte front (search.kv_front): KV-cache precision searched with the grouping."""
 
     budgets: tuple[float, ...] = ()  # fractions of the source's 16-bit cache; () = no byte front
-    bits: tuple[int, ...] = (8, 4, 3, 2)  # allowed cache bits besides 16
+    bits: tuple[int, ...] = tuple(sorted(QUANTIZED_BITS, reverse=True))  # allowed besides 16
     group_sizes: tuple[int, ...] = (32,)  # uniform baselines try each; allocation uses the first
     window: int = 0  # recent tokens kept in full precision
     valid_windows: int = 4  # validation windows that choose between points
@@ -135,6 +143,9 @@ class PrecisionConfig:
     # Per budget and family, how many fitting points (least proxy error first) are measured on
     # validation; 0 measures every point.
     screen: int = 0
+    # Per stage-2 winner, the layers of highest long-range cost (objectives.long_range, measured
+    # on validation at [long_context] settings) that the joint layer mixes keep from the source.
+    protect: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,11 @@ class StudyConfig:
     promote: PromoteConfig
     path: Path | None = None
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    selection: SelectionObjective = field(default_factory=SelectionObjective)
+
+    @property
+    def long_context(self) -> LongContextConfig:
+        return self.selection.long_context
 
     @classmethod
     def load(cls, path: str | Path) -> StudyConfig:
@@ -165,7 +181,20 @@ class StudyConfig:
 
     @classmethod
     def from_dict(cls, data: dict, path: Path | None = None) -> StudyConfig:
-        _only(data, "", {"study", "model", "calibration", "search", "promote", "precision"})
+        _only(
+            data,
+            "",
+            {
+                "study",
+                "model",
+                "calibration",
+                "search",
+                "promote",
+                "precision",
+                "selection",
+                "long_context",
+            },
+        )
         study = _section(data, "study", required=True)
         _only(study, "study", {"name", "storage", "seed"})
         model = _section(data, "model", required=True)
@@ -179,6 +208,7 @@ class StudyConfig:
         search = _search(_section(data, "search", required=True))
         promote = _promote(_section(data, "promote"))
         precision = _precision(_section(data, "precision"))
+        selection = _selection(_section(data, "selection"), _section(data, "long_context"))
         return cls(
             name=name,
             storage=storage,
@@ -189,6 +219,7 @@ class StudyConfig:
             promote=promote,
             path=path,
             precision=precision,
+            selection=selection,
         )
 
 
@@ -352,8 +383,6 @@ def _search(table: dict) -> SearchConfig:
 
 
 def _precision(table: dict) -> PrecisionConfig:
-    from gqa.kv_quant import BITS
-
     allowed = {f.name for f in dataclasses.fields(PrecisionConfig)}
     _only(table, "precision", allowed)
     defaults = PrecisionConfig()
@@ -365,18 +394,19 @@ def _precision(table: dict) -> PrecisionConfig:
             "precision.budgets: expected fractions of the source KV cache in (0, 1], e.g. 0.25"
         )
     bits = _get(table, "precision.bits", list, list(defaults.bits))
-    if not bits or not all(isinstance(b, int) and b in BITS and b < 16 for b in bits):
-        quantized = [b for b in BITS if b < 16]
-        raise ConfigError(f"precision.bits: expected a non-empty list from {quantized}, got {bits}")
+    if not bits or not all(isinstance(b, int) and b in QUANTIZED_BITS for b in bits):
+        raise ConfigError(
+            f"precision.bits: expected a non-empty list from {list(QUANTIZED_BITS)}, got {bits}"
+        )
     groups = _get(table, "precision.group_sizes", list, list(defaults.group_sizes))
     if not groups or not all(
         isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups
     ):
         raise ConfigError("precision.group_sizes: expected a non-empty list of positive integers")
     numbers = {}
-    for name in ("window", "valid_windows", "test_windows", "screen"):
+    for name in ("window", "valid_windows", "test_windows", "screen", "protect"):
         value = _get(table, f"precision.{name}", int, getattr(defaults, name))
-        least = 0 if name in ("window", "screen") else 1
+        least = 0 if name in ("window", "screen", "protect") else 1
         if value < least:
             raise ConfigError(f"precision.{name}: must be >= {least}")
         numbers[name] = value
@@ -389,8 +419,18 @@ def _precision(table: dict) -> PrecisionConfig:
     )
 
 
+def _selection(table: dict, long_context: dict) -> SelectionObjective:
+    _only(table, "selection", {"objective"})
+    long_config = _dataclass_from(LongContextConfig, long_context, "long_context")
+    weights = _get(table, "selection.objective", dict, {"ppl": 1.0})
+    try:
+        return SelectionObjective.of(weights, long_config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"selection.objective: {exc}") from None
+
+
 def _promote(table: dict) -> PromoteConfig:
-    from objectives.evaluate import TASKS
+    from objectives.evaluate import SCORED_TASKS, TASKS
     from objectives.recovery import RECOVERIES
     from search.strategies import STRATEGIES
 
@@ -419,10 +459,9 @@ def _promote(table: dict) -> PromoteConfig:
         _dataclass_from(RECOVERIES[method].config_class, fields, key)
     tasks = _names(table.get("tasks", list(defaults.tasks)), "promote.tasks")
     for task in tasks:
-        if task != "ppl" and task not in TASKS:
-            raise ConfigError(
-                f"promote.tasks: unknown task {task!r} (available: ppl, {', '.join(sorted(TASKS))})"
-            )
+        if task != "ppl" and task not in TASKS and task not in SCORED_TASKS:
+            available = ", ".join(["ppl", *sorted(TASKS), *sorted(SCORED_TASKS)])
+            raise ConfigError(f"promote.tasks: unknown task {task!r} (available: {available})")
     limit = table.get("limit", defaults.limit)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise ConfigError("promote.limit: expected a positive integer")

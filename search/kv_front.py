@@ -3,7 +3,7 @@
 After stage 2, every point is a (model, precision plan) pair: the source, or a stage-2 winner
 (the best complete candidate on validation at each head budget, rebuilt with the study's merge
 and recovery), with its cache at 16 bits, quantized uniformly, or with per-layer bits allocated
-exactly under a byte budget from the KV-quantization proxy (search.precision). Per byte budget
+exactly under a byte budget from the KV-quantization proxy (search.byte_allocation). Per byte budget
 (a fraction of the source's 16-bit cache, steady-state bytes per token) four families compete:
 
     quantization     the source, uniform K/V bits and group size (what a careful user would pick)
@@ -11,10 +11,13 @@ exactly under a byte budget from the KV-quantization proxy (search.precision). P
     grouping         a converted model (or the source) at 16 bits: head grouping alone
     joint            every point above, every converted model with allocated bits, and (with
                      `layer_mix`) models that take each layer from the source or a stage-2
-                     winner, grouping and bits allocated together (search.precision.allocate_joint)
+                     winner, grouping and bits allocated together (search.byte_allocation.allocate_joint);
+                     with `protect = k`, each winner's k layers of highest long-range cost
+                     (objectives.long_range) stay the source's in those mixes
 
-Each family's choice at a budget is its point of least *validation* perplexity that fits; only the
-chosen points are measured on test windows. So the joint choice can never be worse on validation
+Each family's choice at a budget is its point of least *validation* perplexity that fits (or of
+the study's selection objective, objectives.selection: long-context perplexity, retrieval, a mix);
+only the chosen points are measured on test data. So the joint choice can never be worse on validation
 than a single-axis one; test perplexity says whether that holds on unseen text. With `screen = k`
 only the k fitting points of least proxy error (each point's grouping error plus its cache's
 quantization error, the units the allocations minimise) per budget and family are measured on
@@ -31,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import optuna
@@ -41,12 +45,12 @@ from tqdm.auto import tqdm
 
 import gqa
 from gqa.grouping import Grouping
-from gqa.precision import PrecisionPlan
+from gqa.precision import PrecisionPlan, kv_bytes_per_token
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
-from objectives.evaluate import perplexity
-from objectives.proxies.kv_quant_error import grouping_errors, kv_quant_errors
+from objectives.kv_quant_error import grouping_errors, kv_quant_errors
+from objectives.long_range import LongRangeCosts, long_range_costs
 from search.budget import Budget
-from search.precision import (
+from search.byte_allocation import (
     ByteBudget,
     InfeasibleBudget,
     allocate_joint,
@@ -119,9 +123,18 @@ class KVFront:
 
         out = {"source": self.study.source_grouping}
         stage2 = stage2_frame(self.study.config.name, self.study.storage)
+        config = self.study.config
+        if stage2.empty or "state" not in stage2:
+            raise ValueError(
+                f"study {config.name!r} has no stage-2 results in {config.storage}: run "
+                f"`headgroup study --config {config.path or '<its config>'}` first"
+            )
         done = stage2[(stage2["state"] == "complete") & stage2["budget"].notna()]
         if done.empty:
-            raise ValueError("the study has no complete stage-2 candidate: run the study first")
+            raise ValueError(
+                f"study {config.name!r} has no complete stage-2 candidate: run "
+                f"`headgroup study --config {config.path or '<its config>'}` to finish it"
+            )
         source = stage2[stage2["kind"] == "source"]
         if len(source):
             self._stage2_rows["source"] = source.iloc[0]
@@ -139,10 +152,11 @@ class KVFront:
         if point.plan is not None or row is None:
             return None
         promote = self.study.config.promote
-        if metric == "valid_ppl":
+        if metric == "valid_ppl":  # stage 2 selected by the same objective (the study's)
             same, column = promote.valid_windows == self.config.valid_windows, "valid_ppl"
-        else:
-            same, column = promote.ppl_windows == self.config.test_windows, "ppl"
+        else:  # stage 2's test perplexity: the front's test metric only for the short objective
+            same = promote.ppl_windows == self.config.test_windows
+            same, column = same and self.study.config.selection.is_short_ppl, "ppl"
         value = row.get(column) if same else None
         return None if value is None or pd.isna(value) else float(value)
 
@@ -190,6 +204,34 @@ class KVFront:
                 )
         return self._grouping_errors[name]
 
+    def _mix_errors(self, name: str, grouping: Grouping) -> tuple[float, ...]:
+        """A model's per-layer grouping errors for the layer mixes: infinite (not allowed) at the
+        `protect` layers of highest long-range cost of a stage-2 winner."""
+        errors = self._errors_of(name, grouping)
+        if not self.config.protect or name == "source":
+            return errors
+        protected = set(self.long_range(name).most_costly(self.config.protect))
+        return tuple(math.inf if i in protected else e for i, e in enumerate(errors))
+
+    def long_range(self, name: str) -> LongRangeCosts:
+        """The long-range cost of each of a model's layers (objectives.long_range, on validation
+        long documents), kept in the front's storage: measured once per model and settings."""
+        long_config = self.study.config.long_context
+        key = f"long_range:{name}:{long_config.seq_len}x{long_config.ppl_windows}"
+        key += f":{self.study.candidate_digest(self.grouping(name))}"
+        stored = self.storage_study.user_attrs.get(key)
+        if stored is None:
+            costs = long_range_costs(
+                self.model("source", self.grouping("source")),
+                self.model(name, self.grouping(name)),
+                self.study.loaded.tokenizer,
+                long_config,
+                progress=self.progress,
+            )
+            stored = {"costs": costs.costs, "base_nll": costs.base_nll}
+            self.storage_study.set_user_attr(key, stored)
+        return LongRangeCosts(stored["costs"], stored["base_nll"])
+
     def _split(self, split: str, count: int):
         if split not in self._windows:
             spec = TextSpec(split, self.study.config.promote.seq_len, count)
@@ -197,12 +239,15 @@ class KVFront:
         return self._windows[split]
 
     def windows(self) -> dict[str, str]:
-        """The text each metric is measured on ("<windows>x<seq_len>"): a measurement on other
-        windows (a changed config) is not reused."""
+        """The text each metric is measured on ("<windows>x<seq_len>", then the selection
+        objective unless it is the short perplexity): a measurement on other windows or by
+        another objective (a changed config) is not reused."""
         seq_len = self.study.config.promote.seq_len
+        selection = self.study.config.selection
+        suffix = "" if selection.is_short_ppl else f" {selection.describe()}"
         return {
-            "valid_ppl": f"{self.config.valid_windows}x{seq_len}",
-            "test_ppl": f"{self.config.test_windows}x{seq_len}",
+            "valid_ppl": f"{self.config.valid_windows}x{seq_len}{suffix}",
+            "test_ppl": f"{self.config.test_windows}x{seq_len}{suffix}",
         }
 
     def _measured(self) -> dict[tuple[str, str], float]:
@@ -217,7 +262,8 @@ class KVFront:
         }
 
     def _measure(self, point: Point, grouping: Grouping, split: str) -> float:
-        """Validation or test perplexity of a point, from the storage when already measured."""
+        """The selection objective (by default perplexity) of a point on validation or test
+        data, from the storage when already measured."""
         metric = "valid_ppl" if split == VALID_SPLIT else "test_ppl"
         known = self._measured().get((point.key, metric))
         if known is not None:
@@ -225,9 +271,13 @@ class KVFront:
         value = self._from_stage2(point, metric)
         if value is None:
             count = self.config.valid_windows if split == VALID_SPLIT else self.config.test_windows
-            model = gqa.apply_precision(self.model(point.model, grouping), point.plan)
-            value = perplexity(model, self._split(split, count), progress=False).perplexity
-            gqa.apply_precision(model, None)
+            with gqa.precision_applied(self.model(point.model, grouping), point.plan) as model:
+                value = self.study.config.selection.value(
+                    model,
+                    self.study.loaded.tokenizer,
+                    "valid" if split == VALID_SPLIT else "test",
+                    self._split(split, count),
+                )
         self.storage_study.add_trial(
             create_trial(
                 params={"kv_fraction": point.kv_bytes / self.source_bytes},
@@ -301,7 +351,7 @@ class KVFront:
         try:
             allocation = allocate_joint(
                 {name: self._table(name, g) for name, g in groupings.items()},
-                {name: self._errors_of(name, g) for name, g in groupings.items()},
+                {name: self._mix_errors(name, g) for name, g in groupings.items()},
                 budget.bytes_per_token,
                 self.head_dim,
                 (*self.config.bits, 16),
@@ -323,7 +373,7 @@ class KVFront:
         return Point(name, plan, kv_bytes, "allocated", allocation.error)
 
     def _bytes(self, plan: PrecisionPlan, counts: Budget) -> float:
-        return plan.bytes_per_token(counts.k, counts.v, self.head_dim)
+        return kv_bytes_per_token(counts.k, counts.v, self.head_dim, plan)
 
     def run(self) -> pd.DataFrame:
         groupings = self.groupings()

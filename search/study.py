@@ -40,7 +40,7 @@ from gqa.grouping import Grouping, LayerGrouping
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import calibrate
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
-from objectives.evaluate import evaluate, perplexity
+from objectives.evaluate import SCORED_TASKS, evaluate
 from objectives.proxies import make_proxy
 from objectives.recovery import recover, recovery_config
 from search.budget import Budget, allocate, error_curves
@@ -394,9 +394,17 @@ class Study:
             study_name=self.config.name + STAGE2_SUFFIX,
             storage=self.storage,
             load_if_exists=True,
-            direction="minimize",  # validation perplexity after the full recovery chain
+            direction="minimize",  # the selection objective on validation after recovery
             pruner=make_pruner(promote.pruner, promote.reduction_factor),
         )
+        selection = self.config.selection.describe()
+        recorded = study.user_attrs.get("selection", "ppl" if study.get_trials() else selection)
+        if recorded != selection:
+            raise ValueError(
+                f"stage 2 of study {self.config.name!r} selected by {recorded!r}, the config now "
+                f"by {selection!r}: give the study a new name (or restore [selection])"
+            )
+        study.set_user_attr("selection", selection)
         if not study.user_attrs.get("enqueued"):
             groupings = {
                 t.user_attrs["key"]: t.user_attrs["grouping"]
@@ -515,12 +523,15 @@ class Study:
         return model
 
     def validation_ppl(self, model: torch.nn.Module) -> float:
-        """Perplexity on the validation windows: what stage 2 ranks and prunes by."""
+        """The selection objective on validation data (objectives.selection; by default the
+        perplexity of the validation windows): what stage 2 ranks and prunes by."""
         if self._valid_windows is None:
             promote = self.config.promote
             spec = TextSpec(VALID_SPLIT, promote.seq_len, promote.valid_windows)
             self._valid_windows = token_windows(self.loaded.tokenizer, spec)
-        return perplexity(model, self._valid_windows, progress=False).perplexity
+        return self.config.selection.value(
+            model, self.loaded.tokenizer, "valid", self._valid_windows
+        )
 
     def evaluate_item(self, item: dict, trial: optuna.Trial | None = None) -> dict:
         """Recover one candidate in rungs, reporting validation perplexity after each (searched
@@ -557,6 +568,7 @@ class Study:
             batch_size=promote.batch_size,
             progress=self.progress,
             subset="test",
+            long_config=self.config.long_context,
         )
         out = {
             "results": json.dumps(results),
@@ -571,10 +583,12 @@ class Study:
                 out[f"valid_ppl_after_{rung['after']}"] = rung["valid_ppl"]
         if "ppl" in results:
             out["ppl"] = results["ppl"]["perplexity"]
-        accs = [v["acc"] for k, v in results.items() if k != "ppl"]
+        accs = [v["acc"] for v in results.values() if "acc" in v]
         for task, value in results.items():
-            if task != "ppl":
+            if "acc" in value:
                 out[f"acc_{task}"] = value["acc"]
+            elif task in SCORED_TASKS:  # long_ppl: late-bucket perplexity; retrieval: accuracy
+                out[task] = value["score"]
         if accs:
             out["mean_acc"] = sum(accs) / len(accs)
         out["eval_seconds"] = time.perf_counter() - start

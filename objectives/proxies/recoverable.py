@@ -16,7 +16,8 @@ calibration sequences before and after a fit of the configured `layerwise` recov
 An exact layer (g equals the source) scores 0. The score decomposes over layers. Fits are stored
 per (layer, grouping) in `LayerFitCache`, which stage-2 recovery reads too, so no layer grouping is
 fitted twice and a promoted candidate's layer-wise recovery costs nothing new.
-`experiments/bench_recoverability.py` compares the weightings against post-recovery perplexity.
+`experiments/benchmarks/bench_recoverability.py` compares the weightings against post-recovery
+perplexity.
 """
 
 from __future__ import annotations

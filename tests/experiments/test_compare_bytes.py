@@ -97,3 +97,36 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
     monkeypatch.setattr(module, "window_nlls", lambda *a, **k: pytest.fail("measured again"))
     assert main(argv) == 0
     assert json.loads((out / "byte_answer.json").read_text())["budgets"] == answer
+
+
+def test_compare_bytes_at_long_context_pairs_late_positions_and_passkeys(
+    finished_front, monkeypatch
+):
+    import experiments.compare_bytes as module
+
+    out = finished_front.parent / "out_long"
+    _contest_the_middle_budget(monkeypatch)
+    argv = ["compare-bytes", "--config", str(finished_front), "--seeds", "0"]
+    argv += ["--windows", "2", "--limit", "0", "--context", "96", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "byte_answer.json").read_text())
+    assert report["positions"] == "48-95"  # the study's edges exceed 96 tokens: half of it
+    contested = report["budgets"]["0.6"]
+    diff = contested["joint - single"]
+    assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
+    retrieval = diff["passkey"]  # paired over the same 10 test prompts
+    expected = contested["joint"]["passkey"] - contested["best single-axis"]["passkey"]
+    assert retrieval["difference"] == pytest.approx(expected, abs=1e-12)
+    assert "mean_acc" not in diff  # --limit 0: no questions
+    text = (out / "byte_answer.md").read_text()
+    assert "late-position perplexity (48-95) of 2 held-out long test documents" in text
+    assert "passkey" in text
+
+    def fail(*a, **k):
+        pytest.fail("measured again")
+
+    monkeypatch.setattr(module, "late_window_nlls", fail)
+    monkeypatch.setattr(module, "passkey", fail)
+    assert main(argv) == 0
+    assert json.loads((out / "byte_answer.json").read_text())["budgets"] == report["budgets"]
+    assert main([*argv[:-4], "--context", "10", "--out", str(out)]) == 2

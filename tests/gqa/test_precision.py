@@ -207,3 +207,24 @@ def test_a_group_size_that_does_not_divide_head_dim_is_refused():
         gqa.apply_precision(model, PrecisionPlan.uniform(2, 4, group_size=3))
     with pytest.raises(PrecisionError, match="plan has 3 layers but the model has 2"):
         gqa.apply_precision(model, PrecisionPlan.uniform(3, 4, group_size=4))
+
+
+def test_precision_applied_restores_the_plan_and_class():
+    model = tiny_model(num_heads=4, num_kv_heads=2).eval()
+    cls = type(model)
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+    plan = PrecisionPlan.uniform(2, 2, group_size=8)
+    with gqa.precision_applied(model, plan) as quantized:
+        assert quantized is model and gqa.model_precision(model) == plan
+        with torch.no_grad():
+            assert not torch.allclose(model(input_ids=ids).logits, exact)
+    assert gqa.model_precision(model) is None and type(model) is cls
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, exact, atol=1e-6)
+    outer = PrecisionPlan.uniform(2, 4, group_size=8)
+    gqa.apply_precision(model, outer)
+    with pytest.raises(RuntimeError), gqa.precision_applied(model, plan):
+        raise RuntimeError("a failing measurement")
+    assert gqa.model_precision(model) == outer  # the plan it had before, not none

@@ -89,3 +89,25 @@ def test_fewer_kv_heads_raise_perplexity(smollm2):
     )
     assert source.tokens == merged.tokens == 2 * 127
     assert 5 < source.perplexity < merged.perplexity
+
+
+def test_long_context_retrieval_agrees_with_greedy_decoding_on_the_real_cache(smollm2):
+    """SmolLM2 retrieves test passkeys at 512 tokens, and greedy decoding with the real cache
+    (16-bit, and a bit-packed K2/V2 one) writes the key exactly when the teacher-forced score
+    says so."""
+    from gqa.precision import PrecisionPlan
+    from objectives.long_context import (
+        LongContextConfig,
+        generation_agrees,
+        passkey_prompts,
+        score_prompts,
+    )
+
+    config = LongContextConfig(lengths=(512,), depths=(0.2, 0.8), trials=1)
+    prompts = passkey_prompts(smollm2.tokenizer, "test", config)
+    model = copy.deepcopy(smollm2.model)
+    assert all(o.correct for o in score_prompts(model, prompts, progress=False))
+    pad = smollm2.tokenizer.eos_token_id
+    assert all(generation_agrees(model, p, pad_token_id=pad) for p in prompts)
+    with gqa.precision_applied(model, PrecisionPlan.uniform(30, 2, group_size=64)):
+        assert all(generation_agrees(model, p, pad_token_id=pad) for p in prompts)

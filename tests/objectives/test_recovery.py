@@ -174,7 +174,7 @@ def test_layerwise_with_a_precision_plan_fits_through_the_quantized_cache(
     """Recovery aware of precision: with a 2-bit cache simulated in the attention (straight-
     through), each layer's error is measured and reduced as the layer will run, and the fits are
     cached apart from the 16-bit ones. (Whether that beats fitting at 16 bits and quantizing
-    afterwards is measured on SmolLM2 in experiments/bench_precision_recovery.py.)"""
+    afterwards is measured on SmolLM2 in experiments/benchmarks/bench_precision_recovery.py.)"""
     monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))
     plan = gqa.PrecisionPlan.uniform(2, 2, group_size=4)
     config = LayerwiseConfig(steps=30, lr=2e-2, batch_size=3, holdout=0.0)

@@ -19,7 +19,8 @@ def evaluation_ngrams() -> set[int]:
 
 def test_reading_text_shares_no_13_gram_with_any_evaluation(evaluation_ngrams):
     passages = reading_passages()
-    assert len(passages) > 3000 and len(set(passages)) == len(passages)
+    # (2646 since the long-context tasks hold out 100 Qasper papers and 48 SQuAD articles)
+    assert len(passages) > 2500 and len(set(passages)) == len(passages)
     assert all(ngrams(p).isdisjoint(evaluation_ngrams) for p in passages)
     # every evaluated text source is in the set: LAMBADA valid/test and each task's questions
     from objectives.evaluate import TASKS, load_questions

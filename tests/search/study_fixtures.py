@@ -67,3 +67,14 @@ def write_config(
         TINY_STUDY.format(model=model, storage=storage, trials=trials, pruner=pruner, merge=merge)
     )
     return path
+
+
+def tiny_study(tmp_path: Path, tokenizer, monkeypatch, extra: str = "", trials: int = 4):
+    """A saved tiny model, its study config (with `extra` TOML appended) and storage, and a fresh
+    $HEADGROUP_CACHE: (config path, storage URL)."""
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    model = save_tiny_model(tmp_path / "model", tokenizer)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    path = write_config(tmp_path / "c.toml", model, storage, trials=trials)
+    path.write_text(path.read_text() + extra)
+    return path, storage

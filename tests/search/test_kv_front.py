@@ -13,11 +13,11 @@ from experiments.cli import main
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
 from objectives.data import VALID_SPLIT
+from search.byte_allocation import ByteBudget
 from search.config import ConfigError, StudyConfig
 from search.kv_front import FAMILIES, FRONT_SUFFIX, KVFront, family_members, front_frame
-from search.precision import ByteBudget
 from search.study import Study, make_storage
-from tests.search.study_fixtures import save_tiny_model, write_config
+from tests.search.study_fixtures import save_tiny_model, tiny_study
 
 PRECISION = """
 [precision]
@@ -31,12 +31,7 @@ test_windows = 2
 
 @pytest.fixture()
 def front_config(tmp_path, smol_tokenizer, monkeypatch):
-    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
-    model = save_tiny_model(tmp_path / "model", smol_tokenizer)
-    storage = f"sqlite:///{tmp_path}/s.db"
-    path = write_config(tmp_path / "c.toml", model, storage, trials=4)
-    path.write_text(path.read_text() + PRECISION)
-    return path, storage
+    return tiny_study(tmp_path, smol_tokenizer, monkeypatch, PRECISION)
 
 
 def _count(storage: str) -> int:
@@ -199,7 +194,7 @@ def test_16_bit_points_take_stage_2_measurements_on_the_same_windows(front_confi
     """The source and each stage-2 winner at 16 bits are the models stage 2 measured: on the same
     windows the front records stage 2's perplexities instead of measuring them again; on other
     windows it measures."""
-    import search.kv_front as module
+    import objectives.selection as module
     from search.results import stage2_frame
 
     path, storage = front_config
@@ -250,3 +245,11 @@ def test_16_bit_points_take_stage_2_measurements_on_the_same_windows(front_confi
     assert (
         front._from_stage2(source, "test_ppl") == stage2[stage2["kind"] == "source"]["ppl"].iloc[0]
     )
+
+
+def test_compare_commands_on_a_study_that_has_not_run_say_what_to_run(front_config, capsys):
+    path, _ = front_config
+    for command in ("compare-bytes", "compare"):
+        assert main([command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "headgroup study --config" in err, err

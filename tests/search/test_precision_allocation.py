@@ -9,8 +9,8 @@ import gqa
 from gqa.grouping import Grouping
 from gqa.precision import LayerPrecision, PrecisionPlan
 from objectives.calibration import CalibrationConfig, calibrate
-from objectives.proxies.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
-from search.precision import (
+from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
+from search.byte_allocation import (
     ByteBudget,
     InfeasibleBudget,
     allocate_joint,

@@ -9,7 +9,7 @@ each: seconds, the summed held-out local error before and after, and validation 
 (these settings choose the defaults, so they read validation data). Fits are not cached here,
 so every time is a real fit. Writes results/bench/recovery.json.
 
-    python experiments/bench_recovery.py [--windows 12]
+    python experiments/benchmarks/bench_recovery.py [--windows 12]
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import gqa
+from experiments.benchmarks import common
 from gqa.grouping import Grouping, write_text_atomic
-from gqa.models import load_model
-from objectives.calibration import CalibrationConfig, calibrate
-from objectives.data import VALID_SPLIT, TextSpec, token_windows
+from objectives.data import VALID_SPLIT
 from objectives.evaluate import perplexity
 from objectives.recovery import LayerwiseConfig, recover
 from search.budget import Budget
@@ -50,12 +49,11 @@ VARIANTS = [  # (merge, layer-wise settings)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=12, help="validation windows of 256")
-    parser.add_argument("--out", type=Path, default=Path("results/bench/recovery.json"))
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "recovery.json")
     args = parser.parse_args()
-    loaded = load_model("smollm2-135m")
+    loaded, stats = common.calibrated(sample_seqs=8)
     source = loaded.model
-    stats = calibrate(source, loaded.tokenizer, CalibrationConfig(sample_seqs=8), "smollm2-135m")
-    windows = token_windows(loaded.tokenizer, TextSpec(VALID_SPLIT, 256, args.windows))
+    windows = common.split_windows(loaded.tokenizer, args.windows, VALID_SPLIT)
     ctx = SearchContext.from_model(source)
     grouping: Grouping = make_strategy("neighbour_kv").propose(ctx, Budget.uniform(30, 2))
     rows = [{"model": "source", **vars(perplexity(source, windows, progress=False))}]
@@ -82,7 +80,7 @@ def main() -> None:
         )
         print(rows[-1])
     report = {
-        "command": f"python experiments/bench_recovery.py --windows {args.windows}",
+        "command": f"python experiments/benchmarks/bench_recovery.py --windows {args.windows}",
         "metric": f"validation perplexity, {args.windows} x 256 tokens of the valid split",
         "rows": rows,
     }

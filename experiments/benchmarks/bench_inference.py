@@ -7,7 +7,7 @@ Variants, all measured side by side in one run (rounds interleave them; medians 
   asym2        an asymmetric 2-group grouping (6 + 3 query heads) through headgroup
 KV bytes are read from the cache tensors after prefill. Writes results/bench/inference.json.
 
-    python experiments/bench_inference.py [--contexts 256,1024,2048] [--decode 32] [--rounds 3]
+    python experiments/benchmarks/bench_inference.py [--contexts 256,1024,2048] [--decode 32] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def main() -> None:
             f"{r['speed_vs_native']:>10.3f}{r['kv_bytes'] / 2**20:>9.1f}{r['kv_vs_native']:>7.2f}"
         )
     report = {
-        "command": "python experiments/bench_inference.py "
+        "command": "python experiments/benchmarks/bench_inference.py "
         f"--contexts {args.contexts} --decode {args.decode} --rounds {args.rounds}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "dtype": "float32",

@@ -13,7 +13,7 @@ Rows go to `results/bench/recovery_curve.csv` as each point finishes, and each f
 checkpoints under $HEADGROUP_CACHE/recovery_curve/, so a stopped run resumes where it stopped;
 `recovery_curve.png` is redrawn after every point. Sized to run in the background for hours:
 
-    python experiments/bench_recovery_curve.py [--tokens 0,25000,100000,300000]
+    python experiments/benchmarks/bench_recovery_curve.py [--tokens 0,25000,100000,300000]
         [--models 2kv_coarsen_source,1.5kv_coarsen_source,2kv_neighbour_kv] [--windows 48]
         [--limit 300]
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,16 +32,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from experiments.benchmarks import common
 from gqa.assets import cache_dir  # noqa: E402
-from gqa.grouping import Grouping, write_text_atomic  # noqa: E402
-from objectives.data import READING_SPLIT, TEST_SPLIT, TextSpec, token_windows  # noqa: E402
+from objectives.data import READING_SPLIT  # noqa: E402
 from objectives.evaluate import evaluate, perplexity  # noqa: E402
 from objectives.recovery import FinetuneConfig, recover  # noqa: E402
 from search.config import StudyConfig  # noqa: E402
-from search.study import Study  # noqa: E402
 
-CONFIG = Path("experiments/configs/default.toml")
-GROUPINGS = Path("results/default/groupings")
 TASKS = ("arc_easy", "hellaswag", "piqa")
 
 
@@ -95,26 +91,24 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=48)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--merge", default="aligned", help="merge before recovery")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
-    path = args.out / "recovery_curve.csv"
-    rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
+    table = common.CsvRows(args.out / "recovery_curve.csv")
+    rows = table.rows
     for row in rows:  # rows written before the merge was recorded started from query_aware
         if not isinstance(row.get("merge"), str) or not row["merge"]:
             row["merge"] = "-" if row["model"] == "source" else "query_aware"
     done = {(r["model"], r.get("merge", "-"), int(r["tokens"])) for r in rows}
-    config = StudyConfig.load(CONFIG)
-    with tempfile.TemporaryDirectory() as tmp:
-        search = dataclasses.replace(config.search, merge=args.merge)
-        config = dataclasses.replace(config, storage=f"sqlite:///{tmp}/unused.db", search=search)
-        study = Study(config, progress=False)
+    config = StudyConfig.load(common.DEFAULT_CONFIG)
+    search = dataclasses.replace(config.search, merge=args.merge)
+    with common.throwaway_study(config, search=search) as study:
         tokenizer = study.loaded.tokenizer
-        windows = token_windows(tokenizer, TextSpec(TEST_SPLIT, 256, args.windows))
+        windows = common.split_windows(tokenizer, args.windows)
 
         def measure(model, name: str, tokens: int, start: float) -> None:
             ppl = perplexity(model, windows, progress=False).perplexity
             accs = evaluate(model, tokenizer, TASKS, limit=args.limit, subset="test")
-            rows.append(
+            table.append(
                 {
                     "model": name,
                     "merge": "-" if name == "source" else args.merge,
@@ -127,15 +121,13 @@ def main() -> None:
                     "questions": args.limit,
                 }
             )
-            args.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
-            plot(pd.DataFrame(rows), path.with_suffix(".png"))
+            plot(table.frame(), table.path.with_suffix(".png"))
             print(rows[-1], flush=True)
 
         if ("source", "-", 0) not in done:
             measure(study.source, "source", 0, time.time())
         for name in args.models.split(","):
-            grouping = Grouping.load(next(GROUPINGS.glob(f"{name}_*.json")))
+            grouping = common.saved_grouping(f"{common.DEFAULT_GROUPINGS}/{name}_*.json")
             for tokens in (int(t) for t in args.tokens.split(",")):
                 if (name, args.merge, tokens) in done:
                     continue

@@ -10,12 +10,13 @@ Fisher matrix E[g g^T] of the loss gradient at that output (calibration statisti
 
 the second-order estimate of the loss increase (the `fisher` proxy's weighting). It is computed
 per (layer, kind) with the other kind exact, so the model's error is approximated by the sum over
-layers and kinds: the decomposition the byte allocation (search.precision) optimises exactly.
-The table is computed once per model, grouping and group size: one pass per layer computes the
-projections and RoPE once and attends with each setting in turn (the output projection is linear,
-so Delta is W_o times the change of the attention output). `grouping_errors` gives, in the same
-units, what each layer of a converted model costs against the source's at 16 bits, so that grouping and precision can be
-allocated together layer by layer (search.precision.allocate_joint).
+layers and kinds: the decomposition the byte allocation (search.byte_allocation) optimises
+exactly. The table is computed once per model, grouping and group size: one pass per layer
+computes the projections and RoPE once and attends with each setting in turn (the output
+projection is linear, so Delta is W_o times the change of the attention output).
+`grouping_errors` gives, in the same units, what each layer of a converted model costs against
+the source's at 16 bits, so that grouping and precision can be allocated together layer by layer
+(search.byte_allocation.allocate_joint).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 import gqa
 from gqa.adapters import get_adapter
 from gqa.kv_quant import LayerQuantizer
-from gqa.precision import PrecisionPlan
+from gqa.precision import QUANTIZED_BITS, PrecisionPlan
 from objectives.calibration import CalibrationStats
 
 KINDS = ("k", "v")
@@ -126,7 +127,7 @@ class _Sweep(LayerQuantizer):
 def kv_quant_errors(
     model: nn.Module,
     stats: CalibrationStats,
-    bits: Sequence[int] = (2, 3, 4, 8),
+    bits: Sequence[int] = QUANTIZED_BITS,
     group_size: int = 32,
     window: int = 0,
     progress: bool = False,

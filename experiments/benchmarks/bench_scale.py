@@ -7,7 +7,7 @@ cold / warm candidates per second, each strategy's propose time at 16, 8 and 4 K
 each step. Projection: a 32-layer, 100-trial stage 1 (calibration, tables, proposals). Timings
 on a shared machine are noisy; compare numbers of one run. Writes results/bench/scale.json.
 
-    python -m experiments.bench_scale [--layers 2] [--device cpu|cuda] [--out FILE]
+    python -m experiments.benchmarks.bench_scale [--layers 2] [--device cpu|cuda] [--out FILE]
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     rss = PeakRSS()
     result: dict = {
-        "command": "python -m experiments.bench_scale "
+        "command": "python -m experiments.benchmarks.bench_scale "
         + " ".join(
             f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
             for k, v in vars(args).items()

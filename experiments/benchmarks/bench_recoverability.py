@@ -11,7 +11,7 @@ For fisher, local_attn and recoverable: Spearman's rho against post-recovery val
 log-perplexity, per budget and pooled. Rows are appended to the CSV as they finish, so a stopped
 run resumes.
 
-    python experiments/bench_recoverability.py [--random 6] [--windows 12] [--steps 30]
+    python experiments/benchmarks/bench_recoverability.py [--random 6] [--windows 12] [--steps 30]
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 import gqa
+from experiments.benchmarks import common
 from gqa.grouping import Grouping, LayerGrouping, write_text_atomic
-from gqa.models import load_model
-from objectives.calibration import CalibrationConfig, calibrate
-from objectives.data import VALID_SPLIT, TextSpec, token_windows
+from objectives.data import VALID_SPLIT
 from objectives.evaluate import perplexity
 from objectives.proxies import make_proxy
 from objectives.proxies.recoverable import Recoverable
@@ -114,12 +113,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=12, help="validation windows of 256 tokens")
     parser.add_argument("--steps", type=int, default=30, help="layer-wise steps per layer")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--out", type=Path, default=Path("results/bench/recoverability.csv"))
+    parser.add_argument("--out", type=Path, default=common.RESULTS / "recoverability.csv")
     args = parser.parse_args()
     start = time.time()
-    loaded = load_model("smollm2-135m")
+    loaded, stats = common.calibrated(sample_seqs=8)
     source = loaded.model
-    stats = calibrate(source, loaded.tokenizer, CalibrationConfig(sample_seqs=8), "smollm2-135m")
     fit = LayerwiseConfig(steps=args.steps, lr=args.lr)
     proxies = {
         name: make_proxy(name, source, stats, "query_aware", recovery=fit) for name in PROXIES
@@ -130,10 +128,9 @@ def main() -> None:
         )
     ctx = SearchContext.from_model(source, proxy=proxies["fisher"], stats=stats)
     ctx.reranker, ctx.rerank_top = proxies["recoverable"], 3
-    windows = token_windows(loaded.tokenizer, TextSpec(VALID_SPLIT, 256, args.windows))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    done = pd.read_csv(args.out) if args.out.is_file() else pd.DataFrame()
-    rows = done.to_dict("records")
+    windows = common.split_windows(loaded.tokenizer, args.windows, VALID_SPLIT)
+    table = common.CsvRows(args.out)
+    rows = table.rows
     seen = {(r["budget"], r["candidate"]): r for r in rows}
     for average in (float(b) for b in args.budgets.split(",")):
         pool = candidates(ctx, average, proxies["recoverable"], args.random)
@@ -162,18 +159,12 @@ def main() -> None:
             row["recovery_seconds"] = round(time.time() - t0, 1)
             row["layerwise_final"] = result.final_loss
             row["valid_ppl"] = perplexity(model, windows, progress=False).perplexity
-            rows.append(row)
-            frame = pd.DataFrame(rows)
-            tmp = args.out.with_name(f".{args.out.name}.tmp")
-            frame.to_csv(tmp, index=False)
-            tmp.replace(args.out)
-    frame = pd.DataFrame(rows)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(args.out)
+            table.append(row)
+    table.write()
+    frame = table.frame()
     frame["log_ppl"] = np.log(frame["valid_ppl"])
     summary: dict = {
-        "command": "python experiments/bench_recoverability.py "
+        "command": "python experiments/benchmarks/bench_recoverability.py "
         f"--random {args.random} --windows {args.windows} --steps {args.steps} --lr {args.lr}",
         "model": "smollm2-135m",
         "recovery": {"method": "layerwise", "steps": args.steps, "lr": args.lr},

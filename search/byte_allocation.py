@@ -3,9 +3,10 @@
 A byte budget is KV-cache bytes per token, configured as a fraction of the source model's
 16-bit cache (`ByteBudget.of_source`); "KV heads per layer" budgets are the 16-bit view of the
 same thing. `allocate_precision` gives every layer's K and V the bits (from the allowed set, 16
-included) that minimise the decomposed quantization error (objectives.proxies.kv_quant_error)
-under the budget: a multiple-choice knapsack over the 2L (layer, kind) items, solved exactly by
-dynamic programming over integer byte costs.
+included) that minimise the decomposed quantization error (objectives.kv_quant_error) under
+the budget: a multiple-choice knapsack over the 2L (layer, kind) items, solved exactly over
+integer byte costs (search.knapsack). `allocate_joint` does the same with one item per layer
+whose options are (model, K bits, V bits).
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from gqa.kv_quant import BITS
 from gqa.precision import LayerPrecision, PrecisionPlan, kind_bytes_per_token
-from objectives.proxies.kv_quant_error import KINDS, QuantErrorTable
-
-MAX_UNITS = 5_000_000  # DP cells per item beyond which the byte grid is too fine to be exact
+from objectives.kv_quant_error import KINDS, QuantErrorTable
+from search.knapsack import Infeasible, least_error
 
 
 class InfeasibleBudget(ValueError):
@@ -65,51 +64,22 @@ def _costs(
 def _least_error(
     items: Sequence[Sequence[tuple[int, float]]], limit: float, scale: int, what: str
 ) -> list[int]:
-    """The exact multiple-choice knapsack: one (integer cost, error) option per item, total cost
-    <= limit, least summed error; the index of the option picked for each item.
-
-    Costs are divided by their common divisor; dp[c] holds the least error of the items seen so
-    far at total cost exactly c. `scale` converts costs back to bytes and `what` names the options
-    for the error message."""
-    unit = math.gcd(*(cost for options in items for cost, _ in options))
-    cells = math.floor(limit / unit + 1e-9)
-    floor_cost = sum(min(cost for cost, _ in options) for options in items) // unit
-    if cells < floor_cost:
+    """The index of the option picked for each item (search.knapsack, total cost <= limit);
+    `scale` converts costs back to bytes and `what` names the options for the error message."""
+    try:
+        return least_error(items, limit)
+    except Infeasible as exc:
         raise InfeasibleBudget(
             f"a budget of {limit / scale:.0f} B/token is below the least {what} can cost "
-            f"({floor_cost * unit / scale:.0f} B/token)"
-        )
-    if cells > MAX_UNITS:
-        raise ValueError(f"byte grid too fine for an exact allocation ({cells} cells)")
-    best = np.full(cells + 1, np.inf)
-    best[0] = 0.0
-    choices = np.zeros((len(items), cells + 1), dtype=np.int16)
-    for i, options in enumerate(items):
-        new = np.full(cells + 1, np.inf)
-        for j, (cost, error) in enumerate(options):
-            c = cost // unit
-            if c > cells:
-                continue
-            candidate = np.full(cells + 1, np.inf)
-            candidate[c:] = best[: cells + 1 - c] + error
-            better = candidate < new
-            new[better] = candidate[better]
-            choices[i, better] = j
-        best = new
-    total = int(np.argmin(best))
-    picks = []
-    for i in reversed(range(len(items))):
-        j = int(choices[i, total])
-        picks.append(j)
-        total -= items[i][j][0] // unit
-    return picks[::-1]
+            f"({exc.least / scale:.0f} B/token)"
+        ) from None
 
 
 def allocate_precision(
     table: QuantErrorTable,
     budget_bytes: float,
     head_dim: int,
-    bits: Sequence[int] = (2, 3, 4, 8, 16),
+    bits: Sequence[int] = BITS,
 ) -> PrecisionPlan:
     """The plan of least summed error whose steady-state bytes per token are <= budget_bytes:
     one item per (layer, kind), exact (costs are integers in units of 1/(8 * group_size) byte)."""
@@ -158,7 +128,7 @@ def allocate_joint(
     grouping_errors: Mapping[str, Sequence[float]],
     budget_bytes: float,
     head_dim: int,
-    bits: Sequence[int] = (2, 3, 4, 8, 16),
+    bits: Sequence[int] = BITS,
 ) -> JointAllocation:
     """Head grouping and cache precision allocated together, layer by layer.
 
@@ -167,7 +137,10 @@ def allocate_joint(
     the source's, 0 for the source) plus m's quantization errors of K and V at those bits: the
     same second-order, layer-decomposed estimate the precision allocation uses, so one exact
     multiple-choice knapsack (one item per layer) picks grouping and bits jointly. The per-model
-    allocations are inside this search space, so its proxy error is never above theirs."""
+    allocations are inside this search space, so its proxy error is never above theirs.
+
+    An infinite grouping error marks a layer that model may not give (a layer protected for its
+    long-range cost, search.kv_front)."""
     names = list(tables)
     if not names or set(names) != set(grouping_errors):
         raise ValueError("tables and grouping_errors must name the same, non-empty set of models")
@@ -183,6 +156,8 @@ def allocate_joint(
     for layer in range(layers):
         row, names_bits = [], []
         for name in names:
+            if not math.isfinite(grouping_errors[name][layer]):
+                continue
             table = tables[name]
             k_costs = _costs(options, table.k_heads[layer], head_dim, table.group_size, scale)
             v_costs = _costs(options, table.v_heads[layer], head_dim, table.group_size, scale)

@@ -11,36 +11,28 @@ measured cache bytes against the formula, and seconds of each.
 Rows are appended to `results/bench/kv_precision.csv` as they finish (a stopped run resumes);
 `kv_precision_summary.json` is rewritten at the end.
 
-    python experiments/bench_kv_precision.py [--windows 24] [--real-windows 2]
+    python experiments/benchmarks/bench_kv_precision.py [--windows 24] [--real-windows 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 import gqa
-from gqa.grouping import Grouping, write_text_atomic
+from experiments.benchmarks import common
+from gqa.grouping import write_text_atomic
 from gqa.precision import PrecisionPlan
-from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import perplexity
 from search.budget import Budget
-from search.config import StudyConfig
-from search.study import Study
 
-CONFIG = Path("experiments/configs/default.toml")
-GROUPINGS = Path("results/default/groupings")
-OUT = Path("results/bench")
 MODELS = {  # name -> grouping file pattern in results/default/groupings (None: the source)
     "source": None,
     "2kv_searched": "2kv_coarsen_source_*.json",
@@ -55,13 +47,6 @@ REAL = {"source": (4, 4, 32), "2kv_searched": (3, 3, 32)}  # decoded with the re
 
 def _plan(layers: int, k: int, v: int, group: int) -> PrecisionPlan:
     return PrecisionPlan.uniform(layers, k, v, group_size=group)
-
-
-def _grouping(pattern: str) -> Grouping:
-    files = sorted(GROUPINGS.glob(pattern))
-    if len(files) != 1:
-        raise SystemExit(f"expected one grouping {GROUPINGS}/{pattern}, found {len(files)}")
-    return Grouping.load(files[0])
 
 
 @torch.no_grad()
@@ -90,30 +75,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--real-windows", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
-    csv_path = args.out / "kv_precision.csv"
-    done = pd.read_csv(csv_path) if csv_path.is_file() else pd.DataFrame()
-    rows = done.to_dict("records")
-    seen = {(r["model"], r["k_bits"], r["v_bits"], r["group_size"], r["mode"]) for r in rows}
+    table = common.CsvRows(args.out / "kv_precision.csv")
+    seen = {(r["model"], r["k_bits"], r["v_bits"], r["group_size"], r["mode"]) for r in table.rows}
 
-    config = StudyConfig.load(CONFIG)
-    with tempfile.TemporaryDirectory() as tmp:  # the study's storage is not needed here
-        config = dataclasses.replace(config, storage=f"sqlite:///{tmp}/unused.db")
-        study = Study(config, progress=False)
-        tokenizer = study.loaded.tokenizer
-        spec = TextSpec(TEST_SPLIT, config.promote.seq_len, args.windows)
-        windows = token_windows(tokenizer, spec)
+    with common.throwaway_study(common.DEFAULT_CONFIG) as study:
+        config = study.config
+        windows = common.split_windows(
+            study.loaded.tokenizer, args.windows, seq_len=config.promote.seq_len
+        )
         layers, head_dim = study.adapter.num_layers, study.adapter.head_dim
         source_bytes = study.source_grouping.kv_bytes_per_token(head_dim)
 
-        def record(row: dict) -> None:
-            rows.append(row)
-            frame = pd.DataFrame(rows)
-            write_text_atomic(csv_path, frame.to_csv(index=False))
-
         for name, pattern in MODELS.items():
-            grouping = study.source_grouping if pattern is None else _grouping(pattern)
+            grouping = (
+                study.source_grouping
+                if pattern is None
+                else common.saved_grouping(f"{common.DEFAULT_GROUPINGS}/{pattern}")
+            )
             budget = Budget.of(grouping)
             settings = UNIFORM + (MIXED if name in MIXED_FOR else [])
             todo = [s for s in settings if (name, *s, "simulated") not in seen]
@@ -132,7 +112,7 @@ def main() -> None:
                 start = time.time()
                 result = perplexity(model, windows, progress=False)
                 kv_bytes = plan.bytes_per_token(budget.k, budget.v, head_dim)
-                record(
+                table.append(
                     {
                         "model": name,
                         "kv_heads_per_layer": budget.kv_heads_per_layer,
@@ -166,7 +146,7 @@ def main() -> None:
                     ("simulated_same_windows", simulated, sim_s),
                     ("real", decoded, real_s),
                 ):
-                    record(
+                    table.append(
                         {
                             "model": name,
                             "kv_heads_per_layer": budget.kv_heads_per_layer,
@@ -186,7 +166,7 @@ def main() -> None:
                     )
             del base
 
-    frame = pd.DataFrame(rows)
+    frame = table.frame()
     sim = frame[frame["mode"] == "simulated"].sort_values("kv_bytes_per_token")
     front, best = [], math.inf
     for row in sim.to_dict("records"):  # the quality-per-byte front over all models
@@ -194,7 +174,7 @@ def main() -> None:
             best = row["test_ppl"]
             front.append(row)
     summary = {
-        "command": "python experiments/bench_kv_precision.py "
+        "command": "python experiments/benchmarks/bench_kv_precision.py "
         f"--windows {args.windows} --real-windows {args.real_windows}",
         "test_tokens": args.windows * (config.promote.seq_len),
         "source_kv_bytes_per_token": source_bytes,

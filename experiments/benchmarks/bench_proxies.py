@@ -10,7 +10,7 @@ the three source-group merges with the choice of least end-to-end KL (that layer
 alone), and candidates scored per second. Writes results/bench/proxies.csv and
 results/bench/proxies_summary.json.
 
-    python experiments/bench_proxies.py [--candidates 48] [--windows 12] [--kl-layers 10]
+    python experiments/benchmarks/bench_proxies.py [--candidates 48] [--windows 12] [--kl-layers 10]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 import gqa
+from experiments.benchmarks import common
 from gqa.grouping import (
     Grouping,
     LayerGrouping,
@@ -35,9 +36,6 @@ from gqa.grouping import (
     neighbour_partition,
     write_text_atomic,
 )
-from gqa.models import load_model
-from objectives.calibration import CalibrationConfig, calibrate
-from objectives.data import TextSpec, token_windows
 from objectives.evaluate import perplexity
 from objectives.proxies import PROXIES, make_proxy
 
@@ -101,7 +99,7 @@ def main() -> None:
     parser.add_argument(
         "--throughput", type=int, default=10000, help="fresh candidates for the speed test"
     )
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument(
         "--reuse-ppl",
         action="store_true",
@@ -110,11 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
 
-    loaded = load_model("smollm2-135m")
+    loaded, stats = common.calibrated()
     model = loaded.model
-    stats = calibrate(model, loaded.tokenizer, CalibrationConfig(), "smollm2-135m")
     source = gqa.current_grouping(model)
-    windows = token_windows(loaded.tokenizer, TextSpec("eval", 256, args.windows))
+    windows = common.split_windows(loaded.tokenizer, args.windows)
     candidates = population(source, args.candidates, seed=0)
 
     rows = []
@@ -192,13 +189,9 @@ def main() -> None:
             hits += min(range(len(options)), key=scores.__getitem__) == best_by_kl[layer]
         summary[name]["layer_agreement"] = hits / len(layers)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame(rows)
-    tmp = args.out / ".proxies.csv.tmp"
-    frame.to_csv(tmp, index=False)
-    tmp.replace(args.out / "proxies.csv")
+    write_text_atomic(args.out / "proxies.csv", pd.DataFrame(rows).to_csv(index=False))
     report = {
-        "command": f"python experiments/bench_proxies.py --candidates {args.candidates} --windows {args.windows} "
+        "command": f"python experiments/benchmarks/bench_proxies.py --candidates {args.candidates} --windows {args.windows} "
         f"--kl-layers {args.kl_layers} --throughput {args.throughput}"
         + (" --reuse-ppl" if args.reuse_ppl else ""),
         "wall_seconds": round(time.time() - start, 1),

@@ -6,29 +6,21 @@ Both arms use the default study's merge and layer-wise recovery; test perplexity
 x 256 tokens with the quantized cache simulated. Rows go to
 `results/bench/precision_recovery.csv` as they finish (a stopped run resumes).
 
-    python experiments/bench_precision_recovery.py [--windows 24] [--bits 3,2]
+    python experiments/benchmarks/bench_precision_recovery.py [--windows 24] [--bits 3,2]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-
 import gqa
-from gqa.grouping import Grouping, write_text_atomic
+from experiments.benchmarks import common
 from gqa.precision import PrecisionPlan
-from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import perplexity
 from objectives.recovery import recover
-from search.config import StudyConfig
-from search.study import Study
 
-CONFIG = Path("experiments/configs/default.toml")
 GROUPING = "results/default/groupings/2kv_coarsen_source_*.json"
 
 
@@ -36,17 +28,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--bits", default="3,2", help="K=V bits to compare (group size 32)")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
-    path = args.out / "precision_recovery.csv"
-    rows = pd.read_csv(path).to_dict("records") if path.is_file() else []
-    done = {(r["bits"], r["recovery"]) for r in rows}
-    grouping = Grouping.load(next(Path().glob(GROUPING)))
-    config = StudyConfig.load(CONFIG)
-    with tempfile.TemporaryDirectory() as tmp:
-        config = dataclasses.replace(config, storage=f"sqlite:///{tmp}/unused.db")
-        study = Study(config, progress=False)
-        windows = token_windows(study.loaded.tokenizer, TextSpec(TEST_SPLIT, 256, args.windows))
+    table = common.CsvRows(args.out / "precision_recovery.csv")
+    done = {(r["bits"], r["recovery"]) for r in table.rows}
+    grouping = common.saved_grouping(GROUPING)
+    with common.throwaway_study(common.DEFAULT_CONFIG) as study:
+        config = study.config
+        windows = common.split_windows(study.loaded.tokenizer, args.windows)
         layers = study.adapter.num_layers
         plain = None
         for bits in (int(b) for b in args.bits.split(",")):
@@ -76,7 +65,7 @@ def main() -> None:
                     model = gqa.apply_precision(plain, plan)
                 build = time.time() - start
                 ppl = perplexity(model, windows, progress=False).perplexity
-                rows.append(
+                table.append(
                     {
                         "bits": bits,
                         "recovery": arm,
@@ -85,8 +74,7 @@ def main() -> None:
                         "test_tokens": args.windows * 256,
                     }
                 )
-                write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
-                print(rows[-1])
+                print(table.rows[-1])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Does calibrating and recovering on long sequences (or other text) repair a grouped model at
+long context?
+
+The demo study's searched 2-KV grouping is built with the study's merge (`aligned`, which reads
+the calibration statistics) and layer-wise recovery (which fits each layer on the calibration
+sequences), once per calibration text and sequence length at the same number of calibration
+tokens, and scored on test data at 2048 tokens: perplexity by position and passkey retrieval.
+The source is the reference. Per layer, the long-range cost of the grouped model's layers (objectives.long_range,
+on validation) says where the damage sits. Rows go to `results/bench/long_recovery.csv` and the
+per-layer costs to `results/bench/long_range_layers.csv` as they finish (a stopped run resumes).
+
+    python experiments/benchmarks/bench_long_recovery.py [--arms calibration:256,reading:2048]
+        [--tokens 8192]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import gqa
+from experiments.benchmarks import common
+from objectives.evaluate import evaluate
+from objectives.long_context import LongContextConfig
+from objectives.long_range import long_range_costs
+from search.config import StudyConfig
+
+GROUPING = "results/demo/groupings/2kv_coarsen_source_*.json"
+LONG = LongContextConfig(
+    seq_len=2048, ppl_windows=4, lengths=(1024, 2048), depths=(0.1, 0.5, 0.9), trials=2
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--arms",
+        default="calibration:256,calibration:2048,reading:2048",
+        help="calibration split:sequence length per arm (split `reading`: decontaminated prose "
+        "of SQuAD, DROP, CoQA, Qasper and SciRIFF passages, long papers among them)",
+    )
+    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens per arm")
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    args = parser.parse_args()
+    table = common.CsvRows(args.out / "long_recovery.csv")
+    layer_table = common.CsvRows(args.out / "long_range_layers.csv")
+    done = {r["model"] for r in table.rows}
+    grouping = common.saved_grouping(GROUPING)
+    base = StudyConfig.load(common.DEMO_CONFIG)
+    arms = {"source": ("calibration", 256)}
+    for arm in args.arms.split(","):
+        split, seq_len = arm.split(":")
+        arms[f"2kv calibrated on {split} at {seq_len}"] = (split, int(seq_len))
+    for arm, (split, seq_len) in arms.items():
+        if arm in done:
+            continue
+        seqs = max(2, args.tokens // seq_len)
+        calibration = dataclasses.replace(
+            base.calibration,
+            split=split,
+            seq_len=seq_len,
+            num_seqs=seqs,
+            grad_seqs=min(seqs, base.calibration.grad_seqs),
+            sample_seqs=min(seqs, max(4, base.calibration.sample_seqs * 256 // seq_len)),
+            batch_size=1 if seq_len > 512 else base.calibration.batch_size,
+        )
+        with common.throwaway_study(base, progress=True, calibration=calibration) as study:
+            start = time.perf_counter()
+            model = study.source if arm == "source" else study.build_candidate(grouping)
+            build = time.perf_counter() - start
+            results = evaluate(
+                model,
+                study.loaded.tokenizer,
+                ["long_ppl", "passkey"],
+                subset="test",
+                long_config=LONG,
+            )
+            table.append(
+                {
+                    "model": arm,
+                    "calibration": f"{calibration.num_seqs}x{seq_len}",
+                    "fitted_sequences": calibration.sample_seqs,
+                    **{f"ppl {k}": v for k, v in results["long_ppl"]["buckets"].items()},
+                    "passkey": results["passkey"]["accuracy"],
+                    **{f"passkey {k}": v for k, v in results["passkey"]["by_length"].items()},
+                    "passkey_nll": results["passkey"]["answer_nll"],
+                    "build_seconds": round(build, 1),
+                }
+            )
+            print(json.dumps(table.rows[-1]), flush=True)
+            if arm != "source":
+                exact = gqa.converted_copy(study.source, study.source_grouping)
+                one_window = dataclasses.replace(LONG, ppl_windows=1)  # 30 forwards of 2048
+                costs = long_range_costs(exact, model, study.loaded.tokenizer, one_window)
+                for layer, cost in enumerate(costs.costs):
+                    layer_table.rows.append({"model": arm, "layer": layer, "late_nll_cost": cost})
+                layer_table.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""What each converted layer costs at long range, measured one layer at a time.
+
+Short-window statistics cannot see the heads that retrieve from far back (retrieval heads,
+arXiv 2404.15574; DuoAttention; RazorAttention): merging them leaves a 256-token window almost
+unchanged and breaks recall at 2k tokens. So the cost is measured where it shows: for each layer
+l, the base model (the source) runs on held-out long documents with its layer-l attention taken
+from the donor (a converted model: its grouping, merge and recovery, with any cache precision),
+and the cost is
+
+    cost_l = NLL_late(base with donor's layer l) - NLL_late(base)        (nats per token)
+
+over the positions of the last bucket of LongContextConfig (by default 1024..2047). One forward
+of the long windows per layer: L forwards in all. Layers are swapped in place (the two models'
+attention modules trade places and are put back), which needs both to run headgroup's grouped
+attention (gqa.converted_copy of the source is the exact base).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from gqa.adapters import get_adapter
+from objectives.long_context import LongContextConfig, late_window_nlls, long_windows
+
+
+@dataclass
+class LongRangeCosts:
+    """Per layer, the late-bucket NLL the donor's layer adds to the base; `base_nll` is the
+    base's own late-bucket NLL."""
+
+    costs: list[float]
+    base_nll: float
+
+    def most_costly(self, k: int) -> list[int]:
+        """The k layers of highest cost, highest first."""
+        return sorted(range(len(self.costs)), key=lambda i: -self.costs[i])[:k]
+
+
+@contextmanager
+def layer_swapped(base: nn.Module, donor: nn.Module, layer: int) -> Iterator[nn.Module]:
+    """`base` with its attention of `layer` replaced by the donor's (the donor gets the base's
+    meanwhile); both are restored on exit."""
+    base_adapter, donor_adapter = get_adapter(base), get_adapter(donor)
+    attr = base_adapter.attention_attr
+    base_layer, donor_layer = base_adapter.layers()[layer], donor_adapter.layers()[layer]
+    mine, theirs = getattr(base_layer, attr), getattr(donor_layer, attr)
+    setattr(base_layer, attr, theirs)
+    setattr(donor_layer, attr, mine)
+    try:
+        yield base
+    finally:
+        setattr(base_layer, attr, mine)
+        setattr(donor_layer, attr, theirs)
+
+
+def late_nll(model: nn.Module, windows, config: LongContextConfig) -> float:
+    """Mean NLL of the targets at positions >= the last bucket edge."""
+    return float(late_window_nlls(model, windows, config).mean())
+
+
+def long_range_costs(
+    base: nn.Module,
+    donor: nn.Module,
+    tokenizer,
+    config: LongContextConfig | None = None,
+    subset: str = "valid",
+    progress: bool = True,
+) -> LongRangeCosts:
+    """Per-layer long-range cost of the donor's layers (see the module docstring), on the
+    long_ppl windows of `subset` (selection reads "valid")."""
+    config = config or LongContextConfig()
+    layers = get_adapter(base).num_layers
+    if get_adapter(donor).num_layers != layers:
+        raise ValueError("base and donor have different numbers of layers")
+    windows = long_windows(tokenizer, subset, config.seq_len, config.ppl_windows)
+    base_nll = late_nll(base, windows, config)
+    costs = []
+    for layer in tqdm(range(layers), desc="long-range cost per layer", disable=not progress):
+        with layer_swapped(base, donor, layer):
+            costs.append(late_nll(base, windows, config) - base_nll)
+    return LongRangeCosts(costs, base_nll)

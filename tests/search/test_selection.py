@@ -1,0 +1,159 @@
+"""The selection objective: its value against the tasks it mixes, its config, and a tiny study
+whose stage 2 and byte front select by long-context perplexity and retrieval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from objectives import long_context as lc
+from objectives.evaluate import perplexity
+from objectives.selection import SelectionObjective
+from search.config import ConfigError, StudyConfig
+from search.kv_front import KVFront, front_frame
+from search.results import stage2_frame
+from search.study import Study
+from tests.search.study_fixtures import tiny_study
+from tests.tiny import tiny_model
+
+LONG = lc.LongContextConfig(
+    seq_len=96, ppl_windows=1, buckets=(32,), lengths=(96,), depths=(0.5,), trials=1
+)
+SECTIONS = """
+[selection]
+objective = {long_ppl = 1.0, passkey = 0.5}
+
+[long_context]
+seq_len = 96
+ppl_windows = 1
+buckets = [32]
+lengths = [96]
+depths = [0.5]
+trials = 1
+
+[precision]
+budgets = [1.0, 0.45]
+bits = [4, 2]
+group_sizes = [8]
+valid_windows = 2
+test_windows = 2
+"""
+
+
+def test_value_is_exp_of_the_weighted_losses(smol_tokenizer):
+    model = tiny_model(num_heads=4, num_kv_heads=2, vocab_size=len(smol_tokenizer)).eval()
+    windows = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    short = SelectionObjective()
+    assert short.is_short_ppl and short.describe() == "ppl"
+    assert short.value(model, smol_tokenizer, "valid", windows) == (
+        perplexity(model, windows, progress=False).perplexity
+    )
+    mix = SelectionObjective.of({"ppl": 2.0, "long_ppl": 1.0, "passkey": 0.5}, LONG)
+    long_ppl = lc.long_perplexity(model, smol_tokenizer, "valid", LONG, progress=False)
+    passkey = lc.passkey(model, smol_tokenizer, "valid", LONG, progress=False)
+    expected = math.exp(
+        2 * math.log(perplexity(model, windows, progress=False).perplexity)
+        + long_ppl["loss"]
+        + 0.5 * passkey["answer_nll"]
+    )
+    assert mix.value(model, smol_tokenizer, "valid", windows) == pytest.approx(expected, rel=1e-9)
+    assert mix.describe() == "long_ppl+0.5*passkey+2*ppl@96/1:96x1:0.5"
+
+
+def test_bad_objectives_are_one_line_config_errors(tmp_path):
+    base = "[study]\nname='x'\n[model]\nname='m'\n[search]\nbudgets=[2]\n"
+    for extra, message in (
+        ("[selection]\nobjective = {needle = 1.0}", "selection.objective: unknown selection task"),
+        ("[selection]\nobjective = {ppl = 0}", "selection.objective: selection weight of 'ppl'"),
+        ("[selection]\nobjective = {}", "selection.objective: the selection objective needs"),
+        ("[long_context]\nbuckets = [4000]", "long_context: long_context buckets must increase"),
+        ("[long_context]\nwindows = 3", "long_context.windows: unknown key"),
+    ):
+        path = tmp_path / "c.toml"
+        path.write_text(base + extra)
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            StudyConfig.load(path)
+    path.write_text(base + SECTIONS)
+    config = StudyConfig.load(path)
+    assert config.selection.weights == (("long_ppl", 1.0), ("passkey", 0.5))
+    assert config.long_context == LONG
+
+
+@pytest.fixture()
+def long_study(tmp_path, smol_tokenizer, monkeypatch):
+    path, storage = tiny_study(tmp_path, smol_tokenizer, monkeypatch, SECTIONS, trials=3)
+    return StudyConfig.load(path), storage
+
+
+def test_stage_2_and_the_byte_front_select_by_the_long_objective(long_study):
+    config, storage = long_study
+    study = Study(config, progress=False)
+    study.run()
+    stage2 = stage2_frame("tiny", storage)
+    source = stage2[stage2["kind"] == "source"].iloc[0]
+    objective = config.selection
+    windows = study._valid_windows
+    expected = objective.value(study.source, study.loaded.tokenizer, "valid", windows)
+    assert source["valid_ppl"] == pytest.approx(expected, rel=1e-6)
+    # the long tasks of promote.tasks are not asked for: test reports hold ppl and piqa only
+    assert "long_ppl" not in stage2
+
+    front = KVFront(study, progress=False)
+    chosen = front.run()
+    assert all(objective.describe() in w for w in front.windows().values())
+    for _, rows in chosen.groupby("budget_fraction"):
+        assert rows.set_index("family").loc["joint", "valid_ppl"] == rows["valid_ppl"].min()
+    # a 16-bit point's test value is the objective on test prompts, not stage 2's perplexity
+    row = chosen[(chosen["family"] == "grouping") & (chosen["budget_fraction"] == 1.0)].iloc[0]
+    point = row["point"]
+    model = front.model(point.model, front.grouping(point.model))
+    test_value = objective.value(model, study.loaded.tokenizer, "test", front._split("eval", 2))
+    assert row["test_ppl"] == pytest.approx(test_value, rel=1e-6)
+    assert not any(math.isclose(v, row["test_ppl"], rel_tol=1e-6) for v in stage2["ppl"].dropna())
+    points = front_frame("tiny", storage, front.windows())
+    assert points["valid_ppl"].notna().all()
+
+
+def test_a_stage_2_selected_by_another_objective_is_not_resumed(long_study):
+    import dataclasses
+
+    config, _ = long_study
+    short = dataclasses.replace(config, selection=SelectionObjective())
+    Study(short, progress=False).run()
+    with pytest.raises(ValueError, match="selected by 'ppl', the config now by 'long_ppl"):
+        Study(config, progress=False).run()
+
+
+def test_protected_layers_stay_the_source_in_joint_layer_mixes(long_study):
+    import dataclasses
+
+    from search.byte_allocation import ByteBudget
+
+    config, storage = long_study
+    config = dataclasses.replace(config, precision=dataclasses.replace(config.precision, protect=1))
+    study = Study(config, progress=False)
+    study.run()
+    front = KVFront(study, progress=False)
+    groupings = front.groupings()
+    winners = [name for name in groupings if name != "source"]
+    assert winners
+    for name in winners:
+        costs = front.long_range(name)
+        assert len(costs.costs) == study.adapter.num_layers
+        protected = costs.most_costly(1)[0]
+        assert front._mix_errors(name, groupings[name])[protected] == math.inf
+        assert front.long_range(name).costs == costs.costs  # stored, not measured again
+    source = groupings["source"]
+    mixes = 0
+    for fraction in config.precision.budgets:
+        point = front._layer_mix(groupings, ByteBudget.of_source(fraction, front.source_bytes))
+        if point is None:
+            continue
+        mixes += 1
+        mixed = front.grouping(point.model)
+        for name in winners:
+            protected = front.long_range(name).most_costly(1)[0]
+            assert mixed.layers[protected] == source.layers[protected]
+    assert mixes
