@@ -189,12 +189,14 @@ class KVFront:
     def _proxy(self, name: str, grouping: Grouping, plan: PrecisionPlan | None) -> float:
         """The decomposed error estimate of a whole-model point: its grouping's layer errors
         against the source plus its cache's quantization errors (the allocation's units)."""
-        error = sum(self._errors_of(name, grouping))
+        error = sum(self.layer_errors(name, grouping))
         if plan is not None:
             error += self._table(name, grouping, plan.group_size).plan_error(plan)
         return error
 
-    def _errors_of(self, name: str, grouping: Grouping) -> tuple[float, ...]:
+    def layer_errors(self, name: str, grouping: Grouping) -> tuple[float, ...]:
+        """Per layer, what a model's layer costs against the source's at 16 bits, in the
+        allocation's units (objectives.kv_quant_error.grouping_errors; 0 for the source)."""
         if name not in self._grouping_errors:
             if name == "source":
                 self._grouping_errors[name] = (0.0,) * self.layers
@@ -207,7 +209,7 @@ class KVFront:
     def _mix_errors(self, name: str, grouping: Grouping) -> tuple[float, ...]:
         """A model's per-layer grouping errors for the layer mixes: infinite (not allowed) at the
         `protect` layers of highest long-range cost of a stage-2 winner."""
-        errors = self._errors_of(name, grouping)
+        errors = self.layer_errors(name, grouping)
         if not self.config.protect or name == "source":
             return errors
         protected = set(self.long_range(name).most_costly(self.config.protect))

@@ -9,12 +9,13 @@ finishes (a stopped run resumes); `long_context.md` tabulates them and `long_con
 perplexity by position bucket and passkey retrieval by length.
 
     python experiments/benchmarks/bench_long_context.py [--config experiments/configs/demo.toml]
-        [--budgets 1.0,0.2,0.17,0.14] [--seq-len 2048] [--windows 4] [--trials 2]
+        [--budgets 1.0,0.2,0.17,0.14] [--seq-len 2048] [--windows 4] [--trials 2] [--protect K]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048")
     parser.add_argument("--depths", default="0.1,0.5,0.9")
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument(
+        "--protect", type=int, default=None, help="replace the config's precision.protect"
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     long_config = LongContextConfig(
@@ -73,8 +77,14 @@ def main() -> None:
         trials=args.trials,
     )
     table = common.CsvRows(args.out / "long_context.csv")
-    study = Study(StudyConfig.load(args.config), progress=False)
+    config = StudyConfig.load(args.config)
+    if args.protect is not None:
+        precision = dataclasses.replace(config.precision, protect=args.protect)
+        config = dataclasses.replace(config, precision=precision)
+    study = Study(config, progress=False)
     selection = study.config.selection.describe()
+    if study.config.precision.protect:
+        selection += f", protect {study.config.precision.protect}"
     done = {(r["study"], r["selection"], r["point"], r["task"]) for r in table.rows}
     which = (study.config.name, selection)
     front = KVFront(study, progress=False)
@@ -82,6 +92,16 @@ def main() -> None:
     for label, (point, families) in chosen_points(front, budgets).items():
         for task in TASKS:
             if (*which, label, task) in done:
+                continue
+            # A point on the source model is the same model whatever chose it: copy its rows.
+            same = [
+                r
+                for r in table.rows
+                if point.model == "source"
+                and (r["study"], r["point"], r["task"]) == (which[0], label, task)
+            ]
+            if same:
+                table.append({**same[0], "selection": selection, "families": " ".join(families)})
                 continue
             start = time.perf_counter()
             model = front.model(point.model, front.grouping(point.model))
@@ -112,12 +132,39 @@ def main() -> None:
                 }
             )
             print(f"{label:60s} {task:9s} {result['score']:.3f}", flush=True)
+    if study.config.precision.protect:
+        write_layer_costs(front, args.out / "long_range_vs_proxy.csv")
     frame = table.frame()
     plot(
         frame[(frame["study"] == which[0]) & (frame["selection"] == which[1])],
         args.out / "long_context.png",
     )
     write_text_atomic(args.out / "long_context.md", markdown(frame))
+
+
+def write_layer_costs(front: KVFront, path: Path) -> None:
+    """Per stage-2 winner and layer: the short-window grouping error the joint allocation uses
+    and the long-range cost `protect` reads, with their Spearman rank correlation."""
+    rows = []
+    for name, grouping in front.groupings().items():
+        if name == "source":
+            continue
+        short, costs = front.layer_errors(name, grouping), front.long_range(name).costs
+        rho = pd.Series(short).corr(pd.Series(costs), method="spearman")
+        protected = set(front.long_range(name).most_costly(front.config.protect))
+        for layer, (error, cost) in enumerate(zip(short, costs, strict=True)):
+            rows.append(
+                {
+                    "model": name,
+                    "layer": layer,
+                    "short_error": error,
+                    "long_cost": cost,
+                    "protected": layer in protected,
+                    "spearman": rho,
+                }
+            )
+        print(f"{name}: Spearman(short error, long-range cost) over layers = {rho:.2f}")
+    write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
 def markdown(frame: pd.DataFrame) -> str:

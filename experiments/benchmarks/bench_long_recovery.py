@@ -10,12 +10,13 @@ on validation) says where the damage sits. Rows go to `results/bench/long_recove
 per-layer costs to `results/bench/long_range_layers.csv` as they finish (a stopped run resumes).
 
     python experiments/benchmarks/bench_long_recovery.py [--arms calibration:256,reading:2048]
-        [--tokens 8192]
+        [--tokens 8192] [--finetune 24576]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -23,15 +24,35 @@ from pathlib import Path
 
 import gqa
 from experiments.benchmarks import common
+from objectives.data import READING_SPLIT
 from objectives.evaluate import evaluate
 from objectives.long_context import LongContextConfig
 from objectives.long_range import long_range_costs
+from objectives.recovery import FinetuneConfig, recover
 from search.config import StudyConfig
 
 GROUPING = "results/demo/groupings/2kv_coarsen_source_*.json"
 LONG = LongContextConfig(
     seq_len=2048, ppl_windows=4, lengths=(1024, 2048), depths=(0.1, 0.5, 0.9), trials=2
 )
+
+
+def long_recipe(tokens: int) -> FinetuneConfig:
+    """Distilled fine-tuning at 2048 tokens on the `reading` text (long papers among it), K/V/Q/O
+    trained, cosine decay: the recovery curve's recipe at long context."""
+    steps = max(1, tokens // (2 * 2048))
+    return FinetuneConfig(
+        tokens=tokens,
+        lr=1e-4,
+        lr_scheduler="cosine",
+        warmup_steps=max(1, steps // 20),
+        batch_size=2,
+        seq_len=2048,
+        text=READING_SPLIT,
+        distill=True,
+        trainable=("q", "k", "v", "o"),
+        logging_steps=2,
+    )
 
 
 def main() -> None:
@@ -43,6 +64,13 @@ def main() -> None:
         "of SQuAD, DROP, CoQA, Qasper and SciRIFF passages, long papers among them)",
     )
     parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens per arm")
+    parser.add_argument(
+        "--finetune",
+        type=int,
+        default=0,
+        help="also fine-tune (distilled, on `reading` windows of 2048 tokens) this many tokens: "
+        "the last arm's model and, as the control, the source with the same recipe",
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     table = common.CsvRows(args.out / "long_recovery.csv")
@@ -54,6 +82,10 @@ def main() -> None:
     for arm in args.arms.split(","):
         split, seq_len = arm.split(":")
         arms[f"2kv calibrated on {split} at {seq_len}"] = (split, int(seq_len))
+    if args.finetune:
+        last = list(arms)[-1]
+        arms[f"{last}, fine-tuned {args.finetune}"] = arms[last]
+        arms[f"source, fine-tuned {args.finetune}"] = arms["source"]
     for arm, (split, seq_len) in arms.items():
         if arm in done:
             continue
@@ -69,7 +101,20 @@ def main() -> None:
         )
         with common.throwaway_study(base, progress=True, calibration=calibration) as study:
             start = time.perf_counter()
-            model = study.source if arm == "source" else study.build_candidate(grouping)
+            if arm.startswith("source"):
+                model = copy.deepcopy(study.source) if "fine-tuned" in arm else study.source
+            else:
+                model = study.build_candidate(grouping)
+            if "fine-tuned" in arm:
+                recover(
+                    "finetune",
+                    model,
+                    study.source,
+                    study.loaded.tokenizer,
+                    study.stats,
+                    long_recipe(args.finetune),
+                    progress=True,
+                )
             build = time.perf_counter() - start
             results = evaluate(
                 model,
@@ -91,7 +136,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(table.rows[-1]), flush=True)
-            if arm != "source":
+            if not arm.startswith("source") and "fine-tuned" not in arm:
                 exact = gqa.converted_copy(study.source, study.source_grouping)
                 one_window = dataclasses.replace(LONG, ppl_windows=1)  # 30 forwards of 2048
                 costs = long_range_costs(exact, model, study.loaded.tokenizer, one_window)

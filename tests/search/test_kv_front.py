@@ -121,7 +121,7 @@ def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_
     winner = next(n for n in groupings if n.startswith("2kv:"))
     groupings = {"source": groupings["source"], winner: groupings[winner]}
     bad = {"source": (1e12, 0.0), winner: (0.0, 1e12)}
-    front._errors_of = lambda name, grouping: bad[name]
+    front.layer_errors = lambda name, grouping: bad[name]
     budget = ByteBudget.of_source(0.9, front.source_bytes)  # the source does not fit at 16 bits
     point = front._layer_mix(groupings, budget)
     assert point.model.startswith("mix:") and point.kv_bytes <= budget.bytes_per_token
