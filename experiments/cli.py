@@ -203,12 +203,13 @@ def evaluate_loaded(loaded: LoadedModel, args: argparse.Namespace) -> dict:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
-    long_config = LongContextConfig(
-        seq_len=getattr(args, "long_seq_len", 2048),
-        ppl_windows=getattr(args, "long_windows", 4),
-        lengths=tuple(getattr(args, "lengths", (1024, 2048))),
-        depths=tuple(getattr(args, "depths", (0.1, 0.3, 0.5, 0.7, 0.9))),
-        trials=getattr(args, "trials", 2),
+    defaults = LongContextConfig()
+    long_config = defaults.with_seq_len(
+        getattr(args, "long_seq_len", defaults.seq_len),
+        ppl_windows=getattr(args, "long_windows", defaults.ppl_windows),
+        lengths=getattr(args, "lengths", defaults.lengths),
+        depths=getattr(args, "depths", defaults.depths),
+        trials=getattr(args, "trials", defaults.trials),
     )
     spec = TextSpec("eval", args.seq_len, args.ppl_windows)
     harness = getattr(args, "harness", "headgroup")
@@ -510,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         code = args.run(args) or 0
     except (UsageError, *USER_ERRORS) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if type(exc) is KeyError:  # str() is only the key: say what is missing
+            message = f"missing {message} in the records read (has the study run this far?)"
         print(f"headgroup: error: {message}", file=sys.stderr)
         return 2
     finally:

@@ -20,7 +20,6 @@ position bucket of `windows` held-out long test documents of `context` tokens
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -208,15 +207,8 @@ def _long_config(config: LongContextConfig, options: ByteCompareConfig) -> LongC
     bucket from half the context unless the study's edges fit, prompt lengths up to it."""
     if not options.context:
         return config
-    buckets = tuple(e for e in config.buckets if e < options.context) or (options.context // 2,)
     lengths = tuple(n for n in config.lengths if n <= options.context) or (options.context,)
-    return dataclasses.replace(
-        config,
-        seq_len=options.context,
-        ppl_windows=options.windows,
-        buckets=buckets,
-        lengths=lengths,
-    )
+    return config.with_seq_len(options.context, ppl_windows=options.windows, lengths=lengths)
 
 
 def _named(entry: dict) -> str:

@@ -40,6 +40,15 @@ def write_groupings(stage2: pd.DataFrame, folder: Path) -> list[Path]:
     return paths
 
 
+LONG_TASKS = {"long_ppl": "late-position perplexity {:.1f}", "passkey": "passkey {:.2f}"}
+
+
+def _long_text(row: pd.Series) -> str:
+    """The long-context test numbers of a stage-2 row, if it has any: ", long_ppl ..."."""
+    parts = [text.format(row[task]) for task, text in LONG_TASKS.items() if pd.notna(row.get(task))]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def findings(stage2: pd.DataFrame) -> list[str]:
     """Plain statements, per budget, of how the best searched candidate compares with baselines."""
     if stage2.empty:
@@ -51,24 +60,34 @@ def findings(stage2: pd.DataFrame) -> list[str]:
     if src_ppl is not None:
         lines.append(
             f"Source model: perplexity {src_ppl:.2f}"
-            + (f", mean accuracy {src_acc:.3f}." if src_acc is not None else ".")
+            + (f", mean accuracy {src_acc:.3f}" if src_acc is not None else "")
+            + _long_text(source.iloc[0])
+            + "."
         )
     complete = stage2[stage2["state"] == "complete"]
     for budget, group in complete[complete["kind"] != "source"].groupby("budget"):
         searched = group[group["kind"] == "searched"].sort_values("valid_ppl")
+        pruned = stage2[(stage2["budget"] == budget) & (stage2["state"] == "pruned")]
         if searched.empty:
+            best_base = group.sort_values("valid_ppl").iloc[0]
+            text = (
+                f"At {budget:g} KV heads per layer every searched candidate was pruned on "
+                f"validation ({len(pruned)} of them; the best baseline's validation value "
+                f"{best_base['valid_ppl']:.1f}); {best_base['strategy']} reached test perplexity "
+                f"{best_base['ppl']:.1f}{_long_text(best_base)}."
+            )
+            lines.append(text)
             continue
         best = searched.iloc[0]  # chosen on validation perplexity; test numbers reported
-        pruned = stage2[(stage2["budget"] == budget) & (stage2["state"] == "pruned")]
         text = f"At {budget:g} KV heads per layer the searched winner on validation ({best['strategy']}"
         text += ", budget allocated across layers)" if best.get("allocation") else ")"
-        text += f" reached test perplexity {best['ppl']:.1f}"
+        text += f" reached test perplexity {best['ppl']:.1f}{_long_text(best)}"
         if pd.notna(best.get("valid_ppl_merged")):
             text += f" (validation {best['valid_ppl_merged']:.0f} merged, {best['valid_ppl']:.1f} recovered)"
         if "mean_acc" in best:
             text += f" and mean accuracy {best['mean_acc']:.3f}"
         for _, base in group[group["kind"] == "baseline"].iterrows():
-            text += f"; {base['strategy']}: {base['ppl']:.1f}"
+            text += f"; {base['strategy']}: {base['ppl']:.1f}{_long_text(base)}"
             if pd.notna(base.get("valid_ppl_merged")):
                 text += f" (validation {base['valid_ppl_merged']:.0f} / {base['valid_ppl']:.1f})"
             if "mean_acc" in base:

@@ -28,6 +28,7 @@ shares a 13-gram with it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -106,6 +107,12 @@ class LongContextConfig:
             raise ValueError(f"long_context lengths must be >= 64 tokens, got {self.lengths}")
         if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
             raise ValueError(f"long_context depths must lie in [0, 1], got {self.depths}")
+
+    def with_seq_len(self, seq_len: int, **changes) -> LongContextConfig:
+        """A copy at another long_ppl length: the bucket edges below it are kept (half of it
+        when none is), other fields replaced by `changes`."""
+        buckets = tuple(e for e in self.buckets if e < seq_len) or (seq_len // 2,)
+        return dataclasses.replace(self, seq_len=seq_len, buckets=buckets, **changes)
 
     def bucket_names(self) -> list[str]:
         edges = [0, *self.buckets, self.seq_len]

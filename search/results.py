@@ -63,8 +63,10 @@ def skipped_repeats(name: str, storage) -> int:
 
 def stage2_frame(name: str, storage) -> pd.DataFrame:
     """One row per stage-2 candidate, complete or pruned (`state`): kind, budget, strategy, proxy,
-    validation perplexity at each rung (`valid_ppl*`, what selection reads) and, for complete
-    candidates, test perplexity (`ppl`) and accuracies on the test questions."""
+    validation perplexity at each rung (`valid_ppl*`, what selection reads: the study's selection
+    objective, objectives.selection, by default the short-window perplexity) and, for complete
+    candidates, test perplexity (`ppl`), accuracies on the test questions and the long tasks'
+    scores (`long_ppl`, `passkey`, `mdqa`) when promote.tasks asks for them."""
     study = _load(name + STAGE2_SUFFIX, storage)
     rows = []
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -124,12 +126,12 @@ def summary_table(name: str, storage) -> str:
     s2 = stage2_frame(name, storage)
     if not s2.empty:
         wanted = ("kind", "budget", "strategy", "proxy", "rank", "kv_heads", "state")
-        wanted += (*rung_columns(s2), "ppl", "mean_acc")
+        wanted += (*rung_columns(s2), "ppl", "mean_acc", "long_ppl", "passkey", "mdqa")
         cols = [c for c in wanted if c in s2]
         cols += sorted(c for c in s2.columns if c.startswith("acc_"))
         lines += [
-            "stage 2: candidates (valid_ppl*: validation perplexity at each rung, what selects;"
-            " ppl and acc_*: test data, complete candidates only)",
+            "stage 2: candidates (valid_ppl*: the selection objective on validation at each rung,"
+            " what selects; ppl, acc_* and long tasks: test data, complete candidates only)",
             s2.sort_values(["budget", "valid_ppl"], na_position="first")[cols].to_string(
                 index=False
             ),

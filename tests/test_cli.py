@@ -100,6 +100,8 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
         ),
         (["eval", "--model", "{m}", "--tasks", "ppl,nope"], "nope"),
         (["eval", "--model", "{m}", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "--model", "{m}", "--depths", "1.5"], "depths must lie in [0, 1]"),
+        (["eval", "--model", "{m}", "--lengths", "10"], "lengths must be >= 64 tokens"),
         (
             ["convert", "--model", "{m}", "--out", "{t}/x"],
             "give --grouping, --kv-heads or --kv-bits",
@@ -172,3 +174,31 @@ def test_convert_of_an_unsupported_family_names_the_supported_ones(
     supported = err[0].split("(supported: ")[1].split(")")[0].split(", ")
     assert supported == sorted(ADAPTERS) and len(supported) == 20
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_long_context_tasks(tiny_folder, tmp_path, capsys):
+    report = tmp_path / "long.json"
+    argv = ["eval", "--model", str(tiny_folder), "--tasks", "long_ppl,passkey"]
+    argv += ["--long-seq-len", "96", "--long-windows", "2", "--lengths", "96,128"]
+    argv += ["--depths", "0.5", "--trials", "1", "--json", str(report)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "long_ppl at 96 tokens: ppl by position 0-47:" in out and "passkey accuracy" in out
+    results = json.loads(report.read_text())["results"]
+    assert set(results["long_ppl"]["buckets"]) == {"0-47", "48-95"}  # edges below 96: half
+    assert results["passkey"]["n"] == 2 and set(results["passkey"]["by_length"]) == {"96", "128"}
+
+
+def test_a_missing_key_says_what_is_missing(monkeypatch, capsys):
+    from experiments import cli
+
+    def fails(args):
+        raise KeyError("state")
+
+    add_arguments, _ = cli.COMMANDS["pareto"]
+    monkeypatch.setitem(cli.COMMANDS, "pareto", (add_arguments, fails))
+    assert main(["pareto", "--study", "s", "--storage", "sqlite:///x.db", "--out", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "headgroup: error: missing 'state' in the records read (has the study run this far?)"
+    )

@@ -97,8 +97,7 @@ def main() -> None:
             same = [
                 r
                 for r in table.rows
-                if point.model == "source"
-                and (r["study"], r["point"], r["task"]) == (which[0], label, task)
+                if point.model == "source" and (r.get("key"), r["task"]) == (point.key, task)
             ]
             if same:
                 table.append({**same[0], "selection": selection, "families": " ".join(families)})
@@ -119,6 +118,7 @@ def main() -> None:
                     "study": study.config.name,
                     "selection": selection,
                     "point": label,
+                    "key": point.key,
                     "families": " ".join(families),
                     "kv_fraction": point.kv_bytes / front.source_bytes,
                     "task": task,
