@@ -66,7 +66,9 @@ def finalists(stage2: pd.DataFrame, budget: float) -> dict[str, dict]:
     return out
 
 
-def _cached(path: Path, compute) -> dict:
+def cached_json(path: Path, compute) -> dict:
+    """The JSON at `path`, or `compute()` written there atomically first: a stopped comparison
+    resumes without measuring anything twice."""
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
@@ -132,7 +134,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
 
                 digest = study.candidate_digest(Grouping.from_json(row["grouping"]), seed)
                 path = folder / f"{budget:g}kv_{label}_{digest}_seed{seed}.json"
-                per_seed.append(_cached(path, measure))
+                per_seed.append(cached_json(path, measure))
             ppls = [r["ppl"] for r in per_seed]
             nlls[label] = np.mean([r["nll"] for r in per_seed], axis=0)  # seed-averaged windows
             entry["candidates"][label] = {
@@ -173,7 +175,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
 
             digest = study.candidate_digest(Grouping.from_json(row["grouping"]), options.seeds[0])
             name = f"{budget:g}kv_{label}_{digest}_acc{options.limit}.json"
-            accs = _cached(folder / name, accuracy)
+            accs = cached_json(folder / name, accuracy)
             candidate = report["budgets"][f"{budget:g}"]["candidates"][label]
             candidate["acc"] = {t: v["acc"] for t, v in accs.items()}
             candidate["questions"] = {t: v["n"] for t, v in accs.items()}

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import gqa
-from experiments.compare import _cached
+from experiments.compare import cached_json
 from gqa.grouping import write_text_atomic
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
 from objectives.evaluate import question_outcomes, window_nlls
@@ -108,7 +108,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 return {"nll": nll.tolist(), "ppl": math.exp(float(nll.mean()))}
 
             path = folder / f"{digest(seed)}_w{options.windows}{context}_seed{seed}.json"
-            per_seed.append(_cached(path, nlls))
+            per_seed.append(cached_json(path, nlls))
         result = {
             "model": point.model,
             "layers": front.layers_of(point.model),
@@ -134,7 +134,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 }
 
             path = folder / f"{digest(options.seeds[0])}_questions{options.limit}.json"
-            result["correct"] = _cached(path, outcomes)
+            result["correct"] = cached_json(path, outcomes)
             result["accuracy"] = {t: statistics.fmean(v) for t, v in result["correct"].items()}
             result["mean_acc"] = statistics.fmean(result["accuracy"].values())
         if options.context and with_accuracy:
@@ -144,7 +144,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 return {"passkey": passkey(model, study.loaded.tokenizer, "test", long_config)}
 
             path = folder / f"{digest(options.seeds[0])}_passkey{context}.json"
-            result["retrieved"] = {"passkey": _cached(path, retrieved)["passkey"]["outcomes"]}
+            result["retrieved"] = {"passkey": cached_json(path, retrieved)["passkey"]["outcomes"]}
             result["passkey"] = statistics.fmean(result["retrieved"]["passkey"])
         return result
 

@@ -166,7 +166,7 @@ def all_task_names() -> list[str]:
     return [PPL_TASK, *sorted(TASKS), *sorted(SCORED_TASKS)]
 
 
-def _check_tasks(tasks: Sequence[str], allowed: Sequence[str]) -> None:
+def check_tasks(tasks: Sequence[str], allowed: Sequence[str]) -> None:
     unknown = [task for task in tasks if task not in allowed]
     if unknown:
         raise ValueError(
@@ -196,7 +196,7 @@ def load_questions(
 ) -> list[Question]:
     """The first `limit` questions (all if None) of `task`'s `subset` ("valid", "test", or None
     for every question), in the task's fixed order."""
-    _check_tasks([task], sorted(TASKS))
+    check_tasks([task], sorted(TASKS))
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of questions or None, got {limit}")
     in_subset(0, subset)  # validates the name before any reading
@@ -454,7 +454,7 @@ def evaluate(
 
     All task names are checked before anything runs.
     """
-    _check_tasks(tasks, all_task_names())
+    check_tasks(tasks, all_task_names())
     in_subset(0, subset)
     results: dict[str, dict] = {}
     for task in tasks:

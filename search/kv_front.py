@@ -57,6 +57,7 @@ from search.byte_allocation import (
     allocate_precision,
     uniform_settings,
 )
+from search.results import load_study, stage2_frame
 from search.study import Study
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ class KVFront:
 
     def groupings(self) -> dict[str, Grouping]:
         """The source and the best complete stage-2 candidate (on validation) per head budget."""
-        from search.results import stage2_frame
-
         out = {"source": self.study.source_grouping}
         stage2 = stage2_frame(self.study.config.name, self.study.storage)
         config = self.study.config
@@ -449,9 +448,7 @@ def front_frame(name: str, storage, windows: dict[str, str] | None = None) -> pd
     """Every measured point of a study's byte front, one row per point (valid_ppl, test_ppl where
     measured), from the storage; with `windows` (KVFront.windows()), only measurements on those
     windows."""
-    from search.results import _load
-
-    study = _load(name + FRONT_SUFFIX, storage)
+    study = load_study(name + FRONT_SUFFIX, storage)
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []
     rows: dict[str, dict] = {}
     for t in trials:

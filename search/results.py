@@ -12,7 +12,9 @@ from optuna.trial import TrialState
 from search.study import STAGE2_SUFFIX, make_storage
 
 
-def _load(name: str, storage) -> optuna.Study | None:
+def load_study(name: str, storage) -> optuna.Study | None:
+    """The Optuna study `name` in `storage` (a URL or a storage object), or None when the storage
+    holds no such study; a missing SQLite or journal file is an error naming it."""
     if isinstance(storage, str):
         for prefix in ("sqlite:///", "journal:"):
             if storage.startswith(prefix) and not Path(storage.removeprefix(prefix)).is_file():
@@ -26,7 +28,7 @@ def _load(name: str, storage) -> optuna.Study | None:
 
 def stage1_frame(name: str, storage) -> pd.DataFrame:
     """One row per complete stage-1 trial: budget, strategy, hyper-parameters, proxy, KV size."""
-    study = _load(name, storage)
+    study = load_study(name, storage)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if study else []:
         if "key" not in t.user_attrs:
@@ -56,7 +58,7 @@ def stage1_frame(name: str, storage) -> pd.DataFrame:
 
 def skipped_repeats(name: str, storage) -> int:
     """Stage-1 trials pruned because they repeated a deterministic configuration."""
-    study = _load(name, storage)
+    study = load_study(name, storage)
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if study else []
     return sum(1 for t in pruned if "copy_of" in t.user_attrs)
 
@@ -67,7 +69,7 @@ def stage2_frame(name: str, storage) -> pd.DataFrame:
     objective, objectives.selection, by default the short-window perplexity) and, for complete
     candidates, test perplexity (`ppl`), accuracies on the test questions and the long tasks'
     scores (`long_ppl`, `passkey`, `mdqa`) when promote.tasks asks for them."""
-    study = _load(name + STAGE2_SUFFIX, storage)
+    study = load_study(name + STAGE2_SUFFIX, storage)
     rows = []
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     for t in study.get_trials(deepcopy=False, states=finished) if study else []:
