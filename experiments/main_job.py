@@ -19,6 +19,7 @@ import pandas as pd
 from experiments.byte_front_report import byte_front_report
 from experiments.reports import ablation_report, pareto_report, rungs_report
 from gqa.grouping import Grouping
+from objectives.evaluate import TASKS
 from search.config import StudyConfig
 from search.kv_front import KVFront, front_frame
 from search.results import stage1_frame, stage2_frame, summary_table
@@ -162,10 +163,12 @@ def _selection_text(config: StudyConfig) -> str:
 
 
 def _tasks_text(config: StudyConfig) -> str:
-    questions = [t for t in config.promote.tasks if t != "ppl"]
-    if not questions:
+    tasks = list(config.promote.tasks)
+    if tasks == ["ppl"]:
         return "tasks ['ppl'] (perplexity only)"
-    return f"tasks {list(config.promote.tasks)} (limit {config.promote.limit} test questions)"
+    if not any(t in TASKS for t in tasks):  # no multiple-choice task: no question limit
+        return f"tasks {tasks}"
+    return f"tasks {tasks} (limit {config.promote.limit} test questions)"
 
 
 def _byte_front_section(config: StudyConfig, out: Path) -> list[str]:

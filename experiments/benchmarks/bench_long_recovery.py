@@ -10,7 +10,7 @@ on validation) says where the damage sits. Rows go to `results/bench/long_recove
 per-layer costs to `results/bench/long_range_layers.csv` as they finish (a stopped run resumes).
 
     python experiments/benchmarks/bench_long_recovery.py [--arms calibration:256,reading:2048]
-        [--tokens 8192] [--finetune 24576]
+        [--tokens 8192] [--finetune 24576] [--passkey-lengths 4096]
 """
 
 from __future__ import annotations
@@ -71,9 +71,21 @@ def main() -> None:
         help="also fine-tune (distilled, on `reading` windows of 2048 tokens) this many tokens: "
         "the last arm's model and, as the control, the source with the same recipe",
     )
+    parser.add_argument(
+        "--passkey-lengths",
+        default="",
+        help="instead: passkey retrieval only, at these prompt lengths (e.g. 4096), into "
+        "long_recovery_passkey.csv",
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
-    table = common.CsvRows(args.out / "long_recovery.csv")
+    passkey_only = bool(args.passkey_lengths)
+    long_config, tasks = LONG, ["long_ppl", "passkey"]
+    if passkey_only:
+        lengths = tuple(int(n) for n in args.passkey_lengths.split(","))
+        long_config, tasks = dataclasses.replace(LONG, lengths=lengths), ["passkey"]
+    name = "long_recovery_passkey.csv" if passkey_only else "long_recovery.csv"
+    table = common.CsvRows(args.out / name)
     layer_table = common.CsvRows(args.out / "long_range_layers.csv")
     done = {r["model"] for r in table.rows}
     grouping = common.saved_grouping(GROUPING)
@@ -119,16 +131,17 @@ def main() -> None:
             results = evaluate(
                 model,
                 study.loaded.tokenizer,
-                ["long_ppl", "passkey"],
+                tasks,
                 subset="test",
-                long_config=LONG,
+                long_config=long_config,
             )
+            ppl = results.get("long_ppl", {}).get("buckets", {})
             table.append(
                 {
                     "model": arm,
                     "calibration": f"{calibration.num_seqs}x{seq_len}",
                     "fitted_sequences": calibration.sample_seqs,
-                    **{f"ppl {k}": v for k, v in results["long_ppl"]["buckets"].items()},
+                    **{f"ppl {k}": v for k, v in ppl.items()},
                     "passkey": results["passkey"]["accuracy"],
                     **{f"passkey {k}": v for k, v in results["passkey"]["by_length"].items()},
                     "passkey_nll": results["passkey"]["answer_nll"],
@@ -136,7 +149,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(table.rows[-1]), flush=True)
-            if not arm.startswith("source") and "fine-tuned" not in arm:
+            if not (passkey_only or arm.startswith("source") or "fine-tuned" in arm):
                 exact = gqa.converted_copy(study.source, study.source_grouping)
                 one_window = dataclasses.replace(LONG, ppl_windows=1)  # 30 forwards of 2048
                 costs = long_range_costs(exact, model, study.loaded.tokenizer, one_window)

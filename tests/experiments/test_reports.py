@@ -205,3 +205,26 @@ def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsy
         main(["compare", "--config", config, "--seeds", "x"])
     assert exit_info.value.code == 2
     assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_the_readme_names_a_question_limit_only_for_multiple_choice_tasks():
+    from experiments.main_job import _tasks_text
+    from objectives.calibration import CalibrationConfig
+    from search.config import PromoteConfig, SearchConfig, StudyConfig
+
+    def text(tasks):
+        promote = PromoteConfig(tasks=tuple(tasks), limit=30)
+        config = StudyConfig(
+            "s",
+            "sqlite:///x.db",
+            "m",
+            0,
+            CalibrationConfig(),
+            SearchConfig(budgets=(2.0,)),
+            promote,
+        )
+        return _tasks_text(config)
+
+    assert text(["ppl"]) == "tasks ['ppl'] (perplexity only)"
+    assert text(["ppl", "long_ppl", "passkey"]) == "tasks ['ppl', 'long_ppl', 'passkey']"
+    assert text(["ppl", "piqa", "passkey"]).endswith("(limit 30 test questions)")
