@@ -24,7 +24,6 @@ from pathlib import Path
 
 import gqa
 from experiments.benchmarks import common
-from objectives.data import READING_SPLIT
 from objectives.evaluate import evaluate
 from objectives.long_context import LongContextConfig
 from objectives.long_range import long_range_costs
@@ -38,21 +37,8 @@ LONG = LongContextConfig(
 
 
 def long_recipe(tokens: int) -> FinetuneConfig:
-    """Distilled fine-tuning at 2048 tokens on the `reading` text (long papers among it), K/V/Q/O
-    trained, cosine decay: the recovery curve's recipe at long context."""
-    steps = max(1, tokens // (2 * 2048))
-    return FinetuneConfig(
-        tokens=tokens,
-        lr=1e-4,
-        lr_scheduler="cosine",
-        warmup_steps=max(1, steps // 20),
-        batch_size=2,
-        seq_len=2048,
-        text=READING_SPLIT,
-        distill=True,
-        trainable=("q", "k", "v", "o"),
-        logging_steps=2,
-    )
+    """The recovery curve's recipe at long context: 2 x 2048-token `reading` windows a step."""
+    return common.distill_recipe(tokens, batch_size=2, seq_len=2048, logging_steps=2)
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ import pandas as pd  # noqa: E402
 
 from experiments.benchmarks import common
 from gqa.assets import cache_dir  # noqa: E402
-from objectives.data import READING_SPLIT  # noqa: E402
 from objectives.evaluate import evaluate, perplexity  # noqa: E402
 from objectives.recovery import FinetuneConfig, recover  # noqa: E402
 from search.config import StudyConfig  # noqa: E402
@@ -44,17 +43,10 @@ TASKS = ("arc_easy", "hellaswag", "piqa")
 
 def recipe(tokens: int, name: str, merge: str) -> FinetuneConfig:
     """The fine-tuning recipe of every point (its checkpoints keyed by model and tokens)."""
-    steps = max(1, tokens // (8 * 256))
-    return FinetuneConfig(
-        tokens=tokens,
-        lr=1e-4,
-        lr_scheduler="cosine",
-        warmup_steps=max(1, steps // 20),
+    return common.distill_recipe(
+        tokens,
         batch_size=8,
         seq_len=256,
-        text=READING_SPLIT,
-        distill=True,
-        trainable=("q", "k", "v", "o"),
         checkpoint_dir=str(cache_dir() / "recovery_curve" / f"{name}-{merge}-{tokens}"),
         save_steps=25,
         logging_steps=5,

@@ -19,7 +19,8 @@ import pandas as pd
 from gqa.grouping import Grouping, write_text_atomic
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import CalibrationConfig, CalibrationStats, calibrate
-from objectives.data import TEST_SPLIT, TextSpec, token_windows
+from objectives.data import READING_SPLIT, TEST_SPLIT, TextSpec, token_windows
+from objectives.recovery import FinetuneConfig
 from search.config import StudyConfig
 from search.study import Study
 
@@ -84,3 +85,22 @@ class CsvRows:
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
+
+
+def distill_recipe(tokens: int, batch_size: int, seq_len: int, **changes) -> FinetuneConfig:
+    """The benchmarks' fine-tuning recipe: `tokens` of the `reading` text in batches of
+    `batch_size` x `seq_len`, distilled from the source, Q/K/V/O trained, lr 1e-4 with cosine
+    decay after a 5% warm-up; `changes` replace other FinetuneConfig fields."""
+    steps = max(1, tokens // (batch_size * seq_len))
+    return FinetuneConfig(
+        tokens=tokens,
+        lr=1e-4,
+        lr_scheduler="cosine",
+        warmup_steps=max(1, steps // 20),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        text=READING_SPLIT,
+        distill=True,
+        trainable=("q", "k", "v", "o"),
+        **changes,
+    )
