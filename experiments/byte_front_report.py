@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from gqa.grouping import write_text_atomic  # noqa: E402
-from search.kv_front import FAMILIES  # noqa: E402
+from search.front_points import FAMILIES  # noqa: E402
 
 STYLES = {
     "quantization": dict(color="tab:blue", marker="o"),

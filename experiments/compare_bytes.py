@@ -84,7 +84,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     }
 
     def model_of(point, seed):
-        model = front.model(point.model, front.grouping(point.model), seed)
+        model = front.module(point.model, seed)
         return gqa.apply_precision(model, point.plan)
 
     def losses(model) -> torch.Tensor:  # (windows,) per-window NLL: short, or the late bucket
@@ -93,11 +93,11 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         return window_nlls(model, windows, progress=False)
 
     def measure(point, with_accuracy: bool) -> dict:
-        seeds = options.seeds[:1] if point.model == "source" else options.seeds
+        seeds = options.seeds[:1] if point.model.is_source else options.seeds
 
         def digest(seed: int) -> str:  # the point and how its model is built
-            grouping = front.grouping(point.model)
-            recipe = "" if point.model == "source" else study.candidate_digest(grouping, seed)
+            model = point.model
+            recipe = "" if model.is_source else study.candidate_digest(model.grouping, seed)
             return hashlib.sha1((point.key + recipe).encode()).hexdigest()[:12]
 
         per_seed = []
@@ -110,8 +110,8 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             path = folder / f"{digest(seed)}_w{options.windows}{context}_seed{seed}.json"
             per_seed.append(cached_json(path, nlls))
         result = {
-            "model": point.model,
-            "layers": front.layers_of(point.model),
+            "model": point.model.name,
+            "layers": point.model.layers,
             "precision": point.label(),
             "kv_fraction": point.kv_bytes / front.source_bytes,
             "test_ppl": [r["ppl"] for r in per_seed],

@@ -23,6 +23,9 @@ only the k fitting points of least proxy error (each point's grouping error plus
 quantization error, the units the allocations minimise) per budget and family are measured on
 validation: the proxy screens, validation chooses.
 
+The points, the families (registered classes) and the choices made from measured values live in
+search.front_points; this module builds the points, measures them and keeps the record.
+
 Points are recorded as trials of the Optuna study `<name>:kvfront` in the study's storage (the
 single record of a run): a stopped front resumes, and nothing measured is measured again. The
 16-bit points of the source and of the stage-2 winners take stage 2's perplexities when the
@@ -35,7 +38,6 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
 
 import optuna
 import pandas as pd
@@ -57,31 +59,19 @@ from search.byte_allocation import (
     allocate_precision,
     uniform_settings,
 )
+from search.front_points import (
+    MIX_PREFIX,
+    SOURCE,
+    FrontModel,
+    Point,
+    choose,
+    screened,
+)
 from search.results import load_study, stage2_frame
 from search.study import Study
 
 log = logging.getLogger(__name__)
 FRONT_SUFFIX = ":kvfront"
-FAMILIES = ("quantization", "mixed_precision", "grouping", "joint")
-
-
-@dataclass
-class Point:
-    model: str  # "source" or "<budget>kv:<strategy>"
-    plan: PrecisionPlan | None  # None: 16 bits
-    kv_bytes: float
-    kind: str  # "uniform", "allocated" or "16-bit"
-    proxy: float = 0.0  # the decomposed error estimate (grouping + quantization) that screens it
-
-    @property
-    def key(self) -> str:
-        plan = None if self.plan is None else self.plan.to_dict()
-        return json.dumps([self.model, plan], sort_keys=True)
-
-    def label(self) -> str:
-        if self.plan is None:
-            return "16-bit"
-        return self.plan.label() if self.kind == "uniform" else f"allocated {self.plan.label()}"
 
 
 class KVFront:
@@ -102,25 +92,16 @@ class KVFront:
             load_if_exists=True,
             direction="minimize",
         )
-        self._models: dict[str, object] = {}
-        self._tables: dict[str, object] = {}
-        self._grouping_errors: dict[str, tuple[float, ...]] = {}
+        self._modules: dict[tuple[str, int | None], object] = {}  # (model name, recovery seed)
+        self._quant_errors: dict[tuple[str, int], object] = {}  # (model name, group size)
+        self._layer_errors: dict[str, tuple[float, ...]] = {}
         self._windows: dict[str, object] = {}
-        self._groupings: dict[str, Grouping] = {}  # every point's model, layer mixes included
-        self._mix_layers: dict[str, str] = {}  # a layer mix: how many layers each model gives
-        self._stage2_rows: dict[str, pd.Series] = {}  # the source's and each winner's stage 2
 
     # -- models and measurements ---------------------------------------------------------------
 
-    def grouping(self, name: str) -> Grouping:
-        """The grouping of a point's model (after `points()` or `run()` for layer mixes)."""
-        if name not in self._groupings:
-            self._groupings.update(self.groupings())
-        return self._groupings[name]
-
-    def groupings(self) -> dict[str, Grouping]:
-        """The source and the best complete stage-2 candidate (on validation) per head budget."""
-        out = {"source": self.study.source_grouping}
+    def base_models(self) -> dict[str, FrontModel]:
+        """The source and the best complete stage-2 candidate (on validation) per head budget,
+        each with the stage-2 row that measured it."""
         stage2 = stage2_frame(self.study.config.name, self.study.storage)
         config = self.study.config
         if stage2.empty or "state" not in stage2:
@@ -135,19 +116,19 @@ class KVFront:
                 f"`headgroup study --config {config.path or '<its config>'}` to finish it"
             )
         source = stage2[stage2["kind"] == "source"]
-        if len(source):
-            self._stage2_rows["source"] = source.iloc[0]
+        row = source.iloc[0].to_dict() if len(source) else None
+        out = {SOURCE: FrontModel(SOURCE, self.study.source_grouping, stage2=row)}
         for budget, rows in done.groupby("budget"):
             best = rows.sort_values("valid_ppl").iloc[0]
             name = f"{budget:g}kv:{best['strategy']}"
-            out[name] = Grouping.from_json(best["grouping"])
-            self._stage2_rows[name] = best
+            grouping = Grouping.from_json(best["grouping"])
+            out[name] = FrontModel(name, grouping, stage2=best.to_dict())
         return out
 
     def _from_stage2(self, point: Point, metric: str) -> float | None:
         """What stage 2 measured for a 16-bit point of the source or of a stage-2 winner (the
         same model, built by the same recovery) when it read the front's windows; else None."""
-        row = self._stage2_rows.get(point.model)
+        row = point.model.stage2
         if point.plan is not None or row is None:
             return None
         promote = self.study.config.promote
@@ -159,72 +140,74 @@ class KVFront:
         value = row.get(column) if same else None
         return None if value is None or pd.isna(value) else float(value)
 
-    def model(self, name: str, grouping: Grouping, recovery_seed: int | None = None):
-        """The 16-bit model of a point (kept: a candidate shares all but its attention with the
-        source); `recovery_seed` replaces the study's recovery seeds (the source has none)."""
-        seed = None if name == "source" else recovery_seed
-        if (name, seed) not in self._models:
-            if name == "source":
-                model = gqa.converted_copy(self.study.source, grouping)  # exact, shares weights
+    def module(self, model: FrontModel, recovery_seed: int | None = None):
+        """The 16-bit network of a point's model (kept: a candidate shares all but its attention
+        with the source); `recovery_seed` replaces the study's recovery seeds (the source has
+        none)."""
+        seed = None if model.is_source else recovery_seed
+        if (model.name, seed) not in self._modules:
+            if model.is_source:
+                module = gqa.converted_copy(self.study.source, model.grouping)  # exact, shared
             else:
-                model = self.study.build_candidate(
-                    grouping, recovery_seed=seed, progress=self.progress
+                module = self.study.build_candidate(
+                    model.grouping, recovery_seed=seed, progress=self.progress
                 )
-            self._models[name, seed] = model
-        return self._models[name, seed]
+            self._modules[model.name, seed] = module
+        return self._modules[model.name, seed]
 
-    def _table(self, name: str, grouping: Grouping, group_size: int | None = None):
+    def _quant_table(self, model: FrontModel, group_size: int | None = None):
         group_size = self.config.group_sizes[0] if group_size is None else group_size
-        if (name, group_size) not in self._tables:
-            self._tables[name, group_size] = kv_quant_errors(
-                self.model(name, grouping),
+        if (model.name, group_size) not in self._quant_errors:
+            self._quant_errors[model.name, group_size] = kv_quant_errors(
+                self.module(model),
                 self.study.stats,
                 bits=self.config.bits,
                 group_size=group_size,
                 window=self.config.window,
             )
-        return self._tables[name, group_size]
+        return self._quant_errors[model.name, group_size]
 
-    def _proxy(self, name: str, grouping: Grouping, plan: PrecisionPlan | None) -> float:
+    def _proxy(self, model: FrontModel, plan: PrecisionPlan | None) -> float:
         """The decomposed error estimate of a whole-model point: its grouping's layer errors
         against the source plus its cache's quantization errors (the allocation's units)."""
-        error = sum(self.layer_errors(name, grouping))
+        error = sum(self.layer_errors(model))
         if plan is not None:
-            error += self._table(name, grouping, plan.group_size).plan_error(plan)
+            error += self._quant_table(model, plan.group_size).plan_error(plan)
         return error
 
-    def layer_errors(self, name: str, grouping: Grouping) -> tuple[float, ...]:
+    def layer_errors(self, model: FrontModel) -> tuple[float, ...]:
         """Per layer, what a model's layer costs against the source's at 16 bits, in the
         allocation's units (objectives.kv_quant_error.grouping_errors; 0 for the source)."""
-        if name not in self._grouping_errors:
-            if name == "source":
-                self._grouping_errors[name] = (0.0,) * self.layers
+        if model.name not in self._layer_errors:
+            if model.is_source:
+                self._layer_errors[model.name] = (0.0,) * self.layers
             else:
-                self._grouping_errors[name] = grouping_errors(
-                    self.model(name, grouping), self.study.source, self.study.stats
+                self._layer_errors[model.name] = grouping_errors(
+                    self.module(model), self.study.source, self.study.stats
                 )
-        return self._grouping_errors[name]
+        return self._layer_errors[model.name]
 
-    def _mix_errors(self, name: str, grouping: Grouping) -> tuple[float, ...]:
+    def _mix_errors(self, model: FrontModel) -> tuple[float, ...]:
         """A model's per-layer grouping errors for the layer mixes: infinite (not allowed) at the
         `protect` layers of highest long-range cost of a stage-2 winner."""
-        errors = self.layer_errors(name, grouping)
-        if not self.config.protect or name == "source":
+        errors = self.layer_errors(model)
+        if not self.config.protect or model.is_source:
             return errors
-        protected = set(self.long_range(name).most_costly(self.config.protect))
+        protected = set(self.long_range(model).most_costly(self.config.protect))
         return tuple(math.inf if i in protected else e for i, e in enumerate(errors))
 
-    def long_range(self, name: str) -> LongRangeCosts:
+    def long_range(self, model: FrontModel) -> LongRangeCosts:
         """The long-range cost of each of a model's layers (objectives.long_range, on validation
         long documents), kept in the front's storage: measured once per model and settings."""
         long_config = self.study.config.long_context
-        key = f"long_range:{name}:{long_config.seq_len}x{long_config.ppl_windows}"
-        key += f":{self.study.candidate_digest(self.grouping(name))}"
+        key = f"long_range:{model.name}:{long_config.seq_len}x{long_config.ppl_windows}"
+        key += f":{self.study.candidate_digest(model.grouping)}"
         stored = self.storage_study.user_attrs.get(key)
         if stored is None:
+            source = FrontModel(SOURCE, self.study.source_grouping)
             costs = long_range_costs(
-                self.model("source", self.grouping("source")),
-                self.model(name, self.grouping(name)),
+                self.module(source),
+                self.module(model),
                 self.study.loaded.tokenizer,
                 long_config,
                 progress=self.progress,
@@ -233,7 +216,8 @@ class KVFront:
             self.storage_study.set_user_attr(key, stored)
         return LongRangeCosts(stored["costs"], stored["base_nll"])
 
-    def _split(self, split: str, count: int):
+    def text_windows(self, split: str, count: int):
+        """`count` windows of the study's sequence length from a split (kept)."""
         if split not in self._windows:
             spec = TextSpec(split, self.study.config.promote.seq_len, count)
             self._windows[split] = token_windows(self.study.loaded.tokenizer, spec)
@@ -262,7 +246,7 @@ class KVFront:
             if t.user_attrs.get("windows") == windows[t.user_attrs["metric"]]
         }
 
-    def _measure(self, point: Point, grouping: Grouping, split: str) -> float:
+    def _measure(self, point: Point, split: str) -> float:
         """The selection objective (by default perplexity) of a point on validation or test
         data, from the storage when already measured."""
         metric = "valid_ppl" if split == VALID_SPLIT else "test_ppl"
@@ -272,12 +256,12 @@ class KVFront:
         value = self._from_stage2(point, metric)
         if value is None:
             count = self.config.valid_windows if split == VALID_SPLIT else self.config.test_windows
-            with gqa.precision_applied(self.model(point.model, grouping), point.plan) as model:
+            with gqa.precision_applied(self.module(point.model), point.plan) as module:
                 value = self.study.config.selection.value(
-                    model,
+                    module,
                     self.study.loaded.tokenizer,
                     "valid" if split == VALID_SPLIT else "test",
-                    self._split(split, count),
+                    self.text_windows(split, count),
                 )
         self.storage_study.add_trial(
             create_trial(
@@ -288,71 +272,65 @@ class KVFront:
                     "key": point.key,
                     "metric": metric,
                     "windows": self.windows()[metric],
-                    "model": point.model,
+                    "model": point.model.name,
                     "plan": json.dumps(None if point.plan is None else point.plan.to_dict()),
                     "precision": point.label(),
-                    "kind": point.kind,
+                    "cache": point.cache,
                     "kv_bytes": point.kv_bytes,
                     "kv_fraction": point.kv_bytes / self.source_bytes,
                     "proxy": point.proxy,
-                    "layers": self.layers_of(point.model),
-                    "grouping": grouping.to_json() if point.model.startswith("mix:") else "",
+                    "layers": point.model.layers,
+                    "grouping": point.model.grouping.to_json() if point.model.is_mix else "",
                 },
             )
         )
         return value
 
-    def layers_of(self, name: str) -> str:
-        """For a layer mix, the layers each model gives ("18 source, 12 2kv:..."); else ""."""
-        return self._mix_layers.get(name, "")
-
     # -- the front -----------------------------------------------------------------------------
 
-    def points(self, groupings: dict[str, Grouping]) -> list[Point]:
+    def points(self, models: dict[str, FrontModel]) -> list[Point]:
         """Every point: uniform settings of the source, every model at 16 bits, and every model
         with bits allocated under each budget it does not fit at 16 bits."""
         out: list[Point] = []
-        source = groupings["source"]
-        counts = Budget.of(source)
+        source = models[SOURCE]
         for k, v, g in uniform_settings(self.config.bits, self.config.group_sizes):
             plan = PrecisionPlan.uniform(self.layers, k, v, g, self.config.window)
-            proxy = self._proxy("source", source, plan)
-            out.append(Point("source", plan, self._bytes(plan, counts), "uniform", proxy))
-        for name, grouping in groupings.items():
-            kv_bytes = grouping.kv_bytes_per_token(self.head_dim)
-            out.append(Point(name, None, kv_bytes, "16-bit", self._proxy(name, grouping, None)))
+            proxy = self._proxy(source, plan)
+            out.append(Point(source, plan, self._bytes(plan, source), "uniform", proxy))
+        for model in models.values():
+            kv_bytes = model.grouping.kv_bytes_per_token(self.head_dim)
+            out.append(Point(model, None, kv_bytes, "16-bit", self._proxy(model, None)))
         for fraction in self.config.budgets:
             budget = ByteBudget.of_source(fraction, self.source_bytes)
-            for name, grouping in groupings.items():
-                if grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
+            for model in models.values():
+                if model.grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
                     continue  # fits at 16 bits: quantizing it cannot help this budget's choice
                 try:
                     plan = allocate_precision(
-                        self._table(name, grouping),
+                        self._quant_table(model),
                         budget.bytes_per_token,
                         self.head_dim,
                         (*self.config.bits, 16),
                     )
                 except InfeasibleBudget:
                     continue
-                kv_bytes = self._bytes(plan, Budget.of(grouping))
-                proxy = self._proxy(name, grouping, plan)
-                out.append(Point(name, plan, kv_bytes, "allocated", proxy))
-            if self.config.layer_mix and len(groupings) > 1:
-                mixed = self._layer_mix(groupings, budget)
+                kv_bytes = self._bytes(plan, model)
+                out.append(Point(model, plan, kv_bytes, "allocated", self._proxy(model, plan)))
+            if self.config.layer_mix and len(models) > 1:
+                mixed = self._layer_mix(models, budget)
                 if mixed is not None and mixed.key not in {p.key for p in out}:
                     out.append(mixed)
         return out
 
-    def _layer_mix(self, groupings: dict[str, Grouping], budget: ByteBudget) -> Point | None:
+    def _layer_mix(self, models: dict[str, FrontModel], budget: ByteBudget) -> Point | None:
         """Grouping and bits allocated together over layers of the source and every winner; the
-        model is named `mix:<digest>` unless every layer comes from one grouping."""
-        if groupings["source"].kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
+        model is named `mix:<digest>` unless every layer comes from one model."""
+        if models[SOURCE].grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
             return None  # the source fits at 16 bits
         try:
             allocation = allocate_joint(
-                {name: self._table(name, g) for name, g in groupings.items()},
-                {name: self._mix_errors(name, g) for name, g in groupings.items()},
+                {name: self._quant_table(m) for name, m in models.items()},
+                {name: self._mix_errors(m) for name, m in models.items()},
                 budget.bytes_per_token,
                 self.head_dim,
                 (*self.config.bits, 16),
@@ -360,88 +338,46 @@ class KVFront:
         except InfeasibleBudget:
             return None
         layers = tuple(
-            groupings[name].layers[layer] for layer, name in enumerate(allocation.models)
+            models[name].grouping.layers[layer] for layer, name in enumerate(allocation.models)
         )
-        mixed = Grouping(self.study.source_grouping.num_heads, layers)
-        name = next((n for n, g in groupings.items() if g == mixed), None)
-        if name is None:
-            name = "mix:" + hashlib.sha1(mixed.to_json().encode()).hexdigest()[:8]
+        grouping = Grouping(self.study.source_grouping.num_heads, layers)
+        mixed = next((m for m in models.values() if m.grouping == grouping), None)
+        if mixed is None:
+            digest = hashlib.sha1(grouping.to_json().encode()).hexdigest()[:8]
             counts = pd.Series(allocation.models).value_counts()
-            self._mix_layers[name] = ", ".join(f"{n} {model}" for model, n in counts.items())
-        self._groupings[name] = mixed
+            given = ", ".join(f"{n} {name}" for name, n in counts.items())
+            mixed = FrontModel(MIX_PREFIX + digest, grouping, layers=given)
         plan = allocation.plan
-        kv_bytes = self._bytes(plan, Budget.of(mixed))
-        return Point(name, plan, kv_bytes, "allocated", allocation.error)
+        return Point(mixed, plan, self._bytes(plan, mixed), "allocated", allocation.error)
 
-    def _bytes(self, plan: PrecisionPlan, counts: Budget) -> float:
+    def _bytes(self, plan: PrecisionPlan, model: FrontModel) -> float:
+        counts = Budget.of(model.grouping)
         return kv_bytes_per_token(counts.k, counts.v, self.head_dim, plan)
 
     def run(self) -> pd.DataFrame:
-        groupings = self.groupings()
-        self._groupings.update(groupings)
-        points = self.screened(self.points(groupings))
+        """Measure what is left on validation, choose per budget and family, measure the chosen
+        points on test: one row per budget and family (the `point` column holds the Point)."""
+        points = self.screened(self.points(self.base_models()))
         for point in tqdm(points, desc="byte front (validation)", disable=not self.progress):
-            self._measure(point, self.grouping(point.model), VALID_SPLIT)
+            self._measure(point, VALID_SPLIT)
         chosen = self.choose(points)
         for row in tqdm(chosen, desc="byte front (test)", disable=not self.progress):
-            point = row["point"]
-            row["test_ppl"] = self._measure(point, self.grouping(point.model), TEST_SPLIT)
+            row["test_ppl"] = self._measure(row["point"], TEST_SPLIT)
         return pd.DataFrame(chosen)
 
-    def _fits(self, points: list[Point], fraction: float) -> list[Point]:
-        limit = fraction * self.source_bytes * (1 + 1e-9)
-        return [p for p in points if p.kv_bytes <= limit]
-
     def screened(self, points: list[Point]) -> list[Point]:
-        """The points worth measuring: per budget and family, the `screen` fitting points of least
-        proxy error (every point when `screen` is 0). The joint family's choice is then made over
-        every measured point that fits, so it is never worse on validation than a single axis."""
-        if not self.config.screen:
-            return points
-        keep: dict[str, Point] = {}
-        for fraction in self.config.budgets:
-            members = family_members(self._fits(points, fraction))
-            for family in FAMILIES:
-                ranked = sorted(members[family], key=lambda p: p.proxy)
-                keep.update((p.key, p) for p in ranked[: self.config.screen])
-        return [p for p in points if p.key in keep]
+        """The points worth measuring under the config's `screen` (search.front_points.screened)."""
+        return screened(points, self.config.budgets, self.source_bytes, self.config.screen)
 
     def choose(self, points: list[Point]) -> list[dict]:
-        """Per budget and family, the point of least validation perplexity that fits."""
+        """Per budget and family, the point of least measured validation value that fits."""
         measured = self._measured()
-        rows = []
-        for fraction in self.config.budgets:
-            valid = {p.key: measured[p.key, "valid_ppl"] for p in self._fits(points, fraction)}
-            members = family_members(self._fits(points, fraction))
-            for family in FAMILIES:
-                if not members[family]:
-                    continue
-                point = min(members[family], key=lambda p: valid[p.key])
-                rows.append(
-                    {
-                        "budget_fraction": fraction,
-                        "family": family,
-                        "model": point.model,
-                        "layers": self.layers_of(point.model),
-                        "precision": point.label(),
-                        "kv_bytes": point.kv_bytes,
-                        "kv_fraction": point.kv_bytes / self.source_bytes,
-                        "valid_ppl": valid[point.key],
-                        "proxy": point.proxy,
-                        "point": point,
-                    }
-                )
-        return rows
-
-
-def family_members(points: list[Point]) -> dict[str, list[Point]]:
-    """The points each family may choose from (the joint family: all of them)."""
-    return {
-        "quantization": [p for p in points if p.model == "source" and p.kind != "allocated"],
-        "mixed_precision": [p for p in points if p.model == "source" and p.kind != "uniform"],
-        "grouping": [p for p in points if p.kind == "16-bit"],
-        "joint": points,
-    }
+        return choose(
+            points,
+            lambda p: measured[p.key, "valid_ppl"],
+            self.config.budgets,
+            self.source_bytes,
+        )
 
 
 def front_frame(name: str, storage, windows: dict[str, str] | None = None) -> pd.DataFrame:
@@ -455,6 +391,8 @@ def front_frame(name: str, storage, windows: dict[str, str] | None = None) -> pd
         attrs = dict(t.user_attrs)
         if windows is not None and attrs.get("windows") != windows[attrs["metric"]]:
             continue
+        if "kind" in attrs:  # recorded before the attribute was named for what it says
+            attrs.setdefault("cache", attrs.pop("kind"))
         skip = ("metric", "windows")
         row = rows.setdefault(attrs["key"], {k: v for k, v in attrs.items() if k not in skip})
         row[attrs["metric"]] = t.value

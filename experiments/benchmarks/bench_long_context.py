@@ -44,13 +44,13 @@ def chosen_points(front: KVFront, budgets: set[float]) -> dict[str, tuple[object
         if round(row["budget_fraction"], 4) not in budgets:
             continue
         point = row["point"]
-        label = f"{point.model} {point.label()} ({100 * row['kv_fraction']:.1f}%)"
+        label = f"{point.model.name} {point.label()} ({100 * row['kv_fraction']:.1f}%)"
         points.setdefault(label, (point, []))[1].append(
             f"{row['family']}@{row['budget_fraction']:g}"
         )
-    for point in front.points(front.groupings()):
+    for point in front.points(front.base_models()):
         if point.plan is None:
-            label = f"{point.model} 16-bit ({100 * point.kv_bytes / front.source_bytes:.1f}%)"
+            label = f"{point.model.name} 16-bit ({100 * point.kv_bytes / front.source_bytes:.1f}%)"
             points.setdefault(label, (point, ["16-bit"]))
     return points
 
@@ -97,13 +97,13 @@ def main() -> None:
             same = [
                 r
                 for r in table.rows
-                if point.model == "source" and (r.get("key"), r["task"]) == (point.key, task)
+                if point.model.is_source and (r.get("key"), r["task"]) == (point.key, task)
             ]
             if same:
                 table.append({**same[0], "selection": selection, "families": " ".join(families)})
                 continue
             start = time.perf_counter()
-            model = front.model(point.model, front.grouping(point.model))
+            model = front.module(point.model)
             with gqa.precision_applied(model, point.plan):
                 result = evaluate(
                     model,
@@ -146,12 +146,12 @@ def write_layer_costs(front: KVFront, path: Path) -> None:
     """Per stage-2 winner and layer: the short-window grouping error the joint allocation uses
     and the long-range cost `protect` reads, with their Spearman rank correlation."""
     rows = []
-    for name, grouping in front.groupings().items():
-        if name == "source":
+    for name, model in front.base_models().items():
+        if model.is_source:
             continue
-        short, costs = front.layer_errors(name, grouping), front.long_range(name).costs
+        short, costs = front.layer_errors(model), front.long_range(model).costs
         rho = pd.Series(short).corr(pd.Series(costs), method="spearman")
-        protected = set(front.long_range(name).most_costly(front.config.protect))
+        protected = set(front.long_range(model).most_costly(front.config.protect))
         for layer, (error, cost) in enumerate(zip(short, costs, strict=True)):
             rows.append(
                 {

@@ -15,7 +15,8 @@ from gqa.grouping import Grouping
 from objectives.data import VALID_SPLIT
 from search.byte_allocation import ByteBudget
 from search.config import ConfigError, StudyConfig
-from search.kv_front import FAMILIES, FRONT_SUFFIX, KVFront, family_members, front_frame
+from search.front_points import FAMILIES, family_members
+from search.kv_front import FRONT_SUFFIX, KVFront, front_frame
 from search.study import Study, make_storage
 from tests.search.study_fixtures import save_tiny_model, tiny_study
 
@@ -57,7 +58,7 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     # quantization family, and at 30% no 16-bit grouping of 2 KV heads (of 3) fits
     assert "grouping" not in set(chosen[chosen["budget_fraction"] == 0.3]["family"])
     points = front_frame("tiny", storage)
-    assert {"uniform", "allocated", "16-bit"} <= set(points["kind"])
+    assert {"uniform", "allocated", "16-bit"} <= set(points["cache"])
     assert points["valid_ppl"].notna().all()
     measured = _count(storage)
 
@@ -90,9 +91,7 @@ def test_screening_measures_the_least_proxy_points_and_joint_stays_best(front_co
     study.run()
     one = dataclasses.replace(config, precision=dataclasses.replace(config.precision, screen=1))
     front = KVFront(Study(one, progress=False), progress=False)
-    groupings = front.groupings()
-    front._groupings.update(groupings)
-    every = front.points(groupings)
+    every = front.points(front.base_models())
     assert all(p.proxy >= 0 for p in every) and len({p.proxy for p in every}) > 1
     chosen = front.run()
     measured = front_frame("tiny", storage)
@@ -117,23 +116,23 @@ def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_
     study = Study(StudyConfig.load(path), progress=False)
     study.run()
     front = KVFront(study, progress=False)
-    groupings = front.groupings()
-    winner = next(n for n in groupings if n.startswith("2kv:"))
-    groupings = {"source": groupings["source"], winner: groupings[winner]}
+    models = front.base_models()
+    winner = next(n for n in models if n.startswith("2kv:"))
+    models = {"source": models["source"], winner: models[winner]}
     bad = {"source": (1e12, 0.0), winner: (0.0, 1e12)}
-    front.layer_errors = lambda name, grouping: bad[name]
+    front.layer_errors = lambda model: bad[model.name]
     budget = ByteBudget.of_source(0.9, front.source_bytes)  # the source does not fit at 16 bits
-    point = front._layer_mix(groupings, budget)
-    assert point.model.startswith("mix:") and point.kv_bytes <= budget.bytes_per_token
-    mixed = front.grouping(point.model)
-    assert mixed.layers == (groupings[winner].layers[0], groupings["source"].layers[1])
-    assert front.layers_of(point.model) in (f"1 {winner}, 1 source", f"1 source, 1 {winner}")
-    value = front._measure(point, mixed, VALID_SPLIT)
+    point = front._layer_mix(models, budget)
+    assert point.model.is_mix and point.kv_bytes <= budget.bytes_per_token
+    mixed = point.model.grouping
+    assert mixed.layers == (models[winner].grouping.layers[0], models["source"].grouping.layers[1])
+    assert point.model.layers in (f"1 {winner}, 1 source", f"1 source, 1 {winner}")
+    value = front._measure(point, VALID_SPLIT)
     assert math.isfinite(value)
-    row = front_frame("tiny", storage).set_index("model").loc[point.model]
+    row = front_frame("tiny", storage).set_index("model").loc[point.model.name]
     assert Grouping.from_json(row["grouping"]) == mixed and row["valid_ppl"] == value
     # the layer-wise fit of the winner's layer 0 is the one its stage-2 model got (LayerFitCache)
-    model, own = front.model(point.model, mixed), front.model(winner, groupings[winner])
+    model, own = front.module(point.model), front.module(models[winner])
     ours = get_adapter(model).attention(0).state_dict()
     theirs = get_adapter(own).attention(0).state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -219,7 +218,8 @@ def test_16_bit_points_take_stage_2_measurements_on_the_same_windows(front_confi
     points = front_frame("tiny", storage).set_index("key")
     stage2 = stage2_frame("tiny", storage)
     shared = 0
-    for name, row in front._stage2_rows.items():
+    for name, base in front.base_models().items():
+        row = base.stage2
         key = json.dumps([name, None], sort_keys=True)
         if key not in points.index:
             continue  # screened out
@@ -237,9 +237,8 @@ def test_16_bit_points_take_stage_2_measurements_on_the_same_windows(front_confi
     front = KVFront(
         Study(dataclasses.replace(config, precision=more), progress=False), progress=False
     )
-    front.groupings()
     source = next(
-        p for p in front.points(front.groupings()) if p.key == json.dumps(["source", None])
+        p for p in front.points(front.base_models()) if p.key == json.dumps(["source", None])
     )
     assert front._from_stage2(source, "valid_ppl") is None
     assert (

@@ -108,8 +108,9 @@ def test_stage_2_and_the_byte_front_select_by_the_long_objective(long_study):
     # a 16-bit point's test value is the objective on test prompts, not stage 2's perplexity
     row = chosen[(chosen["family"] == "grouping") & (chosen["budget_fraction"] == 1.0)].iloc[0]
     point = row["point"]
-    model = front.model(point.model, front.grouping(point.model))
-    test_value = objective.value(model, study.loaded.tokenizer, "test", front._split("eval", 2))
+    model = front.module(point.model)
+    windows = front.text_windows("eval", 2)
+    test_value = objective.value(model, study.loaded.tokenizer, "test", windows)
     assert row["test_ppl"] == pytest.approx(test_value, rel=1e-6)
     assert not any(math.isclose(v, row["test_ppl"], rel_tol=1e-6) for v in stage2["ppl"].dropna())
     points = front_frame("tiny", storage, front.windows())
@@ -136,24 +137,24 @@ def test_protected_layers_stay_the_source_in_joint_layer_mixes(long_study):
     study = Study(config, progress=False)
     study.run()
     front = KVFront(study, progress=False)
-    groupings = front.groupings()
-    winners = [name for name in groupings if name != "source"]
+    models = front.base_models()
+    winners = [model for name, model in models.items() if name != "source"]
     assert winners
-    for name in winners:
-        costs = front.long_range(name)
+    for model in winners:
+        costs = front.long_range(model)
         assert len(costs.costs) == study.adapter.num_layers
         protected = costs.most_costly(1)[0]
-        assert front._mix_errors(name, groupings[name])[protected] == math.inf
-        assert front.long_range(name).costs == costs.costs  # stored, not measured again
-    source = groupings["source"]
+        assert front._mix_errors(model)[protected] == math.inf
+        assert front.long_range(model).costs == costs.costs  # stored, not measured again
+    source = models["source"].grouping
     mixes = 0
     for fraction in config.precision.budgets:
-        point = front._layer_mix(groupings, ByteBudget.of_source(fraction, front.source_bytes))
+        point = front._layer_mix(models, ByteBudget.of_source(fraction, front.source_bytes))
         if point is None:
             continue
         mixes += 1
-        mixed = front.grouping(point.model)
-        for name in winners:
-            protected = front.long_range(name).most_costly(1)[0]
+        mixed = point.model.grouping
+        for model in winners:
+            protected = front.long_range(model).most_costly(1)[0]
             assert mixed.layers[protected] == source.layers[protected]
     assert mixes
