@@ -94,6 +94,13 @@ def install_plan(module: nn.Module, layer: LayerGroups, num_heads: int) -> None:
     module.hg_cells_are_groups = len(keys) == len(layer.k) == len(layer.v) and all(
         k == v == c for c, (k, v) in enumerate(keys)
     )
+    # The layout SDPA's enable_gqa reads without copies: G equal contiguous groups, K and V alike.
+    groups = len(layer.k)
+    module.hg_native_gqa = (
+        k_index == v_index
+        and num_heads % groups == 0
+        and k_index == [h // (num_heads // groups) for h in range(num_heads)]
+    )
     module.num_key_value_groups = 1  # we expand K/V ourselves; stock code must not repeat again
 
 
@@ -104,7 +111,7 @@ def has_plan(module: nn.Module) -> bool:
 def remove_plan(module: nn.Module, num_key_value_groups: int) -> None:
     for name in PLAN_BUFFERS:
         delattr(module, name)
-    del module.hg_cell_size, module.hg_cells_are_groups
+    del module.hg_cell_size, module.hg_cells_are_groups, module.hg_native_gqa
     module.num_key_value_groups = num_key_value_groups
 
 
@@ -154,9 +161,8 @@ def _simulated_precision(
         )
     quant = module.hg_kv_quant
     key_q, value_q = quant.fake_quantize(key, value)
-    key, value = expand_kv(module, key, value)
-    key_q, value_q = expand_kv(module, key_q, value_q)
-    return quant.attend(query, key, value, key_q, value_q, attention_mask, scaling), None
+    heads = None if module.hg_native_gqa else (module.hg_k_index, module.hg_v_index)
+    return quant.attend(query, key, value, key_q, value_q, attention_mask, scaling, heads), None
 
 
 def _simulates(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> bool:

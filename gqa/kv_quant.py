@@ -30,6 +30,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 BITS = (2, 3, 4, 8, 16)  # 16: kept in the model's dtype, not quantized
 SCALE_BYTES = 2  # float16 scale and float16 zero point per group
 _MIN_SCALE = 1e-5
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa
+QUERY_CHUNK = 256  # queries per SDPA call of the simulated cache (rounded up to whole blocks)
 
 
 def quantized_length(length: int, group_size: int, window: int) -> int:
@@ -51,7 +53,8 @@ def quantize(x: torch.Tensor, bits: int, dim: int):
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return codes * scale.float() + zero.float()
+    """Float codes * scale + zero (one fused operation, as the real cache computes it)."""
+    return torch.addcmul(zero.float(), codes, scale.float())
 
 
 def _key_blocks(key: torch.Tensor, group: int) -> torch.Tensor:
@@ -91,36 +94,57 @@ def fake_quantize_values(value: torch.Tensor, bits: int, group: int) -> torch.Te
 
 # -- bit packing --------------------------------------------------------------------------------
 
+PIECES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}  # a code's bits as pieces of 1, 2, 4 or 8 bits
+
+
+_SHIFTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _shifts(width: int, device: torch.device) -> torch.Tensor:
+    """(8 // width, 1) uint8: the shift of each code a byte holds (kept: decoding asks per step)."""
+    key = (width, device)
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(0, 8, width, dtype=torch.uint8, device=device)[:, None]
+    return _SHIFTS[key]
+
+
+def packed_bytes(bits: int, count: int) -> int:
+    """Bytes that `count` codes of `bits` bits take packed (`count` padded to a multiple of 8)."""
+    return -(-count // 8) * bits
+
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes < 2^bits of shape (B, G, ...) -> uint8 (B, G, bits, ceil(n / 8)): bit plane j
-    holds bit j of every code, 8 codes a byte. 8-bit codes are stored as they are."""
-    b, g = codes.shape[:2]
-    flat = codes.reshape(b, g, -1).to(torch.uint8)
-    if bits == 8:
-        return flat.unsqueeze(2)
-    n = flat.shape[-1]
-    flat = torch.nn.functional.pad(flat, (0, (-n) % 8))
-    weights = (2 ** torch.arange(8, device=flat.device, dtype=torch.uint8)).view(8)
-    planes = [
-        ((flat >> j) & 1).reshape(b, g, -1, 8).mul(weights).sum(-1, dtype=torch.uint8)
-        for j in range(bits)
-    ]
-    return torch.stack(planes, dim=2)
+    """Integer codes < 2^bits along the last dimension (n of them) -> uint8 (..., bits * ceil(n/8)).
+
+    Each piece of a code's bits (PIECES: 3 bits are a 2-bit and a 1-bit piece) is packed planar,
+    8 // w codes of w bits a byte, where byte i holds codes i, i + m, i + 2m, ... (m = n / (8 // w)),
+    so that unpacking is one broadcast shift and one mask per piece, with no interleaving."""
+    codes = codes.to(torch.uint8)
+    n = codes.shape[-1]
+    codes = F.pad(codes, (0, (-n) % 8))
+    out, offset = [], 0
+    for width in PIECES[bits]:
+        per = 8 // width
+        part = (codes >> offset) & (2**width - 1) if width < 8 else codes
+        part = part.unflatten(-1, (per, -1))  # (..., per, m)
+        out.append((part << _shifts(width, codes.device)).sum(-2, dtype=torch.uint8))
+        offset += width
+    return torch.cat(out, dim=-1)
 
 
-def unpack(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
-    """Inverse of `pack`: float codes of `shape`."""
-    b, g = packed.shape[:2]
-    if bits == 8:
-        return packed.reshape(shape).float()
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    codes = torch.zeros(b, g, packed.shape[-1] * 8, dtype=torch.uint8, device=packed.device)
-    for j in range(bits):
-        plane = (packed[:, :, j, :, None] >> shifts) & 1  # (B, G, n/8, 8)
-        codes |= plane.reshape(b, g, -1) << j
-    n = math.prod(shape[2:])
-    return codes[:, :, :n].reshape(shape).float()
+def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack`: uint8 codes (..., count)."""
+    codes, offset, start = None, 0, 0
+    m = packed.shape[-1] // bits  # bytes a 1-bit piece takes
+    for width in PIECES[bits]:
+        piece = packed[..., start : start + m * width]
+        start += m * width
+        if width < 8:
+            shifts = _shifts(width, packed.device)
+            piece = ((piece.unsqueeze(-2) >> shifts) & (2**width - 1)).flatten(-2)
+        codes = piece if codes is None else codes | (piece << offset)
+        offset += width
+    return codes if codes.shape[-1] == count else codes[..., :count]
 
 
 # -- simulation ---------------------------------------------------------------------------------
@@ -150,96 +174,196 @@ class LayerQuantizer:
             fake_quantize_values(value, self.v_bits, self.group_size),
         )
 
-    def seen_quantized(self, num_queries: int, num_keys: int, device) -> torch.Tensor:
-        """(S_q, S_k) bool: query i (at cache index S_k - S_q + i) reads key t quantized."""
-        ends = torch.arange(num_keys - num_queries + 1, num_keys + 1, device=device)
+    def seen_quantized(
+        self, num_queries: int, num_keys: int, device, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """(S_q, S_k) bool, or the `rows` of it: query i (at cache index S_k - S_q + i) reads key
+        t quantized."""
+        ends = torch.arange(num_keys - num_queries + 1, num_keys + 1, device=device)[rows]
         limit = (ends - self.window).clamp_min(0) // self.group_size * self.group_size
         return torch.arange(num_keys, device=device)[None, :] < limit[:, None]
 
     def attend(
         self,
         query: torch.Tensor,  # (B, H, S_q, D)
-        key: torch.Tensor,  # (B, H, S_k, D), exact
+        key: torch.Tensor,  # (B, G, S_k, D), exact
         value: torch.Tensor,
-        key_q: torch.Tensor,  # (B, H, S_k, D), as the cache holds them once quantized
+        key_q: torch.Tensor,  # (B, G, S_k, D), as the cache holds them once quantized
         value_q: torch.Tensor,
         attention_mask: torch.Tensor | None,  # None (causal), bool (True: attend) or additive
         scaling: float | None,
+        heads: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention where each query reads the keys and values a real cache would give it;
-        returns (B, S_q, H, D) like transformers' attention functions.
+        returns (B, S_q, H, D) like transformers' attention functions. `heads` gives, per query
+        head, the K and V head it reads (None: G divides H and query head h reads h // (H / G),
+        SDPA's own grouped-query layout).
 
-        One fused SDPA call over the keys twice, [quantized; exact], where each query's mask lets
-        it see key t's quantized copy if the cache holds t quantized for it, else the exact one:
-        the softmax over the union of the two disjoint halves is the attention it would get."""
+        Query i reads key t quantized when t < Q(i + 1) and exact when Q(i + 1) <= t <= i. The
+        queries are taken in chunks of whole blocks; a chunk [a, b) needs the quantized keys
+        t < Q(b) and the exact keys Q(a + 1) <= t < b, so one SDPA call per chunk over those,
+        [quantized; exact], with a mask that lets each query see each key once, costs about what
+        causal attention does (not the 4x of masking every query over the keys twice)."""
         s_q, s_k = query.shape[2], key.shape[2]
-        seen = self.seen_quantized(s_q, s_k, query.device)  # (S_q, S_k)
-        if attention_mask is None:
-            attention_mask = torch.ones(s_q, s_k, dtype=torch.bool, device=query.device)
-            attention_mask = attention_mask.tril(s_k - s_q)
-        if attention_mask.dtype == torch.bool:
-            mask = torch.cat([attention_mask & seen, attention_mask & ~seen], dim=-1)
-        else:  # additive
-            blocked = torch.finfo(attention_mask.dtype).min
-            mask = torch.cat(
-                [
-                    attention_mask.masked_fill(~seen, blocked),
-                    attention_mask.masked_fill(seen, blocked),
-                ],
-                dim=-1,
-            ).to(query.dtype)
-        out = F.scaled_dot_product_attention(
-            query,
-            torch.cat([key_q, key], dim=2),
-            torch.cat([value_q, value], dim=2),
-            attn_mask=mask,
-            scale=scaling,
-        )
-        out = out.nan_to_num(0.0)  # fully masked (padding) rows
-        return out.transpose(1, 2).contiguous()
+        past = s_k - s_q
+        positions = torch.arange(s_k, device=query.device)
+        chunk = -(-QUERY_CHUNK // self.group_size) * self.group_size
+        outs = []
+        for a in range(0, s_q, chunk):
+            b = min(a + chunk, s_q)
+            quantized = quantized_length(past + b, self.group_size, self.window)
+            exact = quantized_length(past + a + 1, self.group_size, self.window)
+            seen = self.seen_quantized(s_q, s_k, query.device, slice(a, b))  # (n, S_k)
+            if attention_mask is None:  # causal, built a chunk at a time
+                rows = torch.arange(past + a, past + b, device=query.device)
+                allowed = positions[None, :] <= rows[:, None]
+            else:
+                allowed = attention_mask[..., a:b, :]
+            keep_q, keep_e = seen[:, :quantized], ~seen[:, exact : past + b]
+            if allowed.dtype == torch.bool:
+                mask = torch.cat(
+                    [allowed[..., :quantized] & keep_q, allowed[..., exact : past + b] & keep_e],
+                    dim=-1,
+                )
+                visible = mask.any(-1, keepdim=True)
+                # additive: SDPA on CPU is about 25% faster with a float mask than a bool one
+                blocked = torch.finfo(query.dtype).min
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                    ~mask, blocked
+                )
+            else:  # additive
+                blocked = torch.finfo(allowed.dtype).min
+                mask = torch.cat(
+                    [
+                        allowed[..., :quantized].masked_fill(~keep_q, blocked),
+                        allowed[..., exact : past + b].masked_fill(~keep_e, blocked),
+                    ],
+                    dim=-1,
+                )
+                visible = (mask > blocked / 2).any(-1, keepdim=True)
+                mask = mask.to(query.dtype)
+            keys = torch.cat([key_q[:, :, :quantized], key[:, :, exact : past + b]], dim=2)
+            values = torch.cat([value_q[:, :, :quantized], value[:, :, exact : past + b]], dim=2)
+            out = _sdpa(query[:, :, a:b], keys, values, mask, scaling, heads)
+            # A query that sees no key (padding) gets 0, whatever keys its chunk holds: its
+            # output feeds the next layer's keys, which share quantization blocks with real ones.
+            outs.append(out.nan_to_num(0.0).masked_fill(~visible, 0.0))
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _sdpa(query, key, value, mask, scaling, heads) -> torch.Tensor:
+    """SDPA of (B, H, n, D) queries over (B, G, m, D) keys and values, each query head reading
+    the K and V head `heads` names (None: h // (H / G))."""
+    if heads is not None:
+        key, value = key.index_select(1, heads[0]), value.index_select(1, heads[1])
+    elif key.shape[1] != query.shape[1] and not _SDPA_GQA:
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    extra = {"enable_gqa": True} if key.shape[1] != query.shape[1] else {}
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, **extra)
 
 
 # -- the real cache -----------------------------------------------------------------------------
 
 
-class _Blocks:
-    """One kind (K or V) of one layer: quantized blocks of `group_size` tokens, packed."""
+class QuantizedStore:
+    """One kind (K or V) of one layer's quantized tokens, whole blocks of `group_size` tokens, in
+    tensors that grow (amortised: to 1.5x, or to what is asked) rather than in a list of blocks:
+
+        codes  (B, G, capacity, packed bytes of a block)  uint8, `pack`ed
+        scale, zero  float16; keys (B, G, capacity, 1, D): per channel over the block's tokens;
+                     values (B, G, capacity, group, D / group, 1): per token over channel groups
+
+    so that reading every block back is a fixed number of vectorized operations whatever their
+    count. 16-bit kinds hold the blocks as they are (B, G, capacity, group, D)."""
 
     def __init__(self, bits: int, kind: str, group_size: int):
         self.bits, self.kind, self.group = bits, kind, group_size
-        self.stored: list[tuple] = []  # (packed codes, scale, zero, shape) or (exact tensor,)
+        self.blocks = 0
+        self.tensors: list[torch.Tensor] = []  # codes, scale, zero (or the exact blocks)
 
-    def append(self, block: torch.Tensor) -> None:  # (B, G, group, D)
+    def append(self, tokens: torch.Tensor) -> None:
+        """Quantize and store (B, G, n, D) tokens, n a multiple of `group_size`."""
+        b, g, n, d = tokens.shape
+        blocks = tokens.reshape(b, g, n // self.group, self.group, d)
         if self.bits >= 16:
-            self.stored.append((block,))
-            return
-        if self.kind == "k":
-            codes, scale, zero = quantize(block, self.bits, dim=2)  # per channel over tokens
+            items = [blocks]
+        elif self.kind == "k":
+            codes, scale, zero = quantize(blocks, self.bits, dim=3)  # per channel over tokens
+            items = [pack(codes.flatten(-2), self.bits), scale, zero]
         else:
-            codes, scale, zero = quantize(_value_groups(block, self.group), self.bits, dim=4)
-        self.stored.append((pack(codes, self.bits), scale, zero, codes.shape))
+            groups = blocks.unflatten(-1, (d // self.group, self.group))
+            codes, scale, zero = quantize(groups, self.bits, dim=5)  # per token, channel groups
+            items = [pack(codes.flatten(-3), self.bits), scale, zero]
+        self._write(items)
 
-    def tensor(self, dtype: torch.dtype) -> torch.Tensor | None:
-        if not self.stored:
-            return None
-        blocks = []
-        for item in self.stored:
-            if len(item) == 1:
-                blocks.append(item[0])
-                continue
-            packed, scale, zero, shape = item
-            x = dequantize(unpack(packed, self.bits, shape), scale, zero)
-            blocks.append(x.reshape(*x.shape[:2], self.group, -1).to(dtype))
-        return torch.cat(blocks, dim=2)
+    def _write(self, items: list[torch.Tensor]) -> None:
+        count = items[0].shape[2]
+        end = self.blocks + count
+        if not self.tensors or end > self.tensors[0].shape[2]:
+            capacity = max(end, self.blocks * 3 // 2)
+            grown = []
+            for i, item in enumerate(items):
+                tensor = item.new_empty((*item.shape[:2], capacity, *item.shape[3:]))
+                if self.blocks:
+                    tensor[:, :, : self.blocks] = self.tensors[i][:, :, : self.blocks]
+                grown.append(tensor)
+            self.tensors = grown
+        for tensor, item in zip(self.tensors, items, strict=True):
+            tensor[:, :, self.blocks : end] = item
+        self.blocks = end
+
+    def read_into(self, out: torch.Tensor) -> None:
+        """Write the stored tokens, dequantized, into `out` (B, G, blocks * group, D)."""
+        if not self.blocks:
+            return
+        b, g, _, d = out.shape
+        blocks = out.view(b, g, self.blocks, self.group, d)
+        if self.bits >= 16:
+            blocks.copy_(self.tensors[0][:, :, : self.blocks])
+            return
+        packed, scale, zero = (t[:, :, : self.blocks] for t in self.tensors)
+        codes = unpack(packed, self.bits, self.group * d).view(b, g, self.blocks, self.group, d)
+        if self.kind == "v":
+            codes = codes.unflatten(-1, (d // self.group, self.group))
+            blocks = blocks.unflatten(-1, (d // self.group, self.group))
+        if out.dtype == torch.float32:  # as `dequantize` computes it, in place
+            blocks.copy_(codes)  # the cast first: mixed uint8/float operations are 2x slower
+            torch.addcmul(zero.float(), blocks, scale.float(), out=blocks)
+        else:
+            blocks.copy_(dequantize(codes, scale, zero))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for item in self.stored for t in item[:3])
+        """Bytes the stored blocks take (not the spare capacity)."""
+        return sum(t[:, :, : self.blocks].numel() * t.element_size() for t in self.tensors)
+
+    def allocated(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
 
     def index_select(self, index: torch.Tensor) -> None:
-        self.stored = [
-            tuple(t.index_select(0, index) if torch.is_tensor(t) else t for t in item)
-            for item in self.stored
-        ]
+        self.tensors = [t.index_select(0, index) for t in self.tensors]
+
+    def clear(self) -> None:
+        self.blocks, self.tensors = 0, []
+
+
+class ReadBuffers:
+    """Scratch tensors that one layer at a time reads its dequantized cache into, shared by the
+    layers of a cache: the cache holds only packed codes, plus one layer's K and V in float for
+    as long as that layer's attention runs."""
+
+    def __init__(self):
+        self.flat: dict[tuple, torch.Tensor] = {}
+
+    def get(self, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (kind, like.dtype, like.device)
+        need = math.prod(shape)
+        if key not in self.flat or self.flat[key].numel() < need:
+            self.flat[key] = like.new_empty(max(need, need * 5 // 4))
+        return self.flat[key][:need].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.flat.values())
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -248,11 +372,19 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, k_bits: int, v_bits: int, group_size: int, window: int):
+    def __init__(
+        self,
+        k_bits: int,
+        v_bits: int,
+        group_size: int,
+        window: int,
+        buffers: ReadBuffers | None = None,
+    ):
         super().__init__()
         self.group_size, self.window = group_size, window
-        self.k_blocks = _Blocks(k_bits, "k", group_size)
-        self.v_blocks = _Blocks(v_bits, "v", group_size)
+        self.k_store = QuantizedStore(k_bits, "k", group_size)
+        self.v_store = QuantizedStore(v_bits, "v", group_size)
+        self.buffers = buffers or ReadBuffers()
         self.cumulative_length = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -261,7 +393,8 @@ class QuantizedKVLayer(DynamicLayer):
         attention function quantizes them per query, as decoding token by token would. Later
         calls return the quantized blocks dequantized and the window exact, which is what the
         last new query reads (earlier queries of a multi-token step read the blocks quantized
-        during that step a few tokens early)."""
+        during that step a few tokens early). What they return lives in buffers shared by the
+        layers: valid until the next layer's update."""
         first = not self.is_initialized or self.cumulative_length == 0
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -270,20 +403,26 @@ class QuantizedKVLayer(DynamicLayer):
         self.values = torch.cat([self.values, value_states], dim=-2)
         exact_k, exact_v = self.keys, self.values
         target = quantized_length(self.cumulative_length, self.group_size, self.window)
-        done = self.cumulative_length - self.keys.shape[-2]
-        g = self.group_size
-        while done < target:
-            self.k_blocks.append(self.keys[:, :, :g])
-            self.v_blocks.append(self.values[:, :, :g])
-            self.keys, self.values = self.keys[:, :, g:], self.values[:, :, g:]
-            done += g
+        ready = target - (self.cumulative_length - self.keys.shape[-2])
+        if ready > 0:
+            self.k_store.append(self.keys[:, :, :ready])
+            self.v_store.append(self.values[:, :, :ready])
+            # a copy, never a view: a view (even an empty one) would keep the exact prompt alive
+            self.keys = self.keys[:, :, ready:].clone()
+            self.values = self.values[:, :, ready:].clone()
         if first:
             return exact_k, exact_v
-        old_k = self.k_blocks.tensor(self.keys.dtype)
-        old_v = self.v_blocks.tensor(self.values.dtype)
-        if old_k is None:
+        if not self.k_store.blocks:
             return self.keys, self.values
-        return torch.cat([old_k, self.keys], dim=-2), torch.cat([old_v, self.values], dim=-2)
+        return self._read("k", self.k_store, self.keys), self._read("v", self.v_store, self.values)
+
+    def _read(self, kind: str, store: QuantizedStore, recent: torch.Tensor) -> torch.Tensor:
+        b, g, n, d = recent.shape
+        stored = store.blocks * self.group_size
+        out = self.buffers.get(kind, (b, g, stored + n, d), recent)
+        store.read_into(out[:, :, :stored])
+        out[:, :, stored:] = recent
+        return out
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -296,30 +435,46 @@ class QuantizedKVLayer(DynamicLayer):
         recent = 0
         if self.is_initialized:
             recent = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-        return self.k_blocks.nbytes() + self.v_blocks.nbytes() + recent
+        return self.k_store.nbytes() + self.v_store.nbytes() + recent
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        for blocks in (self.k_blocks, self.v_blocks):
-            blocks.index_select(beam_idx.to(self.device))
+        for store in (self.k_store, self.v_store):
+            store.index_select(beam_idx.to(self.device))
 
     def reset(self) -> None:
         super().reset()
         self.is_initialized = False
         self.cumulative_length = 0
-        self.k_blocks.stored.clear()
-        self.v_blocks.stored.clear()
+        self.k_store.clear()
+        self.v_store.clear()
 
 
 class QuantizedKVCache(Cache):
     """A cache with one `QuantizedKVLayer` per attention layer, from the layers' quantizers."""
 
     def __init__(self, quantizers: list[LayerQuantizer]):
-        layers = [QuantizedKVLayer(q.k_bits, q.v_bits, q.group_size, q.window) for q in quantizers]
+        self.buffers = ReadBuffers()
+        layers = [
+            QuantizedKVLayer(q.k_bits, q.v_bits, q.group_size, q.window, self.buffers)
+            for q in quantizers
+        ]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
+        """Bytes held for the tokens: what the formula counts (gqa.precision.cache_bytes)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def allocated_bytes(self) -> int:
+        """Bytes allocated: the stores' spare capacity and the shared read buffers included."""
+        recent = sum(
+            t.numel() * t.element_size()
+            for layer in self.layers
+            if layer.is_initialized
+            for t in (layer.keys, layer.values)
+        )
+        stores = sum(s.allocated() for layer in self.layers for s in (layer.k_store, layer.v_store))
+        return recent + stores + self.buffers.nbytes()
 
 
 class QuantizedGenerationMixin:

@@ -95,10 +95,9 @@ def grouping_errors(
 
 class _Sweep(LayerQuantizer):
     """Installed as a module's cache precision for one forward pass: the grouped attention
-    function hands it the layer's queries and (RoPE'd) keys and values, and it attends with each
-    (kind, bits) setting quantized in turn, keeping every output (B, S, H, D) and the exact one.
-    Quantizing the keys and values expanded to query heads equals quantizing them per KV head:
-    every block is within one head."""
+    function hands it the layer's queries and (RoPE'd) keys and values on their KV heads, and it
+    attends with each (kind, bits) setting quantized in turn, keeping every output (B, S, H, D)
+    and the exact one."""
 
     def __init__(self, settings: list[tuple[str, int]], group_size: int, window: int):
         super().__init__(2, 2, group_size, window)  # not exact: the attention function calls it
@@ -109,16 +108,18 @@ class _Sweep(LayerQuantizer):
     def fake_quantize(self, key: torch.Tensor, value: torch.Tensor):
         return key, value  # each setting quantizes in `attend`
 
-    def attend(self, query, key, value, key_q, value_q, attention_mask, scaling):
+    def attend(self, query, key, value, key_q, value_q, attention_mask, scaling, heads=None):
         exact = LayerQuantizer(16, 16, self.group_size, self.window)
-        self.exact_output = exact.attend(query, key, value, key, value, attention_mask, scaling)
+        self.exact_output = exact.attend(
+            query, key, value, key, value, attention_mask, scaling, heads
+        )
         for kind, b in self.settings:
             quant = LayerQuantizer(
                 *((b, 16) if kind == "k" else (16, b)), self.group_size, self.window
             )
             k_q, v_q = quant.fake_quantize(key, value)
             self.outputs[kind, b] = quant.attend(
-                query, key, value, k_q, v_q, attention_mask, scaling
+                query, key, value, k_q, v_q, attention_mask, scaling, heads
             )
         return self.exact_output
 

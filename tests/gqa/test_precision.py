@@ -8,7 +8,14 @@ import torch
 
 import gqa
 from gqa.grouping import Grouping
-from gqa.kv_quant import fake_quantize_keys, fake_quantize_values, pack, quantize, unpack
+from gqa.kv_quant import (
+    fake_quantize_keys,
+    fake_quantize_values,
+    pack,
+    packed_bytes,
+    quantize,
+    unpack,
+)
 from gqa.precision import LayerPrecision, PrecisionError, PrecisionPlan
 from tests.gqa.test_remote import _run_stock
 from tests.tiny import batch, logits, tiny_model
@@ -31,12 +38,15 @@ def converted(plan=MIXED):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pack_round_trips_codes(bits):
-    codes = torch.randint(0, 2**bits, (2, 3, 5, 7)).float()  # 35 codes a row: padding needed
+def test_pack_round_trips_codes_in_bits_over_8_bytes_per_code(bits):
+    codes = torch.randint(0, 2**bits, (2, 3, 5, 35))  # 35 codes a row: padding needed
     packed = pack(codes, bits)
-    assert packed.dtype == torch.uint8
-    assert packed.shape == (2, 3, 1, 35) if bits == 8 else (2, 3, bits, 5)
-    assert torch.equal(unpack(packed, bits, codes.shape), codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 3, 5, bits * 5)
+    assert packed.shape[-1] == packed_bytes(bits, 35)
+    assert torch.equal(unpack(packed, bits, 35), codes.to(torch.uint8))
+    # every bit pattern survives, the top code included
+    top = torch.full((1, 64), 2**bits - 1)
+    assert torch.equal(unpack(pack(top, bits), bits, 64), top.to(torch.uint8))
 
 
 def test_quantization_error_shrinks_with_bits_and_is_within_half_a_step():
@@ -80,8 +90,41 @@ def test_simulated_forward_with_the_group_larger_than_the_text_is_exact():
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_simulated_attention_in_query_chunks_equals_one_chunk(attn, pad_left, monkeypatch):
+    """The simulated cache takes queries a few blocks at a time (each chunk reads only the keys it
+    can see); on a padded batch that gives the one-chunk result up to float64 rounding."""
+    import gqa.kv_quant as kv_quant
+
+    model = tiny_model(num_kv_heads=3, attn=attn, num_layers=4).double()
+    model = gqa.apply_precision(gqa.convert(model, GROUPING4), MIXED4)
+    inputs = batch(length=29, pad_left=pad_left)
+    monkeypatch.setattr(kv_quant, "QUERY_CHUNK", 1024)
+    whole = logits(model, inputs)
+    for chunk in (1, 4, 8, 13):  # 13: rounded up to whole blocks of 4
+        monkeypatch.setattr(kv_quant, "QUERY_CHUNK", chunk)
+        torch.testing.assert_close(logits(model, inputs), whole, atol=1e-12, rtol=0)
+
+
+def test_simulated_cache_reads_uniform_groups_without_copies_and_the_same_values():
+    """A stock GQA model given a plan keeps its own uniform grouping: the simulated cache hands
+    SDPA the G heads as they are (enable_gqa); indexing every query head's K/V head gives the
+    same result."""
+    model = gqa.apply_precision(
+        tiny_model(num_kv_heads=2).double(), PrecisionPlan.uniform(2, 3, group_size=4)
+    )
+    modules = [m for m in model.modules() if hasattr(m, "hg_native_gqa")]
+    assert modules and all(m.hg_native_gqa for m in modules)
+    inputs = batch(length=21)
+    native = logits(model, inputs)
+    for module in modules:
+        module.hg_native_gqa = False
+    torch.testing.assert_close(logits(model, inputs), native, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("prefill", [1, 10])
-def test_real_cache_decoding_matches_the_simulated_forward(attn, prefill):
+def test_real_cache_decoding_matches_the_simulated_forward(attn, prefill, monkeypatch):
     """Decoding token by token with the real (packed) cache, well past the window, gives the
     simulated forward's log-probabilities. In float64: quantization rounds to a grid, so a float
     difference of two computation orders can move a value across a rounding boundary and change
@@ -91,6 +134,9 @@ def test_real_cache_decoding_matches_the_simulated_forward(attn, prefill):
     order 1-10) with SDPA. Stock eager attention takes its softmax in float32 even in a float64
     model: its 1e-7 may flip an 8-bit code (about 0.1 flips expected here, each moving a
     log-probability by about 1e-5), hence 1e-4 there."""
+    import gqa.kv_quant as kv_quant
+
+    monkeypatch.setattr(kv_quant, "QUERY_CHUNK", 8)  # the simulation in several query chunks
     model = tiny_model(num_kv_heads=3, attn=attn, num_layers=4).double()
     model = gqa.apply_precision(gqa.convert(model, GROUPING4), MIXED4)
     ids = torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(3))
@@ -122,7 +168,22 @@ def test_real_cache_bytes_equal_the_formula():
             expected = MIXED.cache_bytes(k_heads, v_heads, 8, t + 1, batch=3, dtype_bytes=4)
             assert cache.nbytes() == expected
     # 23 tokens, window 3, blocks of 4: 20 quantized tokens in 5 blocks, 3 recent
-    assert cache.layers[0].keys.shape[2] == 3 and len(cache.layers[0].k_blocks.stored) == 5
+    assert cache.layers[0].keys.shape[2] == 3 and cache.layers[0].k_store.blocks == 5
+
+
+def test_the_cache_keeps_no_view_of_the_exact_prompt():
+    """After a prefill, the full-precision window is a tensor of its own: a view of the prompt's
+    keys (even an empty one) would keep every exact key alive beside the packed codes."""
+    model = converted(PrecisionPlan.uniform(2, 4, group_size=4, window=0))
+    ids = torch.randint(3, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    cache = gqa.quantized_cache(model)
+    with torch.no_grad():
+        model(input_ids=ids, cache=cache, use_cache=True)
+    for layer in cache.layers:
+        for recent in (layer.keys, layer.values):
+            assert recent.shape[2] == 0
+            assert recent.untyped_storage().nbytes() == 0
+    assert cache.allocated_bytes() == cache.nbytes()  # no spare capacity after one prefill
 
 
 def test_steady_state_bytes_per_token():
