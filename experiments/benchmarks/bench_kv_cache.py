@@ -6,8 +6,12 @@ on its own grouping; the default study's searched 2-KV grouping at 16 bits and a
 of held-out long text (objectives.long_context.long_windows, the long-context tasks' documents)
 of each length and batch size is run once, then `--decode` greedy tokens are decoded one at a
 time. Each measurement runs in its own process, twice: the first run gives the peak resident
-memory (VmHWM above the built model with its weights paged in), the second, warm, the times. Settings are run in turn, `--repeats`
-times, so that ratios to the default cache are taken side by side on the same machine state.
+memory (VmHWM above the built model with its weights paged in), the second, warm, the times.
+Settings are run in turn, `--repeats` times, so that ratios to the default cache are taken side
+by side on the same machine state. With `--tensor-memory`, each setting, length and batch is
+also run once under the profiler for the peak of live tensor bytes (kv_cache_memory.csv): what
+a setting needs, without the C allocator's retention, which moves resident peaks by about
++-30% from run to run.
 
 Also, once per run: greedy generation of `--agree` tokens with the real K4/V4 cache against the
 argmax of the simulated forward (gqa.kv_quant) on the same sequence.
@@ -139,6 +143,28 @@ def measure(setting: str, length: int, batch: int, decode: int) -> dict:
 
 
 @torch.no_grad()
+def tensor_memory(setting: str, length: int, batch: int, decode: int) -> dict:
+    """The peak of live tensor bytes (torch's CPU allocator, from the profiler's memory events)
+    over a prompt and `decode` greedy tokens, above what was live before: what a setting needs,
+    whatever the C allocator keeps (which makes resident memory vary by about +-30% run to run)."""
+    loaded = load_model("smollm2-135m")
+    model = build(setting, loaded)
+    prompt = long_windows(loaded.tokenizer, "test", length, batch)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        serve(model, prompt, decode)
+    changes = sorted(
+        (e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"
+    )
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return {"setting": setting, "length": length, "batch": batch, "peak_tensor_mb": peak / 2**20}
+
+
+@torch.no_grad()
 def agreement(length: int, tokens: int) -> dict:
     """Greedy generation with the real K4/V4 cache against the simulated forward's argmax."""
     loaded = load_model("smollm2-135m")
@@ -162,6 +188,8 @@ def agreement(length: int, tokens: int) -> dict:
 def _worker(task: dict) -> dict:
     if task["kind"] == "agreement":
         return agreement(task["length"], task["tokens"])
+    if task["kind"] == "tensor_memory":
+        return tensor_memory(task["setting"], task["length"], task["batch"], task["decode"])
     return measure(task["setting"], task["length"], task["batch"], task["decode"])
 
 
@@ -244,6 +272,11 @@ def main() -> None:
     )
     parser.add_argument("--agree-length", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument(
+        "--tensor-memory",
+        action="store_true",
+        help="also measure the peak of live tensor bytes of each setting, length and batch once",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -272,6 +305,20 @@ def main() -> None:
             "decode": args.decode,
         }
         table.append({"repeat": repeat, **run_worker(task)})
+    if args.tensor_memory:
+        memory = common.CsvRows(args.out / "kv_cache_memory.csv")
+        have = {(r["length"], r["batch"], r["setting"]) for r in memory.rows}
+        for _, length, batch, setting in tqdm(tasks, desc="tensor memory"):
+            if (length, batch, setting) not in have:
+                have.add((length, batch, setting))
+                task = {
+                    "kind": "tensor_memory",
+                    "setting": setting,
+                    "length": length,
+                    "batch": batch,
+                    "decode": args.decode,
+                }
+                memory.append(run_worker(task))
     summary_path = args.out / "kv_cache_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     if args.agree and summary.get("agreement", {}).get("generated") != args.agree:
@@ -279,6 +326,9 @@ def main() -> None:
         summary["agreement"] = run_worker(task)
     frame = summarise(table.frame())
     summary["medians"] = frame.to_dict("records")
+    memory_path = args.out / "kv_cache_memory.csv"
+    if memory_path.is_file():
+        summary["tensor_memory"] = pd.read_csv(memory_path).to_dict("records")
     write_text_atomic(summary_path, json.dumps(summary, indent=2))
     plot(frame, args.out / "kv_cache_speed.png")
     print(frame.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
