@@ -154,9 +154,9 @@ def tensor_memory(setting: str, length: int, batch: int, decode: int) -> dict:
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
         serve(model, prompt, decode)
-    changes = sorted(
-        (e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"
-    )
+    # An operator's own net allocations (self memory), and frees outside any operator ("[memory]"
+    # events), in the order they began: live tensor bytes over time, at operator granularity.
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
     live = peak = 0
     for _, change in changes:
         live += change
@@ -235,18 +235,23 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = dict(zip(SETTINGS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for (setting, batch), rows in summary.groupby(["setting", "batch"], sort=False):
-        style = "-" if batch == 1 else "--"
-        axes[0].plot(
-            rows["length"], rows["decode_ratio"], style, marker="o", label=f"{setting} b{batch}"
+        style = dict(
+            color=colours[setting],
+            linestyle="-" if batch == 1 else "--",
+            marker="o",
+            label=f"{setting} b{batch}",
         )
-        axes[1].plot(
-            rows["length"], rows["peak_mb"], style, marker="o", label=f"{setting} b{batch}"
-        )
+        axes[0].plot(rows["length"], rows["decode_ratio"], **style)
+        axes[1].plot(rows["length"], rows["peak_mb"], **style)
     axes[0].axhline(1.0, color="grey", lw=0.8)
     axes[0].set(xscale="log", xlabel="prompt tokens", ylabel="decode tokens/s vs default cache")
     axes[1].set(
-        xscale="log", yscale="log", xlabel="prompt tokens", ylabel="peak memory above model (MB)"
+        xscale="log",
+        yscale="log",
+        xlabel="prompt tokens",
+        ylabel="peak resident memory above model (MB)",
     )
     axes[0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M, 2 CPU cores: the real KV cache")
