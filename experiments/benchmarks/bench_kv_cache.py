@@ -86,12 +86,12 @@ def _cache_bytes(cache) -> int:
 
 def formula_bytes(model, length: int, batch: int) -> int:
     """What gqa.precision's formula says the cache of `length` tokens holds (float32 model)."""
-    grouping = gqa.current_grouping(model)
-    counts = [(len(layer.k), len(layer.v)) for layer in grouping.layers]
+    counts = Budget.of(gqa.current_grouping(model))
     adapter = get_adapter(model)
     plan = gqa.model_precision(model) or PrecisionPlan.uniform(adapter.num_layers, 16)
-    k, v = [c[0] for c in counts], [c[1] for c in counts]
-    return plan.cache_bytes(k, v, adapter.head_dim, length, batch=batch, dtype_bytes=4)
+    return plan.cache_bytes(
+        counts.k, counts.v, adapter.head_dim, length, batch=batch, dtype_bytes=4
+    )
 
 
 def serve(model, prompt: torch.Tensor, decode: int) -> tuple[float, float, object]:
