@@ -3,7 +3,8 @@
 A converted model saves as a normal HF folder whose config.json also holds the grouping (key
 `headgroup`); `load` restores it. A uniform grouping with shared K/V partitions is saved as
 plain HF GQA instead, which stock `AutoModelForCausalLM.from_pretrained` loads unaided, unless the
-model has a KV-cache precision plan (config key `headgroup_kv_precision`); any other grouping
+model has a KV-cache precision plan (config key `headgroup_kv_precision`) or latent layers
+(`headgroup_latent`); any other grouping
 carries its own modeling code (gqa.remote), which stock transformers runs with
 `trust_remote_code=True`.
 A copy of the grouping is written to grouping.json for people and scripts.
@@ -28,6 +29,9 @@ from transformers.utils import logging as hf_logging
 from gqa import attention
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
+from gqa.latent import CONFIG_KEY as LATENT_KEY
+from gqa.latent import LatentPlan, latent_modules
+from gqa.latent_model import layout_latent, model_latent
 from gqa.precision import CONFIG_KEY as PRECISION_KEY
 from gqa.precision import PrecisionPlan, apply_precision, model_precision
 from gqa.remote import write_remote_code
@@ -41,7 +45,13 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     path = Path(path)
     grouping = model_grouping(model)
     precision = model_precision(model)  # a quantized cache is never plain HF: stock would drop it
-    plain = grouping is not None and grouping.is_uniform_shared() and precision is None
+    latent = model_latent(model)  # nor are latent layers
+    plain = (
+        grouping is not None
+        and grouping.is_uniform_shared()
+        and precision is None
+        and latent is None
+    )
     if plain and get_adapter(model).stock_gqa:
         model = to_plain_gqa(copy.deepcopy(model))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +86,7 @@ def _add_sentinels(model: nn.Module, folder: Path) -> None:
     such key gets an empty tensor in the checkpoint, so stock loading stops on a size mismatch;
     the carried code and headgroup's loader never read them."""
     config = copy.deepcopy(model.config)
-    for key in (CONFIG_KEY, PRECISION_KEY):
+    for key in (CONFIG_KEY, PRECISION_KEY, LATENT_KEY):
         if hasattr(config, key):
             delattr(config, key)
     config._attn_implementation = attention.base_implementation(config._attn_implementation)
@@ -117,6 +127,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Modu
     if precision is not None:
         precision = PrecisionPlan.from_dict(precision)
         delattr(config, PRECISION_KEY)
+    latent = getattr(config, LATENT_KEY, None)
+    if latent is not None:
+        latent = LatentPlan.from_dict(latent)
+        delattr(config, LATENT_KEY)
     # The saved K/V projections do not match the config's head count; let transformers build and
     # load everything else, then put the grouped projections in place from the same files.
     verbosity = hf_logging.get_verbosity()
@@ -128,6 +142,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Modu
     finally:
         hf_logging.set_verbosity(verbosity)
     apply_layout(model, grouping)
+    if latent is not None:
+        layout_latent(model, latent)
     _load_grouped_projections(model, path)
     return apply_precision(model, precision)
 
@@ -138,7 +154,8 @@ def _load_grouped_projections(model: nn.Module, path: Path) -> None:
     names = {id(module): name for name, module in model.named_modules()}
     wanted: dict[str, torch.Tensor] = {}
     for layer in range(adapter.num_layers):
-        for module in adapter.regrouped_modules(layer):
+        attention_module = adapter.attention(layer)
+        for module in adapter.regrouped_modules(layer) + latent_modules(attention_module):
             for pname, param in module.named_parameters():
                 wanted[f"{names[id(module)]}.{pname}"] = param
     for file in sorted(path.glob("*.safetensors")):

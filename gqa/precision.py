@@ -31,6 +31,7 @@ from gqa.kv_quant import (
     QuantizedKVCache,
     quantized_length,
 )
+from gqa.latent import CONFIG_KEY as LATENT_KEY
 
 QUANTIZED_BITS = tuple(b for b in BITS if b < 16)  # (2, 3, 4, 8): the widths that quantize
 CONFIG_KEY = "headgroup_kv_precision"
@@ -245,6 +246,11 @@ def apply_precision(model: nn.Module, plan: PrecisionPlan | None) -> nn.Module:
     adapter = get_adapter(model)
     if plan is not None:
         plan.check_model(adapter.num_layers, adapter.head_dim)
+        if not plan.exact and getattr(model.config, LATENT_KEY, None) is not None:
+            raise PrecisionError(
+                "a quantized cache does not apply to latent layers yet (gqa.latent); give the "
+                "precision plan to a model without latent layers"
+            )
     if plan is None or plan.exact:
         for layer in range(adapter.num_layers):
             module = adapter.attention(layer)

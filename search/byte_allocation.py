@@ -6,7 +6,8 @@ same thing. `allocate_precision` gives every layer's K and V the bits (from the 
 included) that minimise the decomposed quantization error (objectives.kv_quant_error) under
 the budget: a multiple-choice knapsack over the 2L (layer, kind) items, solved exactly over
 integer byte costs (search.knapsack). `allocate_joint` does the same with one item per layer
-whose options are (model, K bits, V bits).
+whose options are (model, K bits, V bits), and `allocate_latent` with one item per (layer, kind)
+whose options are latent ranks (objectives.latent_error) at 16 bits.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gqa.kv_quant import BITS
+from gqa.latent import LatentLayer, LatentPlan
 from gqa.precision import LayerPrecision, PrecisionPlan, kind_bytes_per_token
 from objectives.kv_quant_error import KINDS, QuantErrorTable
+from objectives.latent_error import LatentErrorTable
 from search.knapsack import Infeasible, least_error
 
 
@@ -104,6 +107,28 @@ def allocate_precision(
         LayerPrecision(picked[layer, "k"], picked[layer, "v"]) for layer in range(len(table.errors))
     )
     return PrecisionPlan(layers, table.group_size, table.window)
+
+
+def allocate_latent(
+    table: LatentErrorTable, budget_bytes: float, dtype_bytes: int = 2
+) -> tuple[LatentPlan, float]:
+    """The latent plan of least summed error (table.errors) whose 16-bit cache costs at most
+    `budget_bytes` per token, with that error: one item per (layer, kind), its options the
+    measured ranks (the full width keeps the kind as it is)."""
+    items, labels = [], []
+    for layer, row in enumerate(table.errors):
+        for kind in KINDS:
+            ranks = table.ranks(layer, kind)
+            items.append([(rank * dtype_bytes, row[kind][rank]) for rank in ranks])
+            labels.append(ranks)
+    picks = _least_error(items, budget_bytes, 1, "these ranks")
+    chosen = [labels[i][j] for i, j in enumerate(picks)]
+    layers = []
+    for layer, widths in enumerate(table.widths):
+        k, v = chosen[2 * layer], chosen[2 * layer + 1]
+        layers.append(LatentLayer(None if k == widths["k"] else k, None if v == widths["v"] else v))
+    error = sum(items[i][j][1] for i, j in enumerate(picks))
+    return LatentPlan(tuple(layers)), error
 
 
 def uniform_settings(bits: Sequence[int], group_sizes: Sequence[int]) -> list[tuple[int, int, int]]:

@@ -1,8 +1,8 @@
 """Self-contained checkpoints: the modeling code an asymmetric checkpoint folder carries.
 
 `write_remote_code(folder)` puts in a saved folder `modeling_headgroup.py`,
-`headgroup_attention.py` and `headgroup_kv_quant.py` (copies of gqa/attention.py and
-gqa/kv_quant.py, which import only torch and transformers) and the family's adapter modules
+`headgroup_attention.py`, `headgroup_kv_quant.py` and `headgroup_latent.py` (copies of
+gqa/attention.py, gqa/kv_quant.py and gqa/latent.py, which import only torch and transformers) and the family's adapter modules
 (`hg_adapter_<name>.py`: copies of gqa/adapters/<name>.py and the adapters it builds on, their
 `gqa.adapters` imports made relative), and points `auto_map` in its config.json at the model
 class, so that stock transformers loads the folder with `trust_remote_code=True` where headgroup
@@ -16,12 +16,13 @@ import json
 import re
 from pathlib import Path
 
-from gqa import attention, kv_quant
+from gqa import attention, kv_quant, latent
 from gqa.adapters import ADAPTERS
 
 MODELING_FILE = "modeling_headgroup.py"
 ATTENTION_FILE = "headgroup_attention.py"
 KV_QUANT_FILE = "headgroup_kv_quant.py"
+LATENT_FILE = "headgroup_latent.py"
 ADAPTER_PREFIX = "hg_adapter_"
 MODEL_CLASS = "HeadgroupForCausalLM"
 _TEMPLATE = Path(__file__).with_name(MODELING_FILE)
@@ -85,5 +86,6 @@ def write_remote_code(folder: str | Path) -> None:
     (folder / MODELING_FILE).write_text(modeling)
     (folder / ATTENTION_FILE).write_text(Path(attention.__file__).read_text())
     (folder / KV_QUANT_FILE).write_text(Path(kv_quant.__file__).read_text())
+    (folder / LATENT_FILE).write_text(Path(latent.__file__).read_text())
     config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{MODEL_CLASS}"}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,13 +1,14 @@
 """Modeling code that a saved asymmetric headgroup checkpoint carries (auto_map in config.json).
 
 Stock transformers loads the folder with `trust_remote_code=True`, where headgroup is not
-installed: this file, `headgroup_attention.py` and `headgroup_kv_quant.py` (copies of
-gqa/attention.py and gqa/kv_quant.py) and the family's `hg_adapter_*.py` (copies of headgroup's
+installed: this file, `headgroup_attention.py`, `headgroup_kv_quant.py` and `headgroup_latent.py`
+(copies of gqa/attention.py, gqa/kv_quant.py and gqa/latent.py) and the family's `hg_adapter_*.py` (copies of headgroup's
 adapters) import only torch and transformers. The model is the stock causal LM named by
 BASE_ARCHITECTURE (written in when the checkpoint is saved, as is the adapter import) whose K/V
 projections output only the group heads of the grouping in `config.headgroup`, laid out by the
 family's adapter, so the KV cache holds the grouped heads; the grouped attention functions map
-them onto the query heads after the cache update.
+them onto the query heads after the cache update. Layers named in `config.headgroup_latent` cache
+low-rank latents instead (gqa.latent).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ except ImportError:  # older releases rename nothing at load
 
 from .headgroup_attention import grouped_implementation, install_plan, register
 from .headgroup_kv_quant import LayerQuantizer, QuantizedGenerationMixin
+from .headgroup_latent import CONFIG_KEY as LATENT_KEY
+from .headgroup_latent import LatentPlan, layout_module
 from .hg_adapter_llama import LlamaAdapter as Adapter
 
 BASE_ARCHITECTURE = "LlamaForCausalLM"  # replaced by the source model's class when saved
@@ -46,6 +49,12 @@ class HeadgroupForCausalLM(QuantizedGenerationMixin, _Base):
         adapter = Adapter(self)
         for layer, groups in enumerate(self._layer_groups(adapter)):
             adapter.layout_layer(layer, groups["k"], groups["v"])
+        latent = getattr(config, LATENT_KEY, None)
+        if latent is not None:  # latent layers: their shapes now, their index buffers below
+            rotary = adapter._get(adapter.rotary_path)
+            for layer, ranks in enumerate(LatentPlan.from_dict(latent).layers):
+                if ranks.is_latent:
+                    layout_module(adapter.attention(layer), ranks, adapter.num_heads, rotary)
         if not any(p.is_meta for p in self.parameters()):  # from_config; from_pretrained: below
             self._install_plans()
         self.set_attn_implementation(grouped_implementation(config._attn_implementation))

@@ -1,0 +1,378 @@
+"""Low-rank latent K/V caches: a layer caches r numbers per token for its keys and/or its values
+instead of G heads of D each (Palu, arXiv 2407.21118; TransMLA shows GQA is a special case).
+
+For a layer whose current K projection is W_K (G_K * D outputs) and V projection W_V:
+  keys    the cache holds c_K = A_K x (r_K values). Every step the keys of all cached tokens are
+          rebuilt, K = B_K c_K + b_K (G_K heads), then rotated by RoPE, as Palu does: RoPE does
+          not commute with a projection, so the rotation comes after the rebuild. This costs
+          S * r_K * G_K * D multiply-adds per step for S cached tokens.
+  values  the cache holds c_V = A_V x (r_V values), and the rebuild is folded into the output
+          projection: query head h reads group g(h), and since its attention weights a_h sum to 1,
+          W_o,h (B_V,g(h) (a_h . c_V) + b_V,g(h)) = (W_o,h B_V,g(h)) (a_h . c_V) + W_o,h b_V,g(h),
+          so attention runs on the latent values directly and o_proj takes H * r_V inputs.
+A layer may make only its keys latent, only its values, or both.
+
+Factors (`whitened_svd`) come from an SVD of W S, where S S^T = E[x x^T] is the calibration gram
+of the layer's input (objectives.calibration): A = Q_r^T S^-1, B = P_r Sigma_r. The expected
+squared output error E||W x - B A x||^2 is then the energy of the dropped singular values, which
+`LowRankFactors.dropped_energy` gives for every rank at once. At full rank the layer is exact.
+
+Positions: a latent-key layer rotates its queries and rebuilt keys by their index in the cache
+(0..S-1), not by the model's position ids. RoPE scores depend only on the distance between query
+and key, so this equals the model's rotation for every unpadded sequence, and for left-padded ones
+it shifts both sides of each row by its padding. Layers whose keys stay exact use the model's
+positions as usual.
+
+A latent model carries a `LatentPlan` in its config (key `headgroup_latent`), next to its grouping.
+The latent layers bypass the attention-function interface (they call transformers' SDPA or eager
+attention themselves), so a quantized cache (gqa.precision) does not apply to them and is refused.
+This module imports only torch and transformers: a saved latent checkpoint carries a copy of it
+(gqa.remote).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import eager_attention_forward, rotate_half
+
+CONFIG_KEY = "headgroup_latent"
+FORMAT_VERSION = 1
+# Families whose attention is LLaMA's: separate q/k/v/o projections, RoPE on the whole head
+# (rotate_half), no per-head norms. The latent forward is written for that layout.
+LATENT_MODEL_TYPES = ("llama", "mistral", "qwen2", "granite")
+
+
+class LatentError(ValueError):
+    """A latent plan is not valid, or does not fit the model; the message names the problem."""
+
+
+# -- plans -----------------------------------------------------------------------------------------
+
+
+def _check_rank(rank, what: str) -> int | None:
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or rank < 1:
+        raise LatentError(f"{what} must be a positive integer or null, got {rank!r}")
+    return int(rank)
+
+
+@dataclass(frozen=True)
+class LatentLayer:
+    """One layer's latent ranks: None keeps that kind's heads as they are."""
+
+    k_rank: int | None = None
+    v_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k_rank", _check_rank(self.k_rank, "k_rank"))
+        object.__setattr__(self, "v_rank", _check_rank(self.v_rank, "v_rank"))
+
+    @property
+    def is_latent(self) -> bool:
+        return self.k_rank is not None or self.v_rank is not None
+
+    def label(self) -> str:
+        return f"rK{self.k_rank or '-'}/rV{self.v_rank or '-'}"
+
+
+@dataclass(frozen=True)
+class LatentPlan:
+    """Per layer, the latent rank of K and of V (None: that kind stays on its heads)."""
+
+    layers: tuple[LatentLayer, ...]
+
+    def __post_init__(self) -> None:
+        layers = tuple(
+            layer if isinstance(layer, LatentLayer) else LatentLayer(*layer)
+            for layer in self.layers
+        )
+        if not layers:
+            raise LatentError("a latent plan needs at least one layer")
+        object.__setattr__(self, "layers", layers)
+
+    @classmethod
+    def uniform(cls, num_layers: int, k_rank: int | None, v_rank: int | None) -> LatentPlan:
+        return cls((LatentLayer(k_rank, v_rank),) * num_layers)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def check_model(self, num_layers: int, k_widths: Sequence[int], v_widths: Sequence[int]):
+        """Raise LatentError unless the plan has one entry per layer and every rank is at most
+        the width (heads * head_dim) of the projection it replaces."""
+        if num_layers != self.num_layers:
+            raise LatentError(
+                f"latent plan has {self.num_layers} layers but the model has {num_layers}"
+            )
+        for i, layer in enumerate(self.layers):
+            for kind, rank, width in (
+                ("K", layer.k_rank, k_widths[i]),
+                ("V", layer.v_rank, v_widths[i]),
+            ):
+                if rank is not None and rank > width:
+                    raise LatentError(
+                        f"layer {i}: {kind} rank {rank} exceeds the {width} values it replaces"
+                    )
+
+    def cached_widths(self, k_widths: Sequence[int], v_widths: Sequence[int]):
+        """Per layer, the (K, V) values cached per token: the rank where latent, else the width."""
+        return [
+            (layer.k_rank or kw, layer.v_rank or vw)
+            for layer, kw, vw in zip(self.layers, k_widths, v_widths, strict=True)
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "version": FORMAT_VERSION,
+            "layers": [[layer.k_rank, layer.v_rank] for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> LatentPlan:
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+            raise LatentError("a latent plan must be an object with a 'layers' list")
+        if data.get("version") != FORMAT_VERSION:
+            raise LatentError(f"unsupported latent plan version {data.get('version')!r}")
+        pairs = data["layers"]
+        if not all(isinstance(pair, list | tuple) and len(pair) == 2 for pair in pairs):
+            raise LatentError("latent plan layers must be [k_rank, v_rank] pairs")
+        return cls(tuple(LatentLayer(*pair) for pair in pairs))
+
+
+# -- factors ---------------------------------------------------------------------------------------
+
+
+def whitener(gram: torch.Tensor, floor: float = 1e-10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1) with S S^T = gram (symmetric positive semi-definite), in float64. Eigenvalues
+    below `floor` times the largest are raised to it, so a rank-deficient gram still inverts."""
+    values, vectors = torch.linalg.eigh(gram.double())
+    values = values.clamp_min(floor * values.max().clamp_min(torch.finfo(torch.float64).tiny))
+    root = values.sqrt()
+    return vectors * root, (vectors / root).T
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """The whitened SVD of one projection W (out, in): W S = P diag(s) Q^T.
+
+    left = P diag(s) (out, n) and right = Q^T S^-1 (n, in), n = min(out, in); W = left @ right,
+    and rank r keeps the first r columns of left and rows of right."""
+
+    singular: torch.Tensor  # (n,), descending
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def max_rank(self) -> int:
+        return self.singular.numel()
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down (r, in), up (out, r)) of rank r."""
+        if not 1 <= rank <= self.max_rank:
+            raise LatentError(f"rank {rank} is outside 1..{self.max_rank}")
+        return self.right[:rank], self.left[:, :rank]
+
+    def dropped_energy(self) -> torch.Tensor:
+        """(n + 1,): entry r is E||W x - up down x||^2 at rank r (the calibration expectation):
+        the sum of the squared singular values beyond r; entry 0 is E||W x||^2."""
+        energy = self.singular.double().square().flip(0).cumsum(0).flip(0)
+        return torch.cat([energy, energy.new_zeros(1)])
+
+
+def whitened_svd(weight: torch.Tensor, gram: torch.Tensor) -> LowRankFactors:
+    """The activation-aware SVD of `weight` (out, in) under inputs with gram E[x x^T] (in, in)."""
+    if gram.shape != (weight.shape[1], weight.shape[1]):
+        raise LatentError(
+            f"gram of shape {tuple(gram.shape)} does not fit a projection with "
+            f"{weight.shape[1]} inputs"
+        )
+    root, inverse = whitener(gram)
+    p, s, qt = torch.linalg.svd(weight.double() @ root, full_matrices=False)
+    return LowRankFactors(s, p * s, qt @ inverse)
+
+
+# -- modules ---------------------------------------------------------------------------------------
+
+
+class LowRankLinear(nn.Module):
+    """x -> up(down(x)): a projection through an r-value latent (the part a latent layer caches)."""
+
+    def __init__(self, like: nn.Linear, rank: int):
+        super().__init__()
+        kwargs = {"dtype": like.weight.dtype, "device": like.weight.device}
+        self.down = nn.Linear(like.in_features, rank, bias=False, **kwargs)
+        self.up = nn.Linear(rank, like.out_features, bias=like.bias is not None, **kwargs)
+
+    @property
+    def rank(self) -> int:
+        return self.down.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class LatentAttentionMixin:
+    """Put before a LLaMA-layout attention class: its forward caches the latent K and/or V.
+
+    Needs on the module: `hg_latent` (LatentLayer), `hg_k_index`/`hg_v_index` (the group each
+    query head reads, gqa.attention.install_plan) and `hg_rotary` (the model's rotary module,
+    held outside the module tree)."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        cache = cache if cache is not None else past_key_values
+        latent: LatentLayer = self.hg_latent
+        batch, length, _ = hidden_states.shape
+        d = self.head_dim
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, T, G*D) -> (B, G, T, D)
+            return x.view(x.shape[0], x.shape[1], -1, d).transpose(1, 2)
+
+        query = heads(self.q_proj(hidden_states))
+        if latent.k_rank is None:
+            cos, sin = position_embeddings
+            query = _rope(query, cos.unsqueeze(1), sin.unsqueeze(1))
+            key = _rope(heads(self.k_proj(hidden_states)), cos.unsqueeze(1), sin.unsqueeze(1))
+        else:
+            key = self.k_proj.down(hidden_states).unsqueeze(1)  # (B, 1, T, r_K)
+        value = self.v_proj(hidden_states)
+        value = heads(value) if latent.v_rank is None else value.unsqueeze(1)  # (B, 1, T, r_V)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        if latent.k_rank is not None:  # rebuild, then rotate by index in the cache
+            total = key.shape[2]
+            key = heads(self.k_proj.up(key.squeeze(1)))
+            positions = torch.arange(total, device=key.device)[None]
+            cos, sin = self.hg_rotary(key, positions)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            key = _rope(key, cos, sin)
+            query = _rope(query, cos[:, :, total - length :], sin[:, :, total - length :])
+        key = key.index_select(1, self.hg_k_index)
+        if latent.v_rank is None:
+            value = value.index_select(1, self.hg_v_index)
+        else:
+            value = value.expand(-1, query.shape[1], -1, -1)
+        eager = "eager" in (self.config._attn_implementation or "")
+        attend = eager_attention_forward if eager else sdpa_attention_forward
+        out, _ = attend(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return self.o_proj(out.reshape(batch, length, -1)), None
+
+
+_LATENT_CLASSES: dict[type, type] = {}
+
+
+def _latent_class(cls: type) -> type:
+    if issubclass(cls, LatentAttentionMixin):
+        return cls
+    if cls not in _LATENT_CLASSES:
+        _LATENT_CLASSES[cls] = type(
+            f"Latent{cls.__name__}", (LatentAttentionMixin, cls), {"__module__": cls.__module__}
+        )
+    return _LATENT_CLASSES[cls]
+
+
+def check_family(model_type: str) -> None:
+    if model_type not in LATENT_MODEL_TYPES:
+        raise LatentError(
+            f"latent K/V is written for the LLaMA attention layout ({', '.join(LATENT_MODEL_TYPES)}); "
+            f"{model_type!r} is not supported"
+        )
+
+
+def _folded_output(o_proj: nn.Linear, rank: int, num_heads: int, bias: bool) -> nn.Linear:
+    return nn.Linear(
+        num_heads * rank,
+        o_proj.out_features,
+        bias=bias,
+        dtype=o_proj.weight.dtype,
+        device=o_proj.weight.device,
+    )
+
+
+def layout_module(module: nn.Module, layer: LatentLayer, num_heads: int, rotary: nn.Module) -> None:
+    """Give one attention module (with a grouping plan installed) the shapes and forward of a
+    latent layer, with uninitialised weights (loading fills them; `convert_module` sets them)."""
+    if layer.k_rank is not None:
+        module.k_proj = LowRankLinear(module.k_proj, layer.k_rank)
+    if layer.v_rank is not None:
+        v_bias = module.v_proj.bias is not None
+        down = nn.Linear(module.v_proj.in_features, layer.v_rank, bias=False)
+        module.v_proj = down.to(module.v_proj.weight)
+        bias = module.o_proj.bias is not None or v_bias
+        module.o_proj = _folded_output(module.o_proj, layer.v_rank, num_heads, bias)
+    module.hg_latent = layer
+    module.__dict__["hg_rotary"] = rotary  # a reference, not a submodule: no second copy saved
+    module.__class__ = _latent_class(type(module))
+
+
+@torch.no_grad()
+def convert_module(
+    module: nn.Module, layer: LatentLayer, num_heads: int, rotary: nn.Module, gram: torch.Tensor
+) -> nn.Module:
+    """Make `module` (grouping plan installed) latent in place, factors from `gram` (E[x x^T] of
+    its input)."""
+    old_k, old_v, old_o = module.k_proj, module.v_proj, module.o_proj
+    layout_module(module, layer, num_heads, rotary)
+    d = module.head_dim
+    if layer.k_rank is not None:
+        down, up = whitened_svd(old_k.weight, gram).factors(layer.k_rank)
+        module.k_proj.down.weight.copy_(down)
+        module.k_proj.up.weight.copy_(up)
+        if old_k.bias is not None:
+            module.k_proj.up.bias.copy_(old_k.bias)
+    if layer.v_rank is not None:
+        down, up = whitened_svd(old_v.weight, gram).factors(layer.v_rank)
+        module.v_proj.weight.copy_(down)
+        groups = module.hg_v_index.tolist()
+        w_o = old_o.weight.double()  # (hidden, H*D)
+        blocks = [
+            w_o[:, h * d : (h + 1) * d] @ up[g * d : (g + 1) * d] for h, g in enumerate(groups)
+        ]
+        module.o_proj.weight.copy_(torch.cat(blocks, dim=1))
+        if module.o_proj.bias is not None:
+            bias = torch.zeros(old_o.out_features, dtype=torch.float64, device=w_o.device)
+            if old_o.bias is not None:
+                bias += old_o.bias.double()
+            if old_v.bias is not None:
+                b_v = old_v.bias.double()
+                for h, g in enumerate(groups):
+                    bias += w_o[:, h * d : (h + 1) * d] @ b_v[g * d : (g + 1) * d]
+            module.o_proj.bias.copy_(bias)
+    return module
+
+
+def latent_modules(module: nn.Module) -> list[nn.Module]:
+    """The modules whose shapes a latent layer changes (loaded from a latent checkpoint)."""
+    layer: LatentLayer | None = getattr(module, "hg_latent", None)
+    if layer is None:
+        return []
+    return [module.k_proj, module.v_proj] + ([module.o_proj] if layer.v_rank is not None else [])

@@ -1,0 +1,82 @@
+"""The latent error table (closed form and allocation units) and the latent rank allocation."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+
+from gqa.latent import LatentLayer, LatentPlan
+from gqa.latent_model import apply_latent, cache_bytes_per_token
+from objectives.calibration import CalibrationConfig, calibrate
+from objectives.kv_quant_error import grouping_errors
+from objectives.latent_error import latent_errors
+from search.byte_allocation import InfeasibleBudget, allocate_latent
+from tests.tiny import tiny_model
+
+CONFIG = CalibrationConfig(seq_len=16, num_seqs=8, grad_seqs=2, sample_seqs=4, batch_size=4)
+RANKS = (4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny(smol_tokenizer, tmp_path_factory):
+    source = tiny_model(num_kv_heads=3, vocab_size=49152)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEADGROUP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        stats = calibrate(source, smol_tokenizer, CONFIG, "tiny", progress=False)
+    return source, stats, latent_errors(source, stats, RANKS)
+
+
+def test_errors_fall_with_rank_and_vanish_at_full_width(tiny):
+    _, _, table = tiny
+    for row, closed, widths in zip(table.errors, table.closed, table.widths, strict=True):
+        for kind in "kv":
+            assert widths[kind] == 24
+            assert sorted(row[kind]) == [4, 8, 16, 24] and row[kind][24] == 0.0
+            values = [row[kind][r] for r in (4, 8, 16)]
+            assert values[0] > values[1] > values[2] > 0
+            fractions = [closed[kind][r] for r in (4, 8, 16, 24)]
+            assert 1 > fractions[0] > fractions[1] > fractions[2] > fractions[3] == 0
+
+
+def test_table_entry_is_the_error_of_that_single_change(tiny):
+    """An entry equals the grouping-error measure of the model with only that kind of that layer
+    latent: the allocation's units, measured on the whole converted model."""
+    source, stats, table = tiny
+    grams = [layer.gram for layer in stats.layers]
+    plan = LatentPlan((LatentLayer(None, None), LatentLayer(8, None)))
+    latent = apply_latent(copy.deepcopy(source), plan, grams)
+    measured = grouping_errors(latent, source, stats)
+    assert measured[0] == pytest.approx(0.0, abs=1e-9)
+    assert measured[1] == pytest.approx(table.errors[1]["k"][8], rel=1e-6)
+
+
+def test_allocation_is_the_best_plan_under_the_budget(tiny):
+    _, _, table = tiny
+    budget = 2 * (24 + 16 + 8 + 8)  # bytes per token at 16 bits
+    plan, error = allocate_latent(table, budget)
+    options = [table.ranks(layer, kind) for layer in range(2) for kind in "kv"]
+    best = min(
+        (
+            sum(table.errors[i // 2]["kv"[i % 2]][r] for i, r in enumerate(combo))
+            for combo in itertools.product(*options)
+            if 2 * sum(combo) <= budget
+        ),
+    )
+    assert error == pytest.approx(best)
+    chosen = sum((layer.k_rank or 24) + (layer.v_rank or 24) for layer in plan.layers)
+    assert 2 * chosen <= budget
+    full, _ = allocate_latent(table, 2 * 4 * 24)
+    assert not any(layer.is_latent for layer in full.layers)
+    with pytest.raises(InfeasibleBudget, match="below the least these ranks can cost"):
+        allocate_latent(table, 2 * 4 * 4 - 1)
+
+
+def test_allocated_plan_builds_a_model_of_the_planned_bytes(tiny):
+    source, stats, table = tiny
+    plan, _ = allocate_latent(table, 2 * 60)
+    latent = apply_latent(copy.deepcopy(source), plan, [layer.gram for layer in stats.layers])
+    assert cache_bytes_per_token(latent) <= 2 * 60
+    ids = torch.randint(3, 97, (1, 10))
+    with torch.no_grad():
+        assert torch.isfinite(latent(ids).logits).all()
