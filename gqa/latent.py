@@ -25,7 +25,8 @@ positions as usual.
 
 A latent model carries a `LatentPlan` in its config (key `headgroup_latent`), next to its grouping.
 The latent layers bypass the attention-function interface (they call transformers' SDPA or eager
-attention themselves), so a quantized cache (gqa.precision) does not apply to them and is refused.
+attention themselves), so their caches stay at 16 bits: a precision plan (gqa.precision) may
+quantize the model's other layers, and is refused where it would quantize a latent one.
 This module imports only torch and transformers: a saved latent checkpoint carries a copy of it
 (gqa.remote).
 """

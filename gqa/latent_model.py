@@ -22,7 +22,7 @@ from gqa.latent import (
     convert_module,
     layout_module,
 )
-from gqa.precision import CONFIG_KEY as PRECISION_KEY
+from gqa.precision import PrecisionError, check_latent_layers, model_precision
 
 
 def model_latent(model: nn.Module) -> LatentPlan | None:
@@ -50,11 +50,10 @@ def _prepare(model: nn.Module, plan: LatentPlan):
     check_family(model.config.model_type)
     if model_latent(model) is not None:
         raise LatentError("the model already has latent layers; apply a plan to its source")
-    if getattr(model.config, PRECISION_KEY, None) is not None:
-        raise LatentError(
-            "latent layers do not run through the quantized cache yet; apply the latent plan to "
-            "a model without a cache precision"
-        )
+    try:
+        check_latent_layers(model_precision(model), plan.to_dict())
+    except PrecisionError as exc:
+        raise LatentError(str(exc)) from None
     plan.check_model(adapter.num_layers, *cached_widths(model))
     if model_grouping(model) is None:
         convert(model, current_grouping(model))

@@ -217,6 +217,19 @@ class PrecisionPlan:
 # -- models ---------------------------------------------------------------------------------------
 
 
+def check_latent_layers(plan: PrecisionPlan | None, latent: dict | None) -> None:
+    """Latent layers (gqa.latent, `latent` their plan as stored in a config) keep 16-bit caches:
+    raise PrecisionError naming the first one that `plan` would quantize."""
+    if plan is None or latent is None:
+        return
+    for i, (precision, ranks) in enumerate(zip(plan.layers, latent["layers"], strict=False)):
+        if any(r is not None for r in ranks) and (precision.k_bits, precision.v_bits) != (16, 16):
+            raise PrecisionError(
+                f"layer {i} is latent and its cache stays at 16 bits (latent caches are not "
+                f"quantized), but the precision plan gives it {precision.label()}"
+            )
+
+
 def model_precision(model: nn.Module) -> PrecisionPlan | None:
     """The precision plan a model carries, or None."""
     data = getattr(model.config, CONFIG_KEY, None)
@@ -246,11 +259,7 @@ def apply_precision(model: nn.Module, plan: PrecisionPlan | None) -> nn.Module:
     adapter = get_adapter(model)
     if plan is not None:
         plan.check_model(adapter.num_layers, adapter.head_dim)
-        if not plan.exact and getattr(model.config, LATENT_KEY, None) is not None:
-            raise PrecisionError(
-                "a quantized cache does not apply to latent layers yet (gqa.latent); give the "
-                "precision plan to a model without latent layers"
-            )
+        check_latent_layers(plan, getattr(model.config, LATENT_KEY, None))
     if plan is None or plan.exact:
         for layer in range(adapter.num_layers):
             module = adapter.attention(layer)

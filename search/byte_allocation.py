@@ -140,12 +140,14 @@ def uniform_settings(bits: Sequence[int], group_sizes: Sequence[int]) -> list[tu
 
 @dataclass(frozen=True)
 class JointAllocation:
-    """Per layer, which model's attention layer (grouping and recovered weights) it takes, and
-    the cache precision of every layer; `error` is the decomposed proxy error it minimised."""
+    """Per layer, which model's attention layer (grouping and recovered weights) it takes, the
+    cache precision of every layer, and which layers are made latent (gqa.latent; None: none);
+    `error` is the decomposed proxy error it minimised."""
 
     models: tuple[str, ...]
     plan: PrecisionPlan
     error: float
+    latent: LatentPlan | None = None
 
 
 def allocate_joint(
@@ -154,6 +156,8 @@ def allocate_joint(
     budget_bytes: float,
     head_dim: int,
     bits: Sequence[int] = BITS,
+    latent: LatentErrorTable | None = None,
+    latent_model: str | None = None,
 ) -> JointAllocation:
     """Head grouping and cache precision allocated together, layer by layer.
 
@@ -164,17 +168,26 @@ def allocate_joint(
     multiple-choice knapsack (one item per layer) picks grouping and bits jointly. The per-model
     allocations are inside this search space, so its proxy error is never above theirs.
 
+    With a `latent` table (objectives.latent_error, measured on `latent_model`'s layers), a layer
+    may also be `latent_model`'s made latent: K and V at measured ranks (the full width keeps a
+    kind on its heads), the cache at 16 bits, the error the table's K and V errors plus the
+    model's grouping error.
+
     An infinite grouping error marks a layer that model may not give (a layer protected for its
     long-range cost, search.kv_front)."""
     names = list(tables)
     if not names or set(names) != set(grouping_errors):
         raise ValueError("tables and grouping_errors must name the same, non-empty set of models")
+    if (latent is None) != (latent_model is None) or (latent and latent_model not in tables):
+        raise ValueError("a latent table needs latent_model, one of the tables' models")
     first = tables[names[0]]
     if any((t.group_size, t.window) != (first.group_size, first.window) for t in tables.values()):
         raise ValueError("the error tables differ in group size or window")
     layers = len(first.errors)
     if any(len(t.errors) != layers or len(grouping_errors[n]) != layers for n, t in tables.items()):
         raise ValueError("the error tables differ in their number of layers")
+    if latent is not None and len(latent.errors) != layers:
+        raise ValueError("the latent table differs in its number of layers")
     options = sorted({int(b) for b in bits} | {16})
     scale = 8 * first.group_size
     items, labels = [], []
@@ -191,13 +204,29 @@ def allocate_joint(
                 for vb, vc in zip(options, v_costs, strict=True):
                     error = grouping_errors[name][layer] + errors["k"][kb] + errors["v"][vb]
                     row.append((kc + vc, error))
-                    names_bits.append((name, kb, vb))
+                    names_bits.append((name, kb, vb, None))
+        if latent is not None and math.isfinite(grouping_errors[latent_model][layer]):
+            base, lat, widths = (
+                grouping_errors[latent_model][layer],
+                latent.errors[layer],
+                latent.widths[layer],
+            )
+            for rk in latent.ranks(layer, "k"):
+                for rv in latent.ranks(layer, "v"):
+                    ranks = LatentLayer(
+                        None if rk == widths["k"] else rk, None if rv == widths["v"] else rv
+                    )
+                    if ranks.is_latent:  # both at full width: the model's 16-bit option above
+                        row.append((2 * (rk + rv) * scale, base + lat["k"][rk] + lat["v"][rv]))
+                        names_bits.append((latent_model, 16, 16, ranks))
         items.append(row)
         labels.append(names_bits)
     picks = _least_error(items, budget_bytes * scale, scale, "these models")
     chosen = [labels[layer][j] for layer, j in enumerate(picks)]
     plan = PrecisionPlan(
-        tuple(LayerPrecision(kb, vb) for _, kb, vb in chosen), first.group_size, first.window
+        tuple(LayerPrecision(kb, vb) for _, kb, vb, _ in chosen), first.group_size, first.window
     )
     error = sum(items[layer][j][1] for layer, j in enumerate(picks))
-    return JointAllocation(tuple(name for name, _, _ in chosen), plan, error)
+    ranks = [r or LatentLayer() for *_, r in chosen]
+    latent_plan = LatentPlan(tuple(ranks)) if any(r.is_latent for r in ranks) else None
+    return JointAllocation(tuple(name for name, *_ in chosen), plan, error, latent_plan)

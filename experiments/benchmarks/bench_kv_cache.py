@@ -2,7 +2,8 @@
 
 For SmolLM2-135M and each cache setting (transformers' default cache; the source with the real
 bit-packed cache at K4/V4 and K2/V2, group 64; the source through headgroup's grouped attention
-on its own grouping; the default study's searched 2-KV grouping at 16 bits and at K4/V4), a prompt
+on its own grouping; the default study's searched 2-KV grouping at 16 bits and at K4/V4; latent
+layers (gqa.latent) with K and V at rank 64, and with V alone at rank 64), a prompt
 of held-out long text (objectives.long_context.long_windows, the long-context tasks' documents)
 of each length and batch size is run once, then `--decode` greedy tokens are decoded one at a
 time. Each measurement runs in its own process, twice: the first run gives the peak resident
@@ -39,6 +40,8 @@ import gqa
 from experiments.benchmarks import common
 from gqa.adapters import get_adapter
 from gqa.grouping import write_text_atomic
+from gqa.latent import LatentPlan
+from gqa.latent_model import apply_latent, cache_bytes_per_token, model_latent
 from gqa.models import load_model
 from gqa.precision import PrecisionPlan
 from objectives.long_context import long_windows
@@ -52,7 +55,10 @@ SETTINGS = {  # name -> (grouping: None for the source, "source" for its own gro
     "grouped_source": ("source", None),
     "2kv": (SEARCHED, None),
     "2kv_k4v4": (SEARCHED, (4, 4)),
+    "latent_k64v64": (None, None),
+    "latent_v64": (None, None),
 }
+LATENT = {"latent_k64v64": (64, 64), "latent_v64": (None, 64)}  # ranks of every layer's K, V
 GROUP_SIZE = 64
 
 
@@ -66,6 +72,11 @@ def build(setting: str, loaded):
     if bits is not None:
         layers = get_adapter(model).num_layers
         model = gqa.apply_precision(model, PrecisionPlan.uniform(layers, *bits, GROUP_SIZE))
+    if setting in LATENT:  # speed does not depend on the factors: a plain SVD (identity grams)
+        adapter = get_adapter(model)
+        plan = LatentPlan.uniform(adapter.num_layers, *LATENT[setting])
+        grams = [torch.eye(adapter.hidden_size)] * adapter.num_layers
+        model = apply_latent(model, plan, grams)
     return model.eval()
 
 
@@ -86,6 +97,8 @@ def _cache_bytes(cache) -> int:
 
 def formula_bytes(model, length: int, batch: int) -> int:
     """What gqa.precision's formula says the cache of `length` tokens holds (float32 model)."""
+    if model_latent(model) is not None:
+        return cache_bytes_per_token(model, dtype_bytes=4) * length * batch
     counts = Budget.of(gqa.current_grouping(model))
     adapter = get_adapter(model)
     plan = gqa.model_precision(model) or PrecisionPlan.uniform(adapter.num_layers, 16)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from gqa.adapters import ModelAdapter, get_adapter
 from gqa.assets import cache_dir
 from gqa.grouping import LayerGrouping
+from gqa.latent_model import model_latent
 from gqa.precision import model_precision
 from gqa.surgery import current_grouping
 from objectives.calibration import CalibrationStats
@@ -342,10 +343,13 @@ class LayerFitCache:
         config: LayerwiseConfig,
         root: Path | None = None,
         precision: dict | None = None,
+        latent: dict | None = None,
     ):
         fields = {"stats": stats_fingerprint(stats), "merge": merge, "fit": config.fit_key()}
         if precision is not None:  # fitted through a quantized cache: other fits
             fields["precision"] = precision
+        if latent is not None:  # latent layers (gqa.latent): other modules, other fits
+            fields["latent"] = latent
         key = json.dumps(fields, sort_keys=True)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         self.folder = (root or cache_dir() / "layer_fits") / digest
@@ -431,7 +435,14 @@ def layerwise(
     # each layer is fitted to the source's exact output through its low-bit cache.
     plan = model_precision(converted)
     key = None if plan is None else plan.to_dict()
-    cache = LayerFitCache(stats, merge, config, precision=key) if merge and config.cache else None
+    latent = model_latent(converted)
+    cache = (
+        LayerFitCache(
+            stats, merge, config, precision=key, latent=None if latent is None else latent.to_dict()
+        )
+        if merge and config.cache
+        else None
+    )
     grouping = current_grouping(converted)
     start = time.perf_counter()
     all_params = [p for i in range(a.num_layers) for p in projection_params(a, i, config.train)]

@@ -10,7 +10,13 @@ import gqa
 from gqa.grouping import Grouping
 from gqa.latent import LatentError, LatentLayer, LatentPlan, LowRankFactors, whitened_svd
 from gqa.latent_model import apply_latent, cache_bytes_per_token, cached_widths, model_latent
-from gqa.precision import PrecisionError, PrecisionPlan, apply_precision
+from gqa.precision import (
+    LayerPrecision,
+    PrecisionError,
+    PrecisionPlan,
+    apply_precision,
+    quantized_cache,
+)
 from tests.tiny import batch, logits, tiny_model
 
 HIDDEN = 48  # tiny_model: 6 heads of head_dim 8
@@ -120,9 +126,9 @@ def test_decoding_with_the_cache_equals_the_full_forward(ranks):
     with torch.no_grad():
         full = model(ids).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, :9], past_key_values=cache, use_cache=True).logits]
+        steps = [model(ids[:, :9], cache=cache, use_cache=True).logits]
         for t in range(9, 14):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, **F64)
     k_width, v_width = ranks[0] or 24, ranks[1] or 24
     layer = cache.layers[0]
@@ -169,10 +175,10 @@ def test_bad_plans_and_models_are_refused():
     with pytest.raises(LatentError, match="unsupported latent plan version"):
         LatentPlan.from_dict({"version": 9, "layers": []})
     quantized = apply_precision(_model(), PrecisionPlan.uniform(2, 4, 4, group_size=8))
-    with pytest.raises(LatentError, match="do not run through the quantized cache"):
+    with pytest.raises(LatentError, match="layer 0 is latent and its cache stays at 16 bits"):
         apply_latent(quantized, LatentPlan.uniform(2, 8, None), _grams())
     latent = apply_latent(_model(), LatentPlan.uniform(2, 8, None), _grams())
-    with pytest.raises(PrecisionError, match="does not apply to latent layers"):
+    with pytest.raises(PrecisionError, match="but the precision plan gives it K4/V4"):
         apply_precision(latent, PrecisionPlan.uniform(2, 4, 4, group_size=8))
     with pytest.raises(LatentError, match="already has latent layers"):
         apply_latent(latent, LatentPlan.uniform(2, 8, None), _grams())
@@ -183,3 +189,25 @@ def test_plan_round_trips_through_json():
     assert LatentPlan.from_dict(plan.to_dict()) == plan
     assert [layer.is_latent for layer in plan.layers] == [True, False, True]
     assert isinstance(whitened_svd(torch.eye(3), torch.eye(3)), LowRankFactors)
+
+
+def test_latent_and_quantized_layers_share_one_real_cache():
+    """Layer 0 latent at 16 bits, layer 1 on its heads at K4/V2: the real cache (used by
+    `generate`) decodes what the simulated forward computes, token by token."""
+    plan = PrecisionPlan((LayerPrecision(16, 16), LayerPrecision(4, 2)), group_size=4)
+    model = apply_latent(_model(), LatentPlan([(8, 12), (None, None)]), _grams())
+    apply_precision(model, plan)
+    ids = batch(batch_size=1, length=14)["input_ids"]
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = quantized_cache(model)
+        steps = [model(ids[:, :6], cache=cache, use_cache=True).logits]
+        for t in range(6, 14):
+            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, **F64)
+    assert cache.layers[0].keys.shape[-1] == 8 and cache.layers[0].values.shape[-1] == 12
+    reordered = apply_latent(
+        apply_precision(_model(), plan), LatentPlan([(8, 12), (None, None)]), _grams()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(reordered(ids).logits, full, rtol=0, atol=0)

@@ -8,10 +8,16 @@ import torch
 
 from gqa.latent import LatentLayer, LatentPlan
 from gqa.latent_model import apply_latent, cache_bytes_per_token
+from gqa.precision import kind_bytes_per_token
 from objectives.calibration import CalibrationConfig, calibrate
-from objectives.kv_quant_error import grouping_errors
+from objectives.kv_quant_error import grouping_errors, kv_quant_errors
 from objectives.latent_error import latent_errors
-from search.byte_allocation import InfeasibleBudget, allocate_latent
+from search.byte_allocation import (
+    InfeasibleBudget,
+    allocate_joint,
+    allocate_latent,
+    allocate_precision,
+)
 from tests.tiny import tiny_model
 
 CONFIG = CalibrationConfig(seq_len=16, num_seqs=8, grad_seqs=2, sample_seqs=4, batch_size=4)
@@ -80,3 +86,32 @@ def test_allocated_plan_builds_a_model_of_the_planned_bytes(tiny):
     ids = torch.randint(3, 97, (1, 10))
     with torch.no_grad():
         assert torch.isfinite(latent(ids).logits).all()
+
+
+def test_joint_allocation_with_latent_options_beats_each_axis(tiny):
+    """Latent ranks as options of the joint allocation: never worse (in its units) than bits
+    alone or ranks alone at the same budget, within budget, and latent layers stay 16-bit."""
+    source, stats, table = tiny
+    quant = kv_quant_errors(source, stats, bits=(2, 4), group_size=4)
+    zeros = {"source": (0.0, 0.0)}
+    for budget in (130.0, 150.0, 170.0):  # the 16-bit source: 192 B; 2 bits g4: 120 B
+        joint = allocate_joint(
+            {"source": quant}, zeros, budget, 8, (2, 4, 16), latent=table, latent_model="source"
+        )
+        bits_only = allocate_precision(quant, budget, 8, (2, 4, 16))
+        assert joint.error <= quant.plan_error(bits_only) + 1e-12
+        try:
+            _, ranks_error = allocate_latent(table, budget)
+            assert joint.error <= ranks_error + 1e-12
+        except InfeasibleBudget:
+            pass
+        spent = 0.0
+        for i, precision in enumerate(joint.plan.layers):
+            ranks = joint.latent.layers[i] if joint.latent else LatentLayer()
+            if ranks.is_latent:
+                assert (precision.k_bits, precision.v_bits) == (16, 16)
+            for bits, rank in ((precision.k_bits, ranks.k_rank), (precision.v_bits, ranks.v_rank)):
+                spent += 2 * rank if rank else kind_bytes_per_token(3, 8, bits, 4)
+        assert spent <= budget + 1e-9
+    with pytest.raises(ValueError, match="needs latent_model"):
+        allocate_joint({"source": quant}, zeros, 60.0, 8, (2, 4, 16), latent=table)

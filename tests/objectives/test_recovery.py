@@ -447,3 +447,48 @@ def test_v_solve_needs_v_trained():
         LayerwiseConfig(train=("k",), v_solve=3)
     with pytest.raises(ValueError, match="v_solve must be an integer >= 0, got -1"):
         LayerwiseConfig(v_solve=-1)
+
+
+# -- latent layers -----------------------------------------------------------------------------
+
+
+def _latent(model, stats, ranks=(8, 8)):
+    from gqa.latent import LatentPlan
+    from gqa.latent_model import apply_latent
+
+    plan = LatentPlan.uniform(2, *ranks)
+    return apply_latent(copy.deepcopy(model), plan, [layer.gram for layer in stats.layers])
+
+
+def test_layerwise_fits_latent_layers_and_keys_their_fits_apart(
+    model, stats, tmp_path, monkeypatch
+):
+    """Layer-wise recovery trains the latent factors (down and up of K, V's down and the folded
+    o_proj) like merged projections, and caches their fits apart from a grouping's."""
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))
+    # holdout=0 as above: a tiny random model overfits 16-token sequences
+    config = LayerwiseConfig(steps=20, lr=2e-2, batch_size=3, holdout=0.0, train=("k", "v", "o"))
+    latent = _latent(model, stats)
+    before = _state(latent)
+    result = recover("layerwise", latent, model, None, stats, config, progress=False, merge="mean")
+    assert all(final < 0.8 * initial for initial, final in result.layer_losses)
+    changed = _changed(before, latent)
+    assert {
+        "model.layers.0.self_attn.k_proj.down.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    } <= changed
+    identity = gqa.convert(copy.deepcopy(model), gqa.current_grouping(model))
+    recover("layerwise", identity, model, None, stats, config, progress=False, merge="mean")
+    assert len(list((tmp_path / "layer_fits").iterdir())) == 2  # latent fits and plain fits
+
+
+def test_finetune_trains_latent_factors(model, stats, smol_tokenizer):
+    latent = _latent(model, stats)
+    before = _state(latent)
+    config = FinetuneConfig(**TINY_FINETUNE)
+    recover("finetune", latent, model, smol_tokenizer, None, config, progress=False)
+    assert _changed(before, latent) == {
+        f"model.layers.{i}.self_attn.{name}"
+        for i in range(2)
+        for name in ("k_proj.down.weight", "k_proj.up.weight", "v_proj.weight")
+    }

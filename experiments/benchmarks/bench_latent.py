@@ -1,0 +1,251 @@
+"""Latent K/V against grouping and quantization at the same cache bytes, at long context, no
+recovery (0 fine-tuning tokens).
+
+For SmolLM2-135M, calibrated as the default study calibrates (4 x 2048 `reading` tokens), and at
+each budget (a fraction of the source's 16-bit cache), one point per family:
+  latent_uniform   every layer's K and V at the same rank (gqa.latent, whitened SVD);
+  latent           per-layer K and V ranks from the exact knapsack over the Fisher-weighted latent
+                   error table (objectives.latent_error, search.byte_allocation.allocate_latent);
+  grouping         per layer the source, 2 or 1 KV heads (neighbour_kv, mean merge) from the same
+                   knapsack over the grouping errors (16-bit cache);
+  mixed_precision  per-layer K and V bits (2, 3, 4, 8, 16; g64) from the knapsack over the
+                   quantization error table.
+Every choice uses calibration text only. Each point is scored on test data: `long_ppl`
+(perplexity by position on 2048-token papers; per-paper late-bucket losses kept for paired
+intervals) and `passkey`. Rows go to results/bench/latent.csv as they finish (a stopped run
+resumes); latent.md tabulates them with paired intervals against the best other family.
+
+    python experiments/benchmarks/bench_latent.py [--budgets 0.5,0.3334,0.25] [--windows 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import gqa
+from experiments.benchmarks import common
+from gqa.grouping import Grouping, write_text_atomic
+from gqa.latent import LatentPlan
+from gqa.latent_model import apply_latent, cache_bytes_per_token
+from objectives.evaluate import evaluate
+from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
+from objectives.latent_error import latent_errors
+from objectives.long_context import LongContextConfig
+from objectives.significance import paired_bootstrap
+from search.byte_allocation import (
+    InfeasibleBudget,
+    allocate_joint,
+    allocate_latent,
+    allocate_precision,
+)
+from search.strategies.neighbour_kv import split_source_groups
+
+TASKS = ("long_ppl", "passkey")
+RANKS = (16, 32, 48, 64, 96, 128, 160)
+GROUP_SIZE = 64
+
+
+def _sixteen_bit_table(num_layers: int, k_heads, v_heads) -> QuantErrorTable:
+    row = {"k": {16: 0.0}, "v": {16: 0.0}}
+    return QuantErrorTable(
+        tuple(copy.deepcopy(row) for _ in range(num_layers)),
+        tuple(k_heads),
+        tuple(v_heads),
+        GROUP_SIZE,
+        0,
+    )
+
+
+class Families:
+    """Builds each family's model at a byte budget, from the source and its calibration."""
+
+    def __init__(self, loaded, stats):
+        self.source, self.stats = loaded.model, stats
+        self.adapter = gqa.get_adapter(self.source)
+        self.layers, self.head_dim = self.adapter.num_layers, self.adapter.head_dim
+        self.source_bytes = cache_bytes_per_token(self.source)
+        self.grams = [layer.gram for layer in stats.layers]
+        start = time.perf_counter()
+        self.latent_table = latent_errors(self.source, stats, RANKS, progress=True)
+        self.quant_table = kv_quant_errors(
+            self.source, stats, bits=(2, 3, 4, 8), group_size=GROUP_SIZE, progress=True
+        )
+        source_grouping = gqa.current_grouping(self.source)
+        self.groupings = {"source": source_grouping}
+        for groups in (2, 1):
+            layers = [
+                split_source_groups(tuple(map(tuple, layer.k)), groups)
+                for layer in source_grouping.layers
+            ]
+            self.groupings[f"{groups}kv"] = Grouping.create(self.adapter.num_heads, layers)
+        self.group_errors = {
+            name: (0.0,) * self.layers
+            if name == "source"
+            else grouping_errors(gqa.converted_copy(self.source, grouping), self.source, stats)
+            for name, grouping in self.groupings.items()
+        }
+        self.setup_seconds = time.perf_counter() - start
+
+    def budget_bytes(self, fraction: float) -> float:
+        return fraction * self.source_bytes
+
+    def latent_uniform(self, fraction: float):
+        rank = int(fraction * self.source_bytes / (2 * 2 * self.layers))
+        plan = LatentPlan.uniform(self.layers, rank, rank)
+        return apply_latent(copy.deepcopy(self.source), plan, self.grams), None, plan_text(plan)
+
+    def latent(self, fraction: float):
+        plan, _ = allocate_latent(self.latent_table, self.budget_bytes(fraction))
+        return apply_latent(copy.deepcopy(self.source), plan, self.grams), None, plan_text(plan)
+
+    def grouping(self, fraction: float):
+        tables = {
+            name: _sixteen_bit_table(
+                self.layers,
+                [len(layer.k) for layer in g.layers],
+                [len(layer.v) for layer in g.layers],
+            )
+            for name, g in self.groupings.items()
+        }
+        chosen = allocate_joint(
+            tables, self.group_errors, self.budget_bytes(fraction), self.head_dim, bits=(16,)
+        )
+        layers = [self.groupings[name].layers[i] for i, name in enumerate(chosen.models)]
+        mixed = Grouping.create(
+            self.adapter.num_heads, [layer.k for layer in layers], [layer.v for layer in layers]
+        )
+        text = " ".join(f"{len(layer.k)}" for layer in layers)
+        return gqa.converted_copy(self.source, mixed), None, f"KV heads per layer: {text}"
+
+    def mixed_precision(self, fraction: float):
+        plan = allocate_precision(
+            self.quant_table, self.budget_bytes(fraction), self.head_dim, bits=(2, 3, 4, 8, 16)
+        )
+        text = " ".join(f"{p.k_bits}/{p.v_bits}" for p in plan.layers)
+        model = gqa.converted_copy(self.source, gqa.current_grouping(self.source))
+        return model, plan, f"K/V bits per layer: {text}"
+
+    def kv_fraction(self, model, plan) -> float:
+        if plan is not None:
+            k_heads = [len(layer.k) for layer in gqa.current_grouping(self.source).layers]
+            return plan.bytes_per_token(k_heads, k_heads, self.head_dim) / self.source_bytes
+        return cache_bytes_per_token(model) / self.source_bytes
+
+
+def plan_text(plan: LatentPlan) -> str:
+    return "K/V ranks per layer: " + " ".join(
+        f"{layer.k_rank or 192}/{layer.v_rank or 192}" for layer in plan.layers
+    )
+
+
+FAMILIES = ("latent_uniform", "latent", "grouping", "mixed_precision")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--budgets", default="0.5,0.3334,0.25", help="0.3334: one third, 1 KV head of 3"
+    )
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=common.RESULTS)
+    args = parser.parse_args()
+    long_config = LongContextConfig(
+        seq_len=args.seq_len, ppl_windows=args.windows, depths=(0.1, 0.5, 0.9), trials=args.trials
+    )
+    table = common.CsvRows(args.out / "latent.csv")
+    done = {(r["family"], r["budget"], r["task"]) for r in table.rows}
+    loaded, stats = common.calibrated(
+        split="reading", seq_len=2048, num_seqs=4, grad_seqs=4, sample_seqs=4, batch_size=1
+    )
+    families = Families(loaded, stats)
+    print(f"error tables in {families.setup_seconds:.0f} s", flush=True)
+    runs = [("source", 1.0)] + [
+        (family, float(b)) for b in args.budgets.split(",") for family in FAMILIES
+    ]
+    for family, budget in runs:
+        if all((family, budget, task) in done for task in TASKS):
+            continue
+        if family == "source":
+            model, plan, text = loaded.model, None, "16-bit"
+        else:
+            try:
+                model, plan, text = getattr(families, family)(budget)
+            except InfeasibleBudget as exc:  # e.g. grouping below 1 KV head per layer
+                print(f"{family:16s} {budget:5.2f} infeasible: {exc}", flush=True)
+                continue
+        for task in TASKS:
+            if (family, budget, task) in done:
+                continue
+            start = time.perf_counter()
+            with gqa.precision_applied(model, plan):
+                result = evaluate(
+                    model,
+                    loaded.tokenizer,
+                    [task],
+                    subset="test",
+                    long_config=long_config,
+                    progress=False,
+                )[task]
+            table.append(
+                {
+                    "family": family,
+                    "budget": budget,
+                    "kv_fraction": families.kv_fraction(model, plan),
+                    "task": task,
+                    "score": result["score"],
+                    "loss": result["loss"],
+                    "detail": json.dumps(
+                        {k: result[k] for k in ("buckets", "by_length") if k in result}
+                    ),
+                    "outcomes": json.dumps(result.get("outcomes") or result.get("window_loss")),
+                    "choice": text,
+                    "recovery_tokens": 0,
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
+            print(f"{family:16s} {budget:5.2f} {task:9s} {result['score']:.3f}", flush=True)
+    write_text_atomic(args.out / "latent.md", markdown(table.frame()))
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """Per budget and family: long-bucket perplexity, passkeys, and for each latent family the
+    paired difference of late-bucket perplexity against the best other family (documents)."""
+    ppl = frame[frame["task"] == "long_ppl"].set_index(["family", "budget"])
+    keys = frame[frame["task"] == "passkey"].set_index(["family", "budget"])
+    lines = [
+        "| budget | family | cache | ppl 0-255 | ppl 1024-2047 | passkeys | vs best non-latent "
+        "(late ppl, 95% CI) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (family, budget), row in ppl.sort_index(level=1, ascending=False).iterrows():
+        buckets = json.loads(row["detail"])["buckets"]
+        first, last = list(buckets.values())[0], row["score"]
+        passkeys = json.loads(keys.loc[(family, budget), "outcomes"])
+        against = ""
+        others = ppl.xs(budget, level="budget")
+        others = others[~others.index.str.startswith("latent")]
+        if family.startswith("latent") and len(others):
+            best = others["score"].idxmin()
+            diff = paired_bootstrap(
+                np.array(json.loads(row["outcomes"])),
+                np.array(json.loads(others.loc[best, "outcomes"])),
+            )
+            against = f"{diff.difference:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] vs {best}"
+        lines.append(
+            f"| {budget:g} | {family} | {100 * row['kv_fraction']:.1f}% | {first:.2f} | "
+            f"{last:.2f} | {sum(passkeys)}/{len(passkeys)} | {against} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
