@@ -23,6 +23,7 @@ STYLES = {
     "quantization": dict(color="tab:blue", marker="o"),
     "mixed_precision": dict(color="tab:cyan", marker="v"),
     "grouping": dict(color="tab:orange", marker="s"),
+    "latent": dict(color="tab:green", marker="D"),
     "joint": dict(color="tab:red", marker="*", markersize=11),
 }
 
@@ -80,7 +81,9 @@ def byte_front_report(
         )
         if rows.empty:
             continue
-        ax.plot(rows["kv_bytes"], rows["test_ppl"], label=f"{family} (test)", **STYLES[family])
+        ax.plot(
+            rows["kv_bytes"], rows["test_ppl"], label=f"{family} (test)", **STYLES.get(family, {})
+        )
     ax.set_xlabel("KV-cache bytes per token (steady state)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")

@@ -4,6 +4,8 @@ from gqa import attention as _attention  # noqa: F401  (registers the grouped at
 from gqa.adapters import ModelAdapter, UnsupportedModelError, get_adapter, register_adapter
 from gqa.checkpoint import load, save
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
+from gqa.latent import LatentError, LatentLayer, LatentPlan
+from gqa.latent_model import apply_latent, cache_bytes_per_token, model_latent
 from gqa.merge import MERGES, MergeContext, register_merge
 from gqa.precision import (
     LayerPrecision,
@@ -24,6 +26,12 @@ from gqa.surgery import (
 )
 
 __all__ = [
+    "LatentError",
+    "LatentLayer",
+    "LatentPlan",
+    "apply_latent",
+    "cache_bytes_per_token",
+    "model_latent",
     "LayerPrecision",
     "PrecisionError",
     "PrecisionPlan",

@@ -12,7 +12,7 @@
                    rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
                    table_budget_gb (optional bound on the group tables kept in memory)
     [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window,
-                   valid_windows, test_windows, layer_mix, screen, protect: the byte front
+                   valid_windows, test_windows, layer_mix, screen, protect, latent_ranks: the byte front
                    (search.kv_front)
     [selection]    objective: {task = weight}, over ppl and the long tasks (long_ppl, passkey,
                    mdqa): what stage 2 and the byte front select by on validation
@@ -146,6 +146,10 @@ class PrecisionConfig:
     # Per stage-2 winner, the layers of highest long-range cost (objectives.long_range, measured
     # on validation at [long_context] settings) that the joint layer mixes keep from the source.
     protect: int = 0
+    # Latent K/V ranks (gqa.latent) the byte front may give the source's layers: a `latent`
+    # family (ranks allocated per layer, 16-bit cache) and latent options in the joint layer mixes;
+    # () = none.
+    latent_ranks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -411,6 +415,10 @@ def _precision(table: dict) -> PrecisionConfig:
             raise ConfigError(f"precision.{name}: must be >= {least}")
         numbers[name] = value
     numbers["layer_mix"] = _get(table, "precision.layer_mix", bool, defaults.layer_mix)
+    ranks = _get(table, "precision.latent_ranks", list, list(defaults.latent_ranks))
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ConfigError(f"precision.latent_ranks: expected positive integers, got {ranks}")
+    numbers["latent_ranks"] = tuple(sorted(set(ranks)))
     return PrecisionConfig(
         budgets=tuple(sorted((float(b) for b in budgets), reverse=True)),
         bits=tuple(sorted(set(bits), reverse=True)),

@@ -1,7 +1,7 @@
 """Points of the byte front and what follows from them alone, with no model and no storage.
 
-A point is a model (the source, a stage-2 winner, or a layer mix of them) with its cache: at 16
-bits, quantized uniformly, or with bits allocated per layer. The families are small registered
+A point is a model (the source, a stage-2 winner, the source with latent layers, or a layer mix of
+them) with its cache: at 16 bits, quantized uniformly, or with bits allocated per layer. The families are small registered
 classes, each saying which points it may choose from; `fitting`, `screened` and `choose` are pure
 functions over points and their measured values. `search.kv_front` builds the points, measures
 them and keeps the record.
@@ -14,23 +14,27 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gqa.grouping import Grouping
+from gqa.latent import LatentPlan
 from gqa.precision import PrecisionPlan
 
 SOURCE = "source"
 MIX_PREFIX = "mix:"
+LATENT_PREFIX = "latent:"
 CACHES = ("16-bit", "uniform", "allocated")  # how a point's cache is stored
 BYTES_TOLERANCE = 1e-9  # relative: a point of exactly the budget's bytes fits it
 
 
 @dataclass(frozen=True)
 class FrontModel:
-    """The model of a point: its name, its grouping, and for a layer mix which models gave its
-    layers. `stage2` holds what stage 2 measured of the same model (the source, a winner)."""
+    """The model of a point: its name, its grouping, its latent layers (gqa.latent), and for a
+    layer mix which models gave its layers. `stage2` holds what stage 2 measured of the same
+    model (the source, a winner)."""
 
-    name: str  # "source", "<budget>kv:<strategy>" or "mix:<digest>"
+    name: str  # "source", "<budget>kv:<strategy>", "latent:<digest>" or "mix:<digest>"
     grouping: Grouping
     layers: str = ""  # a layer mix: "18 source, 12 2kv:coarsen_source"
     stage2: Mapping[str, float] | None = field(default=None, compare=False, repr=False)
+    latent: LatentPlan | None = None  # layers made latent, on top of the grouping
 
     @property
     def is_source(self) -> bool:
@@ -118,12 +122,24 @@ class GroupingOnly(Family):
     name = "grouping"
 
     def admits(self, point: Point) -> bool:
-        return point.cache == "16-bit"
+        return point.cache == "16-bit" and point.model.latent is None
+
+
+@register_family
+class Latent(Family):
+    """The source with latent K/V ranks allocated per layer, at 16 bits: low rank alone (only
+    where the config gives `latent_ranks`)."""
+
+    name = "latent"
+
+    def admits(self, point: Point) -> bool:
+        return point.model.name.startswith(LATENT_PREFIX) and point.cache == "16-bit"
 
 
 @register_family
 class Joint(Family):
-    """Everything: every point above, converted models with allocated bits, and layer mixes."""
+    """Everything: every point above, converted models with allocated bits, and layer mixes
+    (with latent layers where the config gives `latent_ranks`)."""
 
     name = "joint"
 

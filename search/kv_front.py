@@ -9,11 +9,15 @@ exactly under a byte budget from the KV-quantization proxy (search.byte_allocati
     quantization     the source, uniform K/V bits and group size (what a careful user would pick)
     mixed_precision  the source, per-layer K/V bits allocated under the budget (G fixed)
     grouping         a converted model (or the source) at 16 bits: head grouping alone
+    latent           with `latent_ranks`: the source with per-layer K/V latent ranks allocated
+                     under the budget (gqa.latent, objectives.latent_error), 16-bit cache
     joint            every point above, every converted model with allocated bits, and (with
                      `layer_mix`) models that take each layer from the source or a stage-2
                      winner, grouping and bits allocated together (search.byte_allocation.allocate_joint);
+                     with `latent_ranks`, a layer of the source may also be made latent there;
                      with `protect = k`, each winner's k layers of highest long-range cost
                      (objectives.long_range) stay the source's in those mixes
+Latent layers get no recovery here: their factors are the whitened SVD's (0 training tokens).
 
 Each family's choice at a budget is its point of least *validation* perplexity that fits (or of
 the study's selection objective, objectives.selection: long-context perplexity, retrieval, a mix);
@@ -47,19 +51,23 @@ from tqdm.auto import tqdm
 
 import gqa
 from gqa.grouping import Grouping
-from gqa.precision import PrecisionPlan, kv_bytes_per_token
+from gqa.latent_model import apply_latent
+from gqa.precision import PrecisionPlan, kind_bytes_per_token
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.kv_quant_error import grouping_errors, kv_quant_errors
+from objectives.latent_error import LatentErrorTable, latent_errors
 from objectives.long_range import LongRangeCosts, long_range_costs
 from search.budget import Budget
 from search.byte_allocation import (
     ByteBudget,
     InfeasibleBudget,
     allocate_joint,
+    allocate_latent,
     allocate_precision,
     uniform_settings,
 )
 from search.front_points import (
+    LATENT_PREFIX,
     MIX_PREFIX,
     SOURCE,
     FrontModel,
@@ -96,6 +104,7 @@ class KVFront:
         self._quant_errors: dict[tuple[str, int], object] = {}  # (model name, group size)
         self._layer_errors: dict[str, tuple[float, ...]] = {}
         self._windows: dict[str, object] = {}
+        self._latent_table: LatentErrorTable | None = None
 
     # -- models and measurements ---------------------------------------------------------------
 
@@ -146,14 +155,26 @@ class KVFront:
         none)."""
         seed = None if model.is_source else recovery_seed
         if (model.name, seed) not in self._modules:
-            if model.is_source:
+            if model.is_source or model.grouping == self.study.source_grouping:
                 module = gqa.converted_copy(self.study.source, model.grouping)  # exact, shared
             else:
                 module = self.study.build_candidate(
                     model.grouping, recovery_seed=seed, progress=self.progress
                 )
+            if model.latent is not None:
+                grams = [layer.gram for layer in self.study.stats.layers]
+                module = apply_latent(module, model.latent, grams)
             self._modules[model.name, seed] = module
         return self._modules[model.name, seed]
+
+    def latent_table(self) -> LatentErrorTable:
+        """The source's latent error table at the config's `latent_ranks` (kept)."""
+        if self._latent_table is None:
+            source = FrontModel(SOURCE, self.study.source_grouping)
+            self._latent_table = latent_errors(
+                self.module(source), self.study.stats, self.config.latent_ranks, self.progress
+            )
+        return self._latent_table
 
     def _quant_table(self, model: FrontModel, group_size: int | None = None):
         group_size = self.config.group_sizes[0] if group_size is None else group_size
@@ -281,6 +302,9 @@ class KVFront:
                     "proxy": point.proxy,
                     "layers": point.model.layers,
                     "grouping": point.model.grouping.to_json() if point.model.is_mix else "",
+                    "latent": json.dumps(point.model.latent.to_dict())
+                    if point.model.latent
+                    else "",
                 },
             )
         )
@@ -316,7 +340,11 @@ class KVFront:
                     continue
                 kv_bytes = self._bytes(plan, model)
                 out.append(Point(model, plan, kv_bytes, "allocated", self._proxy(model, plan)))
-            if self.config.layer_mix and len(models) > 1:
+            if self.config.latent_ranks:
+                latent = self._latent_point(models[SOURCE], budget)
+                if latent is not None:
+                    out.append(latent)
+            if self.config.layer_mix and (len(models) > 1 or self.config.latent_ranks):
                 mixed = self._layer_mix(models, budget)
                 if mixed is not None and mixed.key not in {p.key for p in out}:
                     out.append(mixed)
@@ -327,6 +355,7 @@ class KVFront:
         model is named `mix:<digest>` unless every layer comes from one model."""
         if models[SOURCE].grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
             return None  # the source fits at 16 bits
+        latent = self.latent_table() if self.config.latent_ranks else None
         try:
             allocation = allocate_joint(
                 {name: self._quant_table(m) for name, m in models.items()},
@@ -334,6 +363,8 @@ class KVFront:
                 budget.bytes_per_token,
                 self.head_dim,
                 (*self.config.bits, 16),
+                latent=latent,
+                latent_model=None if latent is None else SOURCE,
             )
         except InfeasibleBudget:
             return None
@@ -341,18 +372,58 @@ class KVFront:
             models[name].grouping.layers[layer] for layer, name in enumerate(allocation.models)
         )
         grouping = Grouping(self.study.source_grouping.num_heads, layers)
-        mixed = next((m for m in models.values() if m.grouping == grouping), None)
+        mixed = None
+        if allocation.latent is None:
+            mixed = next((m for m in models.values() if m.grouping == grouping), None)
         if mixed is None:
-            digest = hashlib.sha1(grouping.to_json().encode()).hexdigest()[:8]
+            text = grouping.to_json()
+            if allocation.latent is not None:
+                text += json.dumps(allocation.latent.to_dict())
+            digest = hashlib.sha1(text.encode()).hexdigest()[:8]
             counts = pd.Series(allocation.models).value_counts()
             given = ", ".join(f"{n} {name}" for name, n in counts.items())
-            mixed = FrontModel(MIX_PREFIX + digest, grouping, layers=given)
+            if allocation.latent is not None:
+                latent_layers = sum(layer.is_latent for layer in allocation.latent.layers)
+                given += f" ({latent_layers} of the source's latent)"
+            mixed = FrontModel(
+                MIX_PREFIX + digest, grouping, layers=given, latent=allocation.latent
+            )
         plan = allocation.plan
         return Point(mixed, plan, self._bytes(plan, mixed), "allocated", allocation.error)
 
-    def _bytes(self, plan: PrecisionPlan, model: FrontModel) -> float:
+    def _latent_point(self, source: FrontModel, budget: ByteBudget) -> Point | None:
+        """The source with latent ranks allocated under the budget (None where the ranks cannot
+        meet it, or where it needs none)."""
+        try:
+            plan, error = allocate_latent(self.latent_table(), budget.bytes_per_token)
+        except InfeasibleBudget:
+            return None
+        if not any(layer.is_latent for layer in plan.layers):
+            return None
+        digest = hashlib.sha1(json.dumps(plan.to_dict()).encode()).hexdigest()[:8]
+        ranks = " ".join(f"{layer.k_rank or '-'}/{layer.v_rank or '-'}" for layer in plan.layers)
+        model = FrontModel(
+            LATENT_PREFIX + digest, source.grouping, layers=f"K/V ranks: {ranks}", latent=plan
+        )
+        return Point(model, None, self._bytes(None, model), "16-bit", error)
+
+    def _bytes(self, plan: PrecisionPlan | None, model: FrontModel) -> float:
+        """Steady-state bytes per token of a model's cache under `plan` (None: 16 bits): a
+        latent kind caches its rank at 16 bits, any other kind its heads at the plan's bits."""
         counts = Budget.of(model.grouping)
-        return kv_bytes_per_token(counts.k, counts.v, self.head_dim, plan)
+        plan = plan or PrecisionPlan.uniform(self.layers, 16)
+        latent = model.latent.layers if model.latent else (None,) * self.layers
+
+        def kind(bits: int, heads: int, rank: int | None) -> float:
+            if rank is None:
+                return kind_bytes_per_token(heads, self.head_dim, bits, plan.group_size)
+            return kind_bytes_per_token(1, rank, bits, plan.group_size)
+
+        return sum(
+            kind(p.k_bits, counts.k[i], r and r.k_rank)
+            + kind(p.v_bits, counts.v[i], r and r.v_rank)
+            for i, (p, r) in enumerate(zip(plan.layers, latent, strict=True))
+        )
 
     def run(self) -> pd.DataFrame:
         """Measure what is left on validation, choose per budget and family, measure the chosen

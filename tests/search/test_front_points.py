@@ -3,6 +3,7 @@
 import pytest
 
 from gqa.grouping import Grouping
+from gqa.latent import LatentPlan
 from gqa.precision import PrecisionPlan
 from search.front_points import (
     FAMILIES,
@@ -19,6 +20,12 @@ SOURCE = FrontModel("source", Grouping.identity(4, 2))
 WINNER = FrontModel("2kv:greedy", Grouping.neighbour(4, 2, 2))
 MIX = FrontModel("mix:0123abcd", Grouping.neighbour(4, 2, [4, 2]), layers="1 source, 1 2kv:greedy")
 K4 = PrecisionPlan.uniform(2, 4, 4, 8)
+LATENT = FrontModel(
+    "latent:0123abcd", Grouping.identity(4, 2), latent=LatentPlan([(8, None), (None, 4)])
+)
+LATENT_MIX = FrontModel(
+    "mix:4567abcd", Grouping.neighbour(4, 2, [4, 2]), latent=LatentPlan([(8, None), (None, None)])
+)
 
 
 def _points() -> list[Point]:
@@ -34,12 +41,21 @@ def _points() -> list[Point]:
 
 def test_each_family_admits_what_its_name_says():
     members = family_members(_points())
-    assert list(members) == ["quantization", "mixed_precision", "grouping", "joint"]
+    assert list(members) == ["quantization", "mixed_precision", "grouping", "latent", "joint"]
     described = {f: {(p.model.name, p.cache) for p in ps} for f, ps in members.items()}
     assert described["quantization"] == {("source", "16-bit"), ("source", "uniform")}
     assert described["mixed_precision"] == {("source", "16-bit"), ("source", "allocated")}
     assert described["grouping"] == {("source", "16-bit"), ("2kv:greedy", "16-bit")}
+    assert described["latent"] == set()  # no latent points: the family chooses nothing
     assert len(members["joint"]) == len(_points())
+
+
+def test_latent_family_takes_latent_source_points_and_joint_takes_latent_mixes():
+    latent = Point(LATENT, None, 60.0, "16-bit", proxy=1.0)
+    mix = Point(LATENT_MIX, K4, 20.0, "allocated", proxy=7.0)
+    members = family_members([*_points(), latent, mix])
+    assert members["latent"] == [latent]  # not the mix with latent layers
+    assert latent not in members["grouping"] and mix in members["joint"]
 
 
 def test_fitting_keeps_a_point_of_exactly_the_budget():
@@ -79,7 +95,7 @@ def test_choose_takes_the_least_validation_value_and_joint_is_never_worse():
     mix = by[0.3, "joint"]  # 10.5: better than the source's quantized points (11)
     assert mix["model"] == MIX.name and mix["layers"] == "1 source, 1 2kv:greedy"
     assert mix["kv_fraction"] == pytest.approx(0.25) and mix["point"].cache == "allocated"
-    assert {r["family"] for r in rows if r["budget_fraction"] == 1.0} == set(FAMILIES)
+    assert {r["family"] for r in rows if r["budget_fraction"] == 1.0} == set(FAMILIES) - {"latent"}
 
 
 def test_a_point_says_what_is_wrong_with_its_cache():

@@ -8,6 +8,7 @@ import optuna
 import pytest
 import torch
 
+import gqa
 from experiments.byte_front_report import byte_front_report
 from experiments.cli import main
 from gqa.adapters import get_adapter
@@ -27,6 +28,7 @@ bits = [8, 4, 2]
 group_sizes = [8, 4]
 valid_windows = 2
 test_windows = 2
+latent_ranks = [4, 8, 16]
 """
 
 
@@ -57,6 +59,11 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     # at 100% the source at 16 bits is in every family; below it, only precision can serve the
     # quantization family, and at 30% no 16-bit grouping of 2 KV heads (of 3) fits
     assert "grouping" not in set(chosen[chosen["budget_fraction"] == 0.3]["family"])
+    # the latent family: the source with latent layers allocated per budget, 16-bit
+    latent = chosen[chosen["family"] == "latent"]
+    assert set(latent["budget_fraction"]) == {1.0, 0.6, 0.45, 0.3}  # a smaller one fits 100%
+    assert latent["model"].str.startswith("latent:").all()
+    assert (latent["precision"] == "16-bit").all()
     points = front_frame("tiny", storage)
     assert {"uniform", "allocated", "16-bit"} <= set(points["cache"])
     assert points["valid_ppl"].notna().all()
@@ -138,6 +145,39 @@ def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def test_a_layer_mix_may_make_source_layers_latent(front_config):
+    """With latent layers made free (a zero error table) and the winner's layers prohibitively
+    bad, the joint allocation takes latent layers of the source; the mix is built with them
+    (16-bit there, the plan's bits elsewhere), its bytes are the latent widths' and it runs."""
+    path, _ = front_config
+    study = Study(StudyConfig.load(path), progress=False)
+    study.run()
+    front = KVFront(study, progress=False)
+    table = front.latent_table()
+    free = dataclasses.replace(
+        table,
+        errors=tuple({k: dict.fromkeys(e, 0.0) for k, e in row.items()} for row in table.errors),
+    )
+    front.latent_table = lambda: free
+    models = front.base_models()
+    winner = next(n for n in models if n.startswith("2kv:"))
+    models = {"source": models["source"], winner: models[winner]}
+    front.layer_errors = lambda model: {"source": (0.0, 0.0), winner: (1e12, 1e12)}[model.name]
+    budget = ByteBudget.of_source(0.3, front.source_bytes)
+    point = front._layer_mix(models, budget)
+    latent = point.model.latent
+    assert latent is not None and point.kv_bytes <= budget.bytes_per_token
+    assert "of the source's latent" in point.model.layers
+    widths = 0
+    for ranks, precision in zip(latent.layers, point.plan.layers, strict=True):
+        assert ranks.is_latent and (precision.k_bits, precision.v_bits) == (16, 16)
+        widths += ranks.k_rank + ranks.v_rank
+    assert point.kv_bytes == 2 * widths
+    module = front.module(point.model)
+    assert gqa.model_latent(module) == latent
+    assert math.isfinite(front._measure(point, VALID_SPLIT))
+
+
 def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, capsys):
     path, _ = front_config
     text = path.read_text()
@@ -145,6 +185,7 @@ def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, caps
         ("bits = [8, 4, 2]", "bits = [8, 5]", "precision.bits: expected a non-empty list from"),
         ("budgets = [1.0", "budgets = [1.5", "precision.budgets: expected fractions"),
         ("test_windows = 2", "test_windows = 2\nscreen = -1", "precision.screen: must be >= 0"),
+        ("latent_ranks = [4, 8, 16]", "latent_ranks = [4, 0]", "precision.latent_ranks: expected"),
     ]:
         bad = tmp_path / "bad.toml"
         bad.write_text(text.replace(old, new))
