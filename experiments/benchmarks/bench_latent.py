@@ -12,10 +12,15 @@ each budget (a fraction of the source's 16-bit cache), one point per family:
                    quantization error table.
 Every choice uses calibration text only. Each point is scored on test data: `long_ppl`
 (perplexity by position on 2048-token papers; per-paper late-bucket losses kept for paired
-intervals) and `passkey`. Rows go to results/bench/latent.csv as they finish (a stopped run
-resumes); latent.md tabulates them with paired intervals against the best other family.
+intervals) and `passkey`. With `--recovery-tokens`, the `--recovery-families` models at the
+`--recovery-budgets` are also distilled from the source on that many `reading` tokens (2 x 2048
+a step, Q/K/V/O trained: the latent factors like any projection) and scored again; the family
+`source` there is the control, the source fine-tuned with the same recipe. Rows go to
+results/bench/latent.csv as they finish (a stopped run resumes); latent.md tabulates them with
+paired intervals against the best other family at the same budget and tokens.
 
     python experiments/benchmarks/bench_latent.py [--budgets 0.5,0.3334,0.25] [--windows 4]
+        [--recovery-tokens 25000] [--recovery-budgets 0.3334]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from objectives.evaluate import evaluate
 from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
 from objectives.latent_error import latent_errors
 from objectives.long_context import LongContextConfig
+from objectives.recovery import recover
 from objectives.significance import paired_bootstrap
 from search.byte_allocation import (
     InfeasibleBudget,
@@ -156,24 +162,32 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--recovery-tokens", default="", help="e.g. 25000,100000")
+    parser.add_argument("--recovery-budgets", default="0.3334")
+    parser.add_argument("--recovery-families", default="latent,grouping,source")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     long_config = LongContextConfig(
         seq_len=args.seq_len, ppl_windows=args.windows, depths=(0.1, 0.5, 0.9), trials=args.trials
     )
     table = common.CsvRows(args.out / "latent.csv")
-    done = {(r["family"], r["budget"], r["task"]) for r in table.rows}
+    done = {(r["family"], r["budget"], r["recovery_tokens"], r["task"]) for r in table.rows}
     loaded, stats = common.calibrated(
         split="reading", seq_len=2048, num_seqs=4, grad_seqs=4, sample_seqs=4, batch_size=1
     )
     families = Families(loaded, stats)
     print(f"error tables in {families.setup_seconds:.0f} s", flush=True)
-    runs = [("source", 1.0)] + [
-        (family, float(b)) for b in args.budgets.split(",") for family in FAMILIES
+    runs = [("source", 1.0, 0)] + [
+        (family, float(b), 0) for b in args.budgets.split(",") for family in FAMILIES
     ]
-    for family, budget in runs:
-        if all((family, budget, task) in done for task in TASKS):
+    for tokens in (int(t) for t in args.recovery_tokens.split(",") if t):
+        for family in args.recovery_families.split(","):
+            budgets = [1.0] if family == "source" else args.recovery_budgets.split(",")
+            runs += [(family, float(b), tokens) for b in budgets]
+    for family, budget, tokens in runs:
+        if all((family, budget, tokens, task) in done for task in TASKS):
             continue
+        start = time.perf_counter()
         if family == "source":
             model, plan, text = loaded.model, None, "16-bit"
         else:
@@ -182,8 +196,21 @@ def main() -> None:
             except InfeasibleBudget as exc:  # e.g. grouping below 1 KV head per layer
                 print(f"{family:16s} {budget:5.2f} infeasible: {exc}", flush=True)
                 continue
+        if tokens:
+            model = copy.deepcopy(model) if model is loaded.model else model
+            with gqa.precision_applied(model, plan):
+                recover(
+                    "finetune",
+                    model,
+                    loaded.model,
+                    loaded.tokenizer,
+                    stats,
+                    common.distill_recipe(tokens, batch_size=2, seq_len=2048, logging_steps=2),
+                    progress=True,
+                )
+        build = time.perf_counter() - start
         for task in TASKS:
-            if (family, budget, task) in done:
+            if (family, budget, tokens, task) in done:
                 continue
             start = time.perf_counter()
             with gqa.precision_applied(model, plan):
@@ -208,31 +235,40 @@ def main() -> None:
                     ),
                     "outcomes": json.dumps(result.get("outcomes") or result.get("window_loss")),
                     "choice": text,
-                    "recovery_tokens": 0,
+                    "recovery_tokens": tokens,
+                    "build_seconds": round(build, 1),
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )
-            print(f"{family:16s} {budget:5.2f} {task:9s} {result['score']:.3f}", flush=True)
+            print(
+                f"{family:16s} {budget:5.2f} {tokens:7d} {task:9s} {result['score']:.3f}",
+                flush=True,
+            )
     write_text_atomic(args.out / "latent.md", markdown(table.frame()))
 
 
 def markdown(frame: pd.DataFrame) -> str:
-    """Per budget and family: long-bucket perplexity, passkeys, and for each latent family the
-    paired difference of late-bucket perplexity against the best other family (documents)."""
-    ppl = frame[frame["task"] == "long_ppl"].set_index(["family", "budget"])
-    keys = frame[frame["task"] == "passkey"].set_index(["family", "budget"])
+    """Per budget, recovery tokens and family: perplexity of the first and last position
+    buckets, passkeys, and for each latent family the paired difference of late-bucket
+    perplexity against the best non-latent family at the same budget and tokens (documents)."""
+    frame = frame.copy()
+    frame["recovery_tokens"] = frame["recovery_tokens"].fillna(0).astype(int)
+    index = ["family", "budget", "recovery_tokens"]
+    ppl = frame[frame["task"] == "long_ppl"].set_index(index)
+    keys = frame[frame["task"] == "passkey"].set_index(index)
     lines = [
-        "| budget | family | cache | ppl 0-255 | ppl 1024-2047 | passkeys | vs best non-latent "
-        "(late ppl, 95% CI) |",
-        "|---|---|---|---|---|---|---|",
+        "| budget | tokens | family | cache | ppl 0-255 | ppl 1024-2047 | passkeys | "
+        "vs best non-latent (late ppl, 95% CI) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (family, budget), row in ppl.sort_index(level=1, ascending=False).iterrows():
-        buckets = json.loads(row["detail"])["buckets"]
-        first, last = list(buckets.values())[0], row["score"]
-        passkeys = json.loads(keys.loc[(family, budget), "outcomes"])
+    order = ppl.reset_index().sort_values(["budget", "recovery_tokens"], ascending=[False, True])
+    for row in order.to_dict("records"):
+        family, budget, tokens = row["family"], row["budget"], row["recovery_tokens"]
+        first = list(json.loads(row["detail"])["buckets"].values())[0]
+        passkeys = json.loads(keys.loc[(family, budget, tokens), "outcomes"])
         against = ""
-        others = ppl.xs(budget, level="budget")
-        others = others[~others.index.str.startswith("latent")]
+        same = order[(order["budget"] == budget) & (order["recovery_tokens"] == tokens)]
+        others = same[~same["family"].str.startswith("latent")].set_index("family")
         if family.startswith("latent") and len(others):
             best = others["score"].idxmin()
             diff = paired_bootstrap(
@@ -241,8 +277,8 @@ def markdown(frame: pd.DataFrame) -> str:
             )
             against = f"{diff.difference:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] vs {best}"
         lines.append(
-            f"| {budget:g} | {family} | {100 * row['kv_fraction']:.1f}% | {first:.2f} | "
-            f"{last:.2f} | {sum(passkeys)}/{len(passkeys)} | {against} |"
+            f"| {budget:g} | {tokens} | {family} | {100 * row['kv_fraction']:.1f}% | {first:.2f} | "
+            f"{row['score']:.2f} | {sum(passkeys)}/{len(passkeys)} | {against} |"
         )
     return "\n".join(lines) + "\n"
 
