@@ -59,7 +59,9 @@ def kv_summary(loaded: LoadedModel, dtype_bytes: int = 2) -> dict:
     head_dim = get_adapter(loaded.model).head_dim
     plan = gqa.model_precision(loaded.model)
     kv_bytes = grouping.kv_bytes_per_token(head_dim, dtype_bytes)
-    if plan is not None:
+    if gqa.model_latent(loaded.model) is not None:  # convert: latent layers with a 16-bit cache
+        kv_bytes = gqa.cache_bytes_per_token(loaded.model, dtype_bytes)
+    elif plan is not None:
         counts = [(len(layer.k), len(layer.v)) for layer in grouping.layers]
         kv_bytes = plan.bytes_per_token(*zip(*counts, strict=True), head_dim, dtype_bytes)
     return {"kv_heads": grouping.kv_heads(), "kv_bytes_per_token": kv_bytes}
@@ -85,6 +87,13 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         "--kv-window", type=int, default=0, help="recent tokens kept in full precision (default 0)"
     )
     p.add_argument(
+        "--latent-ranks",
+        type=_numbers(int, "integers"),
+        default=None,
+        help="latent K/V ranks K[,V] in every layer (gqa.latent; 0 keeps that kind's heads): "
+        "calibrates (cached) first; the cache stays 16-bit",
+    )
+    p.add_argument(
         "--merge",
         default="mean",
         help="merge method (default: mean); query_aware and aligned calibrate (cached) first",
@@ -100,28 +109,42 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 @command("convert", _convert_args)
 def run_convert(args: argparse.Namespace) -> None:
-    if args.grouping is None and args.kv_heads is None and args.kv_bits is None:
-        raise UsageError("give --grouping, --kv-heads or --kv-bits")
+    what = (args.grouping, args.kv_heads, args.kv_bits, args.latent_ranks)
+    if all(given is None for given in what):
+        raise UsageError("give --grouping, --kv-heads, --kv-bits or --latent-ranks")
     if args.kv_bits is not None and len(args.kv_bits) not in (1, 2):
         raise UsageError(f"--kv-bits takes K or K,V, got {len(args.kv_bits)} numbers")
+    if args.latent_ranks is not None and len(args.latent_ranks) not in (1, 2):
+        raise UsageError(f"--latent-ranks takes K or K,V, got {len(args.latent_ranks)} numbers")
     loaded = load_model(args.model)
     adapter = get_adapter(loaded.model)
-    plan = None
+    plan = latent = None
     if args.kv_bits is not None:  # checked before any work: bits, group size, window
         plan = gqa.PrecisionPlan.uniform(
             adapter.num_layers, *args.kv_bits, group_size=args.kv_group, window=args.kv_window
         )
         plan.check_model(adapter.num_layers, adapter.head_dim)
+    if args.latent_ranks is not None:  # checked before any work: family, ranks, bits
+        ranks = [r or None for r in args.latent_ranks]
+        latent = gqa.LatentPlan.uniform(adapter.num_layers, ranks[0], ranks[-1])
+        gqa.latent.check_family(loaded.model.config.model_type)
+        if plan is not None and not plan.exact and any(x.is_latent for x in latent.layers):
+            raise UsageError("--latent-ranks keeps a 16-bit cache: drop --kv-bits")
     if args.grouping is not None:
         grouping = Grouping.load(args.grouping)
     elif args.kv_heads is not None:
         grouping = Grouping.neighbour(adapter.num_heads, adapter.num_layers, args.kv_heads)
     else:
         grouping = gqa.current_grouping(loaded.model)
+    if latent is not None:  # ranks against the converted widths, before any work
+        widths = [
+            (len(lg.k) * adapter.head_dim, len(lg.v) * adapter.head_dim) for lg in grouping.layers
+        ]
+        latent.check_model(adapter.num_layers, *zip(*widths, strict=True))
     before = kv_summary(loaded)
     gqa.merge.get_merge(args.merge)  # fail on an unknown merge before any work
     stats = source = None
-    if args.merge != "mean" or args.recovery:
+    if args.merge != "mean" or args.recovery or latent is not None:
         from objectives.calibration import calibrate
         from objectives.recovery import get_recovery
 
@@ -135,6 +158,8 @@ def run_convert(args: argparse.Namespace) -> None:
         from objectives.recovery import recover
 
         recover(method, loaded.model, source, loaded.tokenizer, stats)
+    if latent is not None:
+        gqa.apply_latent(loaded.model, latent, [layer.gram for layer in stats.layers])
     gqa.apply_precision(loaded.model, plan)
     gqa.save(loaded.model, args.out, tokenizer=loaded.tokenizer)
     after = kv_summary(loaded)

@@ -53,6 +53,17 @@ def test_convert_with_kv_heads_then_eval(tiny_folder, tmp_path, capsys):
     assert data["kv_heads"] == 16
 
 
+def test_convert_with_latent_ranks(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "latent"
+    argv = ["convert", "--model", str(tiny_folder), "--latent-ranks", "8,0", "--out", str(out)]
+    assert main(argv) == 0
+    # 2 layers: K 8 latent values + V 3 heads of 8 = 32 values, 64 B (of 2 x 48 x 2 = 192 B)
+    assert "KV bytes/token 192 -> 128 (66.7%)" in capsys.readouterr().out
+    loaded = gqa.load(out)
+    assert gqa.model_latent(loaded) == gqa.LatentPlan.uniform(2, 8, None)
+
+
 def test_convert_with_grouping_file(tiny_folder, tmp_path):
     grouping = Grouping.create(6, [[[0, 5], [1, 2, 3, 4]], [[0], [1, 2, 3, 4, 5]]])
     grouping.save(tmp_path / "g.json")
@@ -98,13 +109,33 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
             ["convert", "--model", "./missing", "--kv-heads", "2", "--out", "{t}/x"],
             "no such folder",
         ),
+        (
+            [
+                "convert",
+                "--model",
+                "{m}",
+                "--latent-ranks",
+                "8",
+                "--kv-bits",
+                "4",
+                "--kv-group",
+                "8",
+                "--out",
+                "{t}/x",
+            ],
+            "--latent-ranks keeps a 16-bit cache: drop --kv-bits",
+        ),
+        (
+            ["convert", "--model", "{m}", "--latent-ranks", "30", "--out", "{t}/x"],
+            "layer 0: K rank 30 exceeds the 24 values it replaces",
+        ),
         (["eval", "--model", "{m}", "--tasks", "ppl,nope"], "nope"),
         (["eval", "--model", "{m}", "--limit", "0"], "--limit must be at least 1"),
         (["eval", "--model", "{m}", "--depths", "1.5"], "depths must lie in [0, 1]"),
         (["eval", "--model", "{m}", "--lengths", "10"], "lengths must be >= 64 tokens"),
         (
             ["convert", "--model", "{m}", "--out", "{t}/x"],
-            "give --grouping, --kv-heads or --kv-bits",
+            "give --grouping, --kv-heads, --kv-bits or --latent-ranks",
         ),
         (["frobnicate"], "invalid choice"),
         (["study", "--config", "{t}/bad.toml"], "not valid TOML"),
