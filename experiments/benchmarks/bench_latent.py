@@ -6,8 +6,8 @@ each budget (a fraction of the source's 16-bit cache), one point per family:
   latent_uniform   every layer's K and V at the same rank (gqa.latent, whitened SVD);
   latent           per-layer K and V ranks from the exact knapsack over the Fisher-weighted latent
                    error table (objectives.latent_error, search.byte_allocation.allocate_latent);
-  grouping         per layer the source, 2 or 1 KV heads (neighbour_kv, mean merge) from the same
-                   knapsack over the grouping errors (16-bit cache);
+  grouping         per layer the source, 2 or 1 KV heads (neighbour_kv, `aligned` merge, no
+                   recovery) from the same knapsack over the grouping errors (16-bit cache);
   mixed_precision  per-layer K and V bits (2, 3, 4, 8, 16; g64) from the knapsack over the
                    quantization error table.
 Every choice uses calibration text only. Each point is scored on test data: `long_ppl`
@@ -19,7 +19,7 @@ a step, Q/K/V/O trained: the latent factors like any projection) and scored agai
 results/bench/latent.csv as they finish (a stopped run resumes); latent.md tabulates them with
 paired intervals against the best other family at the same budget and tokens.
 
-    python experiments/benchmarks/bench_latent.py [--budgets 0.5,0.3334,0.25] [--windows 4]
+    python experiments/benchmarks/bench_latent.py [--budgets 0.6667,0.5,0.3334,0.25] [--windows 4]
         [--recovery-tokens 25000] [--recovery-budgets 0.3334]
 """
 
@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import gqa
 from experiments.benchmarks import common
+from gqa.assets import cache_dir
 from gqa.grouping import Grouping, write_text_atomic
 from gqa.latent import LatentPlan
 from gqa.latent_model import apply_latent, cache_bytes_per_token
@@ -44,6 +46,7 @@ from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant
 from objectives.latent_error import latent_errors
 from objectives.long_context import LongContextConfig
 from objectives.recovery import recover
+from objectives.recovery.layerwise import stats_fingerprint
 from objectives.significance import paired_bootstrap
 from search.byte_allocation import (
     InfeasibleBudget,
@@ -56,6 +59,7 @@ from search.strategies.neighbour_kv import split_source_groups
 TASKS = ("long_ppl", "passkey")
 RANKS = (16, 32, 48, 64, 96, 128, 160)
 GROUP_SIZE = 64
+MERGE = "aligned"  # the grouping family's merge: the project's default
 
 
 def _sixteen_bit_table(num_layers: int, k_heads, v_heads) -> QuantErrorTable:
@@ -79,10 +83,6 @@ class Families:
         self.source_bytes = cache_bytes_per_token(self.source)
         self.grams = [layer.gram for layer in stats.layers]
         start = time.perf_counter()
-        self.latent_table = latent_errors(self.source, stats, RANKS, progress=True)
-        self.quant_table = kv_quant_errors(
-            self.source, stats, bits=(2, 3, 4, 8), group_size=GROUP_SIZE, progress=True
-        )
         source_grouping = gqa.current_grouping(self.source)
         self.groupings = {"source": source_grouping}
         for groups in (2, 1):
@@ -91,13 +91,32 @@ class Families:
                 for layer in source_grouping.layers
             ]
             self.groupings[f"{groups}kv"] = Grouping.create(self.adapter.num_heads, layers)
-        self.group_errors = {
-            name: (0.0,) * self.layers
-            if name == "source"
-            else grouping_errors(gqa.converted_copy(self.source, grouping), self.source, stats)
-            for name, grouping in self.groupings.items()
-        }
+        # The tables take minutes at 4 x 2048 tokens: kept on disk for a resumed run.
+        path = cache_dir() / "bench" / f"latent_tables-{stats_fingerprint(stats)}-{MERGE}.pt"
+        if path.is_file():
+            tables = torch.load(path, weights_only=False)
+        else:
+            tables = {
+                "latent": latent_errors(self.source, stats, RANKS, progress=True),
+                "quant": kv_quant_errors(
+                    self.source, stats, bits=(2, 3, 4, 8), group_size=GROUP_SIZE, progress=True
+                ),
+                "grouping": {
+                    name: (0.0,) * self.layers
+                    if name == "source"
+                    else grouping_errors(self.grouped(grouping), self.source, stats)
+                    for name, grouping in self.groupings.items()
+                },
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(tables, path)
+        self.latent_table, self.quant_table = tables["latent"], tables["quant"]
+        self.group_errors = tables["grouping"]
         self.setup_seconds = time.perf_counter() - start
+
+    def grouped(self, grouping: Grouping):
+        """The source converted to `grouping` with the project's default merge (no recovery)."""
+        return gqa.converted_copy(self.source, grouping, merge=MERGE, stats=self.stats)
 
     def budget_bytes(self, fraction: float) -> float:
         return fraction * self.source_bytes
@@ -128,7 +147,7 @@ class Families:
             self.adapter.num_heads, [layer.k for layer in layers], [layer.v for layer in layers]
         )
         text = " ".join(f"{len(layer.k)}" for layer in layers)
-        return gqa.converted_copy(self.source, mixed), None, f"KV heads per layer: {text}"
+        return self.grouped(mixed), None, f"KV heads per layer: {text}"
 
     def mixed_precision(self, fraction: float):
         plan = allocate_precision(
@@ -157,7 +176,9 @@ FAMILIES = ("latent_uniform", "latent", "grouping", "mixed_precision")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--budgets", default="0.5,0.3334,0.25", help="0.3334: one third, 1 KV head of 3"
+        "--budgets",
+        default="0.6667,0.5,0.3334,0.25",
+        help="0.6667 and 0.3334: two thirds and one third, 2 and 1 KV heads of 3",
     )
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=4)
@@ -247,38 +268,45 @@ def main() -> None:
     write_text_atomic(args.out / "latent.md", markdown(table.frame()))
 
 
+def _paired(row: dict, other: dict) -> str:
+    diff = paired_bootstrap(
+        np.array(json.loads(row["outcomes"])), np.array(json.loads(other["outcomes"]))
+    )
+    return f"{diff.difference:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}]"
+
+
 def markdown(frame: pd.DataFrame) -> str:
     """Per budget, recovery tokens and family: perplexity of the first and last position
-    buckets, passkeys, and for each latent family the paired difference of late-bucket
-    perplexity against the best non-latent family at the same budget and tokens (documents)."""
+    buckets, passkeys, and for each latent family the paired differences of late-bucket
+    perplexity (over documents) against the best non-latent family and against grouping at the
+    same budget and tokens."""
     frame = frame.copy()
     frame["recovery_tokens"] = frame["recovery_tokens"].fillna(0).astype(int)
     index = ["family", "budget", "recovery_tokens"]
-    ppl = frame[frame["task"] == "long_ppl"].set_index(index)
+    ppl = frame[frame["task"] == "long_ppl"]
     keys = frame[frame["task"] == "passkey"].set_index(index)
     lines = [
         "| budget | tokens | family | cache | ppl 0-255 | ppl 1024-2047 | passkeys | "
-        "vs best non-latent (late ppl, 95% CI) |",
-        "|---|---|---|---|---|---|---|---|",
+        "vs best non-latent (late ppl, 95% CI) | vs grouping |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    order = ppl.reset_index().sort_values(["budget", "recovery_tokens"], ascending=[False, True])
+    order = ppl.sort_values(["budget", "recovery_tokens"], ascending=[False, True])
     for row in order.to_dict("records"):
         family, budget, tokens = row["family"], row["budget"], row["recovery_tokens"]
         first = list(json.loads(row["detail"])["buckets"].values())[0]
         passkeys = json.loads(keys.loc[(family, budget, tokens), "outcomes"])
-        against = ""
+        against = versus_grouping = ""
         same = order[(order["budget"] == budget) & (order["recovery_tokens"] == tokens)]
-        others = same[~same["family"].str.startswith("latent")].set_index("family")
+        others = same[~same["family"].str.startswith("latent")]
         if family.startswith("latent") and len(others):
-            best = others["score"].idxmin()
-            diff = paired_bootstrap(
-                np.array(json.loads(row["outcomes"])),
-                np.array(json.loads(others.loc[best, "outcomes"])),
-            )
-            against = f"{diff.difference:+.2f} [{diff.low:+.2f}, {diff.high:+.2f}] vs {best}"
+            best = others.loc[others["score"].idxmin()].to_dict()
+            against = f"{_paired(row, best)} vs {best['family']}"
+            grouping = others[others["family"] == "grouping"]
+            if len(grouping):
+                versus_grouping = _paired(row, grouping.iloc[0].to_dict())
         lines.append(
             f"| {budget:g} | {tokens} | {family} | {100 * row['kv_fraction']:.1f}% | {first:.2f} | "
-            f"{row['score']:.2f} | {sum(passkeys)}/{len(passkeys)} | {against} |"
+            f"{row['score']:.2f} | {sum(passkeys)}/{len(passkeys)} | {against} | {versus_grouping} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,8 @@ def test_latent_rows_are_paired_with_the_best_other_family_at_the_same_tokens():
     assert "vs mixed_precision" in zero and "| 1/2 |" in zero
     expected = math.exp(3.5) - math.exp(sum([3.0, 3.1, 3.0]) / 3)
     assert f"{expected:+.2f} [" in zero
+    cells = [cell.strip() for cell in zero.split("|")]
+    assert cells[-2].startswith(f"{math.exp(3.5) - math.exp(5.0):+.2f} [")  # vs grouping
     recovered = next(line for line in lines if "| 0.5 | 25000 | latent |" in line)
     assert "vs grouping" in recovered  # the only other family at 25000 tokens
     assert "vs" not in next(line for line in lines if "| 0.5 | 0 | grouping |" in line)
