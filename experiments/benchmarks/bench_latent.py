@@ -41,7 +41,6 @@ from gqa.assets import cache_dir
 from gqa.grouping import Grouping, write_text_atomic
 from gqa.latent import LatentPlan
 from gqa.latent_model import apply_latent, cache_bytes_per_token
-from objectives.evaluate import evaluate
 from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
 from objectives.latent_error import latent_errors
 from objectives.long_context import LongContextConfig
@@ -234,27 +233,14 @@ def main() -> None:
             if (family, budget, tokens, task) in done:
                 continue
             start = time.perf_counter()
-            with gqa.precision_applied(model, plan):
-                result = evaluate(
-                    model,
-                    loaded.tokenizer,
-                    [task],
-                    subset="test",
-                    long_config=long_config,
-                    progress=False,
-                )[task]
+            fields = common.long_task_fields(model, plan, loaded.tokenizer, task, long_config)
             table.append(
                 {
                     "family": family,
                     "budget": budget,
                     "kv_fraction": families.kv_fraction(model, plan),
                     "task": task,
-                    "score": result["score"],
-                    "loss": result["loss"],
-                    "detail": json.dumps(
-                        {k: result[k] for k in ("buckets", "by_length") if k in result}
-                    ),
-                    "outcomes": json.dumps(result.get("outcomes") or result.get("window_loss")),
+                    **fields,
                     "choice": text,
                     "recovery_tokens": tokens,
                     "build_seconds": round(build, 1),
@@ -262,7 +248,7 @@ def main() -> None:
                 }
             )
             print(
-                f"{family:16s} {budget:5.2f} {tokens:7d} {task:9s} {result['score']:.3f}",
+                f"{family:16s} {budget:5.2f} {tokens:7d} {task:9s} {fields['score']:.3f}",
                 flush=True,
             )
     write_text_atomic(args.out / "latent.md", markdown(table.frame()))

@@ -23,10 +23,8 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 
-import gqa
 from experiments.benchmarks import common
 from gqa.grouping import write_text_atomic
-from objectives.evaluate import evaluate
 from objectives.long_context import LongContextConfig
 from search.config import StudyConfig
 from search.kv_front import KVFront
@@ -103,16 +101,9 @@ def main() -> None:
                 table.append({**same[0], "selection": selection, "families": " ".join(families)})
                 continue
             start = time.perf_counter()
-            model = front.module(point.model)
-            with gqa.precision_applied(model, point.plan):
-                result = evaluate(
-                    model,
-                    study.loaded.tokenizer,
-                    [task],
-                    subset="test",
-                    long_config=long_config,
-                    progress=False,
-                )[task]
+            fields = common.long_task_fields(
+                front.module(point.model), point.plan, study.loaded.tokenizer, task, long_config
+            )
             table.append(
                 {
                     "study": study.config.name,
@@ -122,16 +113,11 @@ def main() -> None:
                     "families": " ".join(families),
                     "kv_fraction": point.kv_bytes / front.source_bytes,
                     "task": task,
-                    "score": result["score"],
-                    "loss": result["loss"],
-                    "detail": json.dumps(
-                        {k: result[k] for k in ("buckets", "by_length", "by_depth") if k in result}
-                    ),
-                    "outcomes": json.dumps(result.get("outcomes") or result.get("window_loss")),
+                    **fields,
                     "seconds": round(time.perf_counter() - start, 1),
                 }
             )
-            print(f"{label:60s} {task:9s} {result['score']:.3f}", flush=True)
+            print(f"{label:60s} {task:9s} {fields['score']:.3f}", flush=True)
     if study.config.precision.protect:
         write_layer_costs(front, args.out / "long_range_vs_proxy.csv")
     frame = table.frame()

@@ -9,6 +9,7 @@ results/bench.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
+import gqa
 from gqa.grouping import Grouping, write_text_atomic
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import CalibrationConfig, CalibrationStats, calibrate
 from objectives.data import READING_SPLIT, TEST_SPLIT, TextSpec, token_windows
+from objectives.evaluate import evaluate
 from objectives.recovery import FinetuneConfig
 from search.config import StudyConfig
 from search.study import Study
@@ -104,3 +107,20 @@ def distill_recipe(tokens: int, batch_size: int, seq_len: int, **changes) -> Fin
         trainable=("q", "k", "v", "o"),
         **changes,
     )
+
+
+def long_task_fields(model, plan, tokenizer, task: str, long_config) -> dict:
+    """One scored task (long_ppl, passkey, mdqa) on test data, `model` run under the precision
+    `plan` (None: 16 bits): the CSV fields the long-context benchmarks share, its per-document
+    losses or per-prompt outcomes kept (JSON) for paired intervals."""
+    with gqa.precision_applied(model, plan):
+        result = evaluate(
+            model, tokenizer, [task], subset="test", long_config=long_config, progress=False
+        )[task]
+    detail = {k: result[k] for k in ("buckets", "by_length", "by_depth") if k in result}
+    return {
+        "score": result["score"],
+        "loss": result["loss"],
+        "detail": json.dumps(detail),
+        "outcomes": json.dumps(result.get("outcomes") or result.get("window_loss")),
+    }
