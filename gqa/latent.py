@@ -337,21 +337,32 @@ def layout_module(module: nn.Module, layer: LatentLayer, num_heads: int, rotary:
 
 @torch.no_grad()
 def convert_module(
-    module: nn.Module, layer: LatentLayer, num_heads: int, rotary: nn.Module, gram: torch.Tensor
+    module: nn.Module,
+    layer: LatentLayer,
+    num_heads: int,
+    rotary: nn.Module,
+    gram: torch.Tensor,
+    factors: dict[str, LowRankFactors] | None = None,
 ) -> nn.Module:
     """Make `module` (grouping plan installed) latent in place, factors from `gram` (E[x x^T] of
-    its input)."""
+    its input), or `factors[kind]` where given (the same SVDs, computed once by a caller that
+    tries several ranks)."""
     old_k, old_v, old_o = module.k_proj, module.v_proj, module.o_proj
+    factors = factors or {}
+
+    def svd(kind: str, weight: torch.Tensor) -> LowRankFactors:
+        return factors[kind] if kind in factors else whitened_svd(weight, gram)
+
     layout_module(module, layer, num_heads, rotary)
     d = module.head_dim
     if layer.k_rank is not None:
-        down, up = whitened_svd(old_k.weight, gram).factors(layer.k_rank)
+        down, up = svd("k", old_k.weight).factors(layer.k_rank)
         module.k_proj.down.weight.copy_(down)
         module.k_proj.up.weight.copy_(up)
         if old_k.bias is not None:
             module.k_proj.up.bias.copy_(old_k.bias)
     if layer.v_rank is not None:
-        down, up = whitened_svd(old_v.weight, gram).factors(layer.v_rank)
+        down, up = svd("v", old_v.weight).factors(layer.v_rank)
         module.v_proj.weight.copy_(down)
         groups = module.hg_v_index.tolist()
         w_o = old_o.weight.double()  # (hidden, H*D)

@@ -69,14 +69,20 @@ def latent_errors(
         for kind in KINDS:
             weight = adapter.projection(layer, kind).weight
             width = weight.shape[0]
-            energy = whitened_svd(weight, gram).dropped_energy()
+            factors = whitened_svd(weight, gram)  # once: every rank below reuses it
+            energy = factors.dropped_energy()
             row_widths[kind] = width
             row_errors[kind] = {width: 0.0}
             row_closed[kind] = {width: 0.0}
             for rank in sorted({int(r) for r in ranks if 0 < r < width}):
                 ranks_of = {"k_rank": rank} if kind == "k" else {"v_rank": rank}
                 latent = convert_module(
-                    copy.deepcopy(module), LatentLayer(**ranks_of), adapter.num_heads, rotary, gram
+                    copy.deepcopy(module),
+                    LatentLayer(**ranks_of),
+                    adapter.num_heads,
+                    rotary,
+                    gram,
+                    {kind: factors},
                 )
                 delta = adapter.attend(latent, x).double() - exact
                 row_errors[kind][rank] = _weighted(delta, layer_stats.grad)
