@@ -59,7 +59,7 @@ def kv_summary(loaded: LoadedModel, dtype_bytes: int = 2) -> dict:
     head_dim = get_adapter(loaded.model).head_dim
     plan = gqa.model_precision(loaded.model)
     kv_bytes = grouping.kv_bytes_per_token(head_dim, dtype_bytes)
-    if gqa.model_latent(loaded.model) is not None:  # convert: latent layers with a 16-bit cache
+    if gqa.model_latent(loaded.model) is not None:  # convert: latent layers, any precision
         kv_bytes = gqa.cache_bytes_per_token(loaded.model, dtype_bytes)
     elif plan is not None:
         counts = [(len(layer.k), len(layer.v)) for layer in grouping.layers]
@@ -91,7 +91,15 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         type=_numbers(int, "integers"),
         default=None,
         help="latent K/V ranks K[,V] in every layer (gqa.latent; 0 keeps that kind's heads): "
-        "calibrates (cached) first; the cache stays 16-bit",
+        "calibrates (cached) first; with --kv-bits the latents are quantized",
+    )
+    p.add_argument(
+        "--latent-rope-pairs",
+        type=int,
+        default=None,
+        help="latent keys with MHA2MLA's partial RoPE: this many rotary pairs per KV group stay "
+        "rotated and cached beside the K rank (chosen by query-key norm on calibration data); "
+        "default: Palu's keys, rebuilt from the latent and rotated every step",
     )
     p.add_argument(
         "--merge",
@@ -124,12 +132,19 @@ def run_convert(args: argparse.Namespace) -> None:
             adapter.num_layers, *args.kv_bits, group_size=args.kv_group, window=args.kv_window
         )
         plan.check_model(adapter.num_layers, adapter.head_dim)
+    pairs = args.latent_rope_pairs
+    if pairs is not None and (args.latent_ranks is None or not args.latent_ranks[0]):
+        raise UsageError("--latent-rope-pairs needs a latent K: give --latent-ranks K[,V]")
+    if pairs is not None and not 0 < pairs < adapter.head_dim // 2:
+        raise UsageError(f"--latent-rope-pairs must lie in 1..{adapter.head_dim // 2 - 1}")
     if args.latent_ranks is not None:  # checked before any work: family, ranks, bits
         ranks = [r or None for r in args.latent_ranks]
         latent = gqa.LatentPlan.uniform(adapter.num_layers, ranks[0], ranks[-1])
         gqa.latent.check_family(loaded.model.config.model_type)
-        if plan is not None and not plan.exact and any(x.is_latent for x in latent.layers):
-            raise UsageError("--latent-ranks keeps a 16-bit cache: drop --kv-bits")
+        try:
+            gqa.precision.check_latent_layers(plan, latent.to_dict())
+        except gqa.PrecisionError as exc:
+            raise UsageError(f"--latent-ranks with --kv-bits: {exc}") from None
     if args.grouping is not None:
         grouping = Grouping.load(args.grouping)
     elif args.kv_heads is not None:
@@ -140,7 +155,15 @@ def run_convert(args: argparse.Namespace) -> None:
         widths = [
             (len(lg.k) * adapter.head_dim, len(lg.v) * adapter.head_dim) for lg in grouping.layers
         ]
-        latent.check_model(adapter.num_layers, *zip(*widths, strict=True))
+        checked = latent
+        if pairs is not None:  # any pairs: the check needs only how many
+            checked = gqa.LatentPlan(
+                tuple(
+                    gqa.LatentLayer(x.k_rank, x.v_rank, (tuple(range(pairs)),) * len(lg.k))
+                    for x, lg in zip(latent.layers, grouping.layers, strict=True)
+                )
+            )
+        checked.check_model(adapter.num_layers, *zip(*widths, strict=True), adapter.head_dim)
     before = kv_summary(loaded)
     gqa.merge.get_merge(args.merge)  # fail on an unknown merge before any work
     stats = source = None
@@ -159,7 +182,10 @@ def run_convert(args: argparse.Namespace) -> None:
 
         recover(method, loaded.model, source, loaded.tokenizer, stats)
     if latent is not None:
-        gqa.apply_latent(loaded.model, latent, [layer.gram for layer in stats.layers])
+        grams = [layer.gram for layer in stats.layers]
+        if pairs is not None:
+            latent = gqa.choose_rope_pairs(loaded.model, latent, grams, pairs)
+        gqa.apply_latent(loaded.model, latent, grams)
     gqa.apply_precision(loaded.model, plan)
     gqa.save(loaded.model, args.out, tokenizer=loaded.tokenizer)
     after = kv_summary(loaded)
@@ -462,24 +488,6 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--windows", type=int, default=48, help="test windows of seq_len tokens")
     p.add_argument("--limit", type=int, default=300, help="test questions per task (0: none)")
-    p.add_argument("--out", type=Path, default=None, help="default results/<study>")
-
-
-@command("compare", _compare_args)
-def run_compare_command(args: argparse.Namespace) -> None:
-    """After recovery, the searched winner vs neighbour_kv and neighbour on test data, with CIs."""
-    from experiments.compare import CompareConfig, run_compare
-
-    if not args.seeds or args.windows < 2 or args.limit < 0:
-        raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 0")
-    torch.set_grad_enabled(True)  # recovery trains
-    options = CompareConfig(args.budgets, args.seeds, args.windows, args.limit)
-    path = run_compare(args.config, options, args.out)
-    print(path.read_text())
-
-
-def _compare_bytes_args(p: argparse.ArgumentParser) -> None:
-    _compare_args(p)
     p.add_argument(
         "--context",
         type=int,
@@ -487,17 +495,36 @@ def _compare_bytes_args(p: argparse.ArgumentParser) -> None:
         help="compare at long context: late-position perplexity of held-out documents of this "
         "many tokens and passkey retrieval (default 0: the study's short windows)",
     )
+    p.add_argument("--out", type=Path, default=None, help="default results/<study>")
 
 
-@command("compare-bytes", _compare_bytes_args)
-def run_compare_bytes_command(args: argparse.Namespace) -> None:
-    """Per byte budget, the joint winner vs the best single-axis point on test data, with CIs."""
-    from experiments.compare_bytes import ByteCompareConfig, run_compare_bytes
-
+def _check_compare_args(args: argparse.Namespace) -> None:
     if not args.seeds or args.windows < 2 or args.limit < 0:
         raise UsageError("--seeds needs at least one seed, --windows >= 2 and --limit >= 0")
     if args.context and args.context < 64:
         raise UsageError(f"--context must be 0 or at least 64 tokens, got {args.context}")
+
+
+@command("compare", _compare_args)
+def run_compare_command(args: argparse.Namespace) -> None:
+    """After recovery, the searched winner vs neighbour_kv and neighbour on test data, with CIs."""
+    from experiments.compare import CompareConfig, run_compare
+
+    _check_compare_args(args)
+    torch.set_grad_enabled(True)  # recovery trains
+    options = CompareConfig(
+        args.budgets, args.seeds, args.windows, args.limit, context=args.context
+    )
+    path = run_compare(args.config, options, args.out)
+    print(path.read_text())
+
+
+@command("compare-bytes", _compare_args)
+def run_compare_bytes_command(args: argparse.Namespace) -> None:
+    """Per byte budget, the joint winner vs the best single-axis point on test data, with CIs."""
+    from experiments.compare_bytes import ByteCompareConfig, run_compare_bytes
+
+    _check_compare_args(args)
     torch.set_grad_enabled(True)  # recovery trains
     options = ByteCompareConfig(args.seeds, args.windows, args.limit, context=args.context)
     print(run_compare_bytes(args.config, options, args.out).read_text())

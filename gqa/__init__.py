@@ -5,7 +5,13 @@ from gqa.adapters import ModelAdapter, UnsupportedModelError, get_adapter, regis
 from gqa.checkpoint import load, save
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
 from gqa.latent import LatentError, LatentLayer, LatentPlan
-from gqa.latent_model import apply_latent, cache_bytes_per_token, model_latent
+from gqa.latent_model import (
+    apply_latent,
+    cache_bytes,
+    cache_bytes_per_token,
+    choose_rope_pairs,
+    model_latent,
+)
 from gqa.merge import MERGES, MergeContext, register_merge
 from gqa.precision import (
     LayerPrecision,
@@ -30,7 +36,9 @@ __all__ = [
     "LatentLayer",
     "LatentPlan",
     "apply_latent",
+    "cache_bytes",
     "cache_bytes_per_token",
+    "choose_rope_pairs",
     "model_latent",
     "LayerPrecision",
     "PrecisionError",

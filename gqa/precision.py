@@ -177,19 +177,26 @@ class PrecisionPlan:
         """Exact bytes of a `QuantizedKVCache` holding `length` tokens of `batch` sequences:
         packed codes (b bit planes of ceil(n / 8) bytes), float16 scales and zero points, and the
         recent tokens (and 16-bit kinds) at `dtype_bytes`."""
-        q = quantized_length(length, self.group_size, self.window)
-        blocks, recent = q // self.group_size, length - q
         total = 0
         for layer, gk, gv in zip(self.layers, k_heads, v_heads, strict=True):
             for bits, heads in ((layer.k_bits, gk), (layer.v_bits, gv)):
-                values_per_block = self.group_size * head_dim  # per sequence and head
-                if bits >= 16:
-                    stored = blocks * values_per_block * dtype_bytes
-                else:
-                    codes = bits * -(-values_per_block // 8) if bits < 8 else values_per_block
-                    stored = blocks * (codes + 2 * SCALE_BYTES * head_dim)  # one scale per D
-                total += batch * heads * (stored + recent * head_dim * dtype_bytes)
+                total += self.kind_cache_bytes(bits, heads, head_dim, length, batch, dtype_bytes)
         return total
+
+    def kind_cache_bytes(
+        self, bits: int, heads: int, width: int, length: int, batch: int = 1, dtype_bytes: int = 2
+    ) -> int:
+        """Exact bytes one layer's K (or V) takes in a `QuantizedKVCache` holding `length`
+        tokens: `heads` cached heads of `width` values each (a latent kind: 1 head of its rank)."""
+        q = quantized_length(length, self.group_size, self.window)
+        blocks, recent = q // self.group_size, length - q
+        values_per_block = self.group_size * width  # per sequence and head
+        if bits >= 16:
+            stored = blocks * values_per_block * dtype_bytes
+        else:
+            codes = bits * -(-values_per_block // 8) if bits < 8 else values_per_block
+            stored = blocks * (codes + 2 * SCALE_BYTES * width)  # one scale per width
+        return batch * heads * (stored + recent * width * dtype_bytes)
 
     # -- JSON ------------------------------------------------------------------------------------
 
@@ -218,15 +225,18 @@ class PrecisionPlan:
 
 
 def check_latent_layers(plan: PrecisionPlan | None, latent: dict | None) -> None:
-    """Latent layers (gqa.latent, `latent` their plan as stored in a config) keep 16-bit caches:
-    raise PrecisionError naming the first one that `plan` would quantize."""
-    if plan is None or latent is None:
+    """Latent layers (gqa.latent, `latent` their plan as stored in a config) quantize their latents
+    like any cached kind: keys per channel over blocks of tokens, values per token in groups of
+    `group_size` channels. Raise PrecisionError naming the first latent V whose rank the group
+    size does not divide."""
+    if plan is None or latent is None or plan.exact:
         return
     for i, (precision, ranks) in enumerate(zip(plan.layers, latent["layers"], strict=False)):
-        if any(r is not None for r in ranks) and (precision.k_bits, precision.v_bits) != (16, 16):
+        v_rank = ranks[1]
+        if v_rank is not None and precision.v_bits < 16 and v_rank % plan.group_size:
             raise PrecisionError(
-                f"layer {i} is latent and its cache stays at 16 bits (latent caches are not "
-                f"quantized), but the precision plan gives it {precision.label()}"
+                f"layer {i}: group_size {plan.group_size} does not divide the latent V rank "
+                f"{v_rank}: values are quantized per token in groups of group_size channels"
             )
 
 

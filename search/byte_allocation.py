@@ -131,6 +131,29 @@ def allocate_latent(
     return LatentPlan(tuple(layers)), error
 
 
+def _kind_options(
+    table: QuantErrorTable,
+    latent: LatentErrorTable,
+    layer: int,
+    kind: str,
+    bits: Sequence[int],
+    head_dim: int,
+    scale: int,
+) -> list[tuple[int | None, int, int, float]]:
+    """(latent rank or None, bits, integer cost, error) of each way one kind of a layer may be
+    cached: on its heads at `bits` (the model's quantization errors), or as a latent at a measured
+    (rank, bits) (the latent table's errors)."""
+    heads = table.k_heads[layer] if kind == "k" else table.v_heads[layer]
+    costs = _costs(bits, heads, head_dim, table.group_size, scale)
+    out = [(None, b, c, table.errors[layer][kind][b]) for b, c in zip(bits, costs, strict=True)]
+    width = latent.widths[layer][kind]
+    for rank, b, error in latent.options(layer, kind):
+        if rank < width and b in bits:
+            (cost,) = _costs((b,), 1, rank, table.group_size, scale)
+            out.append((rank, b, cost, error))
+    return out
+
+
 def uniform_settings(bits: Sequence[int], group_sizes: Sequence[int]) -> list[tuple[int, int, int]]:
     """(k_bits, v_bits, group_size) of the uniform quantization baselines: keys never get fewer
     bits than values (keys are the more sensitive, as KIVI and KVQuant found)."""
@@ -169,9 +192,9 @@ def allocate_joint(
     allocations are inside this search space, so its proxy error is never above theirs.
 
     With a `latent` table (objectives.latent_error, measured on `latent_model`'s layers), a layer
-    may also be `latent_model`'s made latent: K and V at measured ranks (the full width keeps a
-    kind on its heads), the cache at 16 bits, the error the table's K and V errors plus the
-    model's grouping error.
+    may also be `latent_model`'s with K, V or both made latent at measured ranks, each latent at
+    16 bits or at the bits the table measured it quantized (its `quantized` entries), a kind left
+    on its heads at any allowed bits; the error is the model's grouping error plus each kind's.
 
     An infinite grouping error marks a layer that model may not give (a layer protected for its
     long-range cost, search.kv_front)."""
@@ -188,6 +211,8 @@ def allocate_joint(
         raise ValueError("the error tables differ in their number of layers")
     if latent is not None and len(latent.errors) != layers:
         raise ValueError("the latent table differs in its number of layers")
+    if latent is not None and latent.quantized and latent.group_size != first.group_size:
+        raise ValueError("the latent table's quantized entries differ in group size")
     options = sorted({int(b) for b in bits} | {16})
     scale = 8 * first.group_size
     items, labels = [], []
@@ -206,19 +231,17 @@ def allocate_joint(
                     row.append((kc + vc, error))
                     names_bits.append((name, kb, vb, None))
         if latent is not None and math.isfinite(grouping_errors[latent_model][layer]):
-            base, lat, widths = (
-                grouping_errors[latent_model][layer],
-                latent.errors[layer],
-                latent.widths[layer],
+            base = grouping_errors[latent_model][layer]
+            k_options, v_options = (
+                _kind_options(tables[latent_model], latent, layer, kind, options, head_dim, scale)
+                for kind in KINDS
             )
-            for rk in latent.ranks(layer, "k"):
-                for rv in latent.ranks(layer, "v"):
-                    ranks = LatentLayer(
-                        None if rk == widths["k"] else rk, None if rv == widths["v"] else rv
-                    )
-                    if ranks.is_latent:  # both at full width: the model's 16-bit option above
-                        row.append((2 * (rk + rv) * scale, base + lat["k"][rk] + lat["v"][rv]))
-                        names_bits.append((latent_model, 16, 16, ranks))
+            for k_rank, kb, kc, ke in k_options:
+                for v_rank, vb, vc, ve in v_options:
+                    ranks = LatentLayer(k_rank, v_rank)
+                    if ranks.is_latent:  # neither latent: the model's own option above
+                        row.append((kc + vc, base + ke + ve))
+                        names_bits.append((latent_model, kb, vb, ranks))
         items.append(row)
         labels.append(names_bits)
     picks = _least_error(items, budget_bytes * scale, scale, "these models")

@@ -14,7 +14,8 @@ exactly under a byte budget from the KV-quantization proxy (search.byte_allocati
     joint            every point above, every converted model with allocated bits, and (with
                      `layer_mix`) models that take each layer from the source or a stage-2
                      winner, grouping and bits allocated together (search.byte_allocation.allocate_joint);
-                     with `latent_ranks`, a layer of the source may also be made latent there;
+                     with `latent_ranks`, a layer of the source may also be made latent there,
+                     each latent at 16 bits or quantized (Palu's low rank with bits);
                      with `protect = k`, each winner's k layers of highest long-range cost
                      (objectives.long_range) stay the source's in those mixes
 Latent layers get no recovery here: their factors are the whitened SVD's (0 training tokens).
@@ -168,11 +169,18 @@ class KVFront:
         return self._modules[model.name, seed]
 
     def latent_table(self) -> LatentErrorTable:
-        """The source's latent error table at the config's `latent_ranks` (kept)."""
+        """The source's latent error table at the config's `latent_ranks`, each latent also
+        quantized at the config's bits (the allocations' group size and window), kept."""
         if self._latent_table is None:
             source = FrontModel(SOURCE, self.study.source_grouping)
             self._latent_table = latent_errors(
-                self.module(source), self.study.stats, self.config.latent_ranks, self.progress
+                self.module(source),
+                self.study.stats,
+                self.config.latent_ranks,
+                self.progress,
+                bits=self.config.bits,
+                group_size=self.config.group_sizes[0],
+                window=self.config.window,
             )
         return self._latent_table
 

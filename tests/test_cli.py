@@ -64,6 +64,29 @@ def test_convert_with_latent_ranks(tiny_folder, tmp_path, capsys, monkeypatch):
     assert gqa.model_latent(loaded) == gqa.LatentPlan.uniform(2, 8, None)
 
 
+def test_convert_with_quantized_latents(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "latent"
+    argv = ["convert", "--model", str(tiny_folder), "--latent-ranks", "8", "--kv-bits", "4"]
+    assert main([*argv, "--kv-group", "8", "--out", str(out)]) == 0
+    # per layer K and V latents of 8 values at 4 bits, a float16 scale and zero per 8: 8 B each
+    assert "KV bytes/token 192 -> 32 (16.7%), cache K4/V4 g8" in capsys.readouterr().out
+    loaded = gqa.load(out)
+    assert gqa.model_latent(loaded) == gqa.LatentPlan.uniform(2, 8, 8)
+    assert gqa.model_precision(loaded).label() == "K4/V4 g8"
+
+
+def test_convert_with_partial_rope_keys(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "latent"
+    argv = ["convert", "--model", str(tiny_folder), "--latent-ranks", "6,0"]
+    assert main([*argv, "--latent-rope-pairs", "1", "--out", str(out)]) == 0
+    # per layer: 3 K groups x 2 rotary values + rank 6 = 12 key values, V 3 heads of 8 = 24
+    assert "KV bytes/token 192 -> 144 (75.0%)" in capsys.readouterr().out
+    plan = gqa.model_latent(gqa.load(out))
+    assert all(layer.k_rank == 6 and layer.rope_dims == 2 for layer in plan.layers)
+
+
 def test_convert_with_grouping_file(tiny_folder, tmp_path):
     grouping = Grouping.create(6, [[[0, 5], [1, 2, 3, 4]], [[0], [1, 2, 3, 4, 5]]])
     grouping.save(tmp_path / "g.json")
@@ -115,7 +138,7 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
                 "--model",
                 "{m}",
                 "--latent-ranks",
-                "8",
+                "8,12",
                 "--kv-bits",
                 "4",
                 "--kv-group",
@@ -123,7 +146,22 @@ def test_convert_with_grouping_file(tiny_folder, tmp_path):
                 "--out",
                 "{t}/x",
             ],
-            "--latent-ranks keeps a 16-bit cache: drop --kv-bits",
+            "layer 0: group_size 8 does not divide the latent V rank 12",
+        ),
+        (
+            ["convert", "--model", "{m}", "--kv-heads", "2", "--latent-rope-pairs", "1"]
+            + ["--out", "{t}/x"],
+            "--latent-rope-pairs needs a latent K",
+        ),
+        (
+            ["convert", "--model", "{m}", "--latent-ranks", "8", "--latent-rope-pairs", "4"]
+            + ["--out", "{t}/x"],
+            "--latent-rope-pairs must lie in 1..3",
+        ),
+        (
+            ["convert", "--model", "{m}", "--latent-ranks", "19", "--latent-rope-pairs", "1"]
+            + ["--out", "{t}/x"],
+            "layer 0: K rank 19 exceeds the 18 values it replaces",
         ),
         (
             ["convert", "--model", "{m}", "--latent-ranks", "30", "--out", "{t}/x"],

@@ -9,7 +9,13 @@ from transformers import AutoModelForCausalLM, DynamicCache
 import gqa
 from gqa.grouping import Grouping
 from gqa.latent import LatentError, LatentLayer, LatentPlan, LowRankFactors, whitened_svd
-from gqa.latent_model import apply_latent, cache_bytes_per_token, cached_widths, model_latent
+from gqa.latent_model import (
+    apply_latent,
+    cache_bytes,
+    cache_bytes_per_token,
+    cached_widths,
+    model_latent,
+)
 from gqa.precision import (
     LayerPrecision,
     PrecisionError,
@@ -175,11 +181,12 @@ def test_bad_plans_and_models_are_refused():
     with pytest.raises(LatentError, match="unsupported latent plan version"):
         LatentPlan.from_dict({"version": 9, "layers": []})
     quantized = apply_precision(_model(), PrecisionPlan.uniform(2, 4, 4, group_size=8))
-    with pytest.raises(LatentError, match="layer 0 is latent and its cache stays at 16 bits"):
-        apply_latent(quantized, LatentPlan.uniform(2, 8, None), _grams())
-    latent = apply_latent(_model(), LatentPlan.uniform(2, 8, None), _grams())
-    with pytest.raises(PrecisionError, match="but the precision plan gives it K4/V4"):
+    with pytest.raises(LatentError, match="group_size 8 does not divide the latent V rank 12"):
+        apply_latent(quantized, LatentPlan.uniform(2, None, 12), _grams())
+    latent = apply_latent(_model(), LatentPlan.uniform(2, 8, 12), _grams())
+    with pytest.raises(PrecisionError, match="layer 0: group_size 8 does not divide the latent V"):
         apply_precision(latent, PrecisionPlan.uniform(2, 4, 4, group_size=8))
+    apply_precision(latent, PrecisionPlan.uniform(2, 4, 16, group_size=8))  # V at 16: allowed
     with pytest.raises(LatentError, match="already has latent layers"):
         apply_latent(latent, LatentPlan.uniform(2, 8, None), _grams())
 
@@ -211,3 +218,155 @@ def test_latent_and_quantized_layers_share_one_real_cache():
     )
     with torch.no_grad():
         torch.testing.assert_close(reordered(ids).logits, full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pad_left", [False, True])
+def test_quantized_latents_decode_what_the_simulated_forward_computes(pad_left):
+    """Latent K at 4 bits (per channel over blocks of 4 tokens) and latent V at 2 bits (per token,
+    groups of 4 channels) in layer 0, heads at K3/V16 in layer 1: decoding token by token through
+    the real cache gives the simulated forward's logits, and the cache holds the formula's bytes."""
+    plan = PrecisionPlan((LayerPrecision(4, 2), LayerPrecision(3, 16)), group_size=4)
+    latent = apply_latent(_model(), LatentPlan([(8, 12), (None, None)]), _grams())
+    exact = copy.deepcopy(latent)
+    apply_precision(latent, plan)
+    inputs = batch(batch_size=2, length=14, pad_left=pad_left)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        full = latent(**inputs).logits
+        assert (full - exact(**inputs).logits).abs().max() > 1e-3  # the latents are quantized
+        cache = quantized_cache(latent)
+        steps = [latent(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits]
+        for t in range(6, 14):
+            step = latent(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache)
+            steps.append(step.logits)
+    real = torch.cat(steps, 1)
+    keep = mask.bool()  # padded rows attend to nothing: their logits are not compared
+    torch.testing.assert_close(real[keep], full[keep], **F64)
+    assert cache.layers[0].k_store.bits == 4 and cache.layers[0].k_store.blocks == 3
+    assert cache.nbytes() == cache_bytes(latent, 14, batch=2, dtype_bytes=8)  # float64 model
+    assert cache_bytes(exact, 14, batch=2) == 14 * 2 * cache_bytes_per_token(exact)
+
+
+def test_quantized_latent_checkpoint_round_trip(tmp_path):
+    model = apply_latent(_model(), LatentPlan([(8, 12), (None, 4)]), _grams())
+    apply_precision(model, PrecisionPlan((LayerPrecision(4, 2), LayerPrecision(3, 4)), 4))
+    gqa.save(model, tmp_path / "m")
+    inputs = batch()
+    remote = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", trust_remote_code=True, dtype=torch.float64
+    )
+    for loaded in (gqa.load(tmp_path / "m", dtype=torch.float64), remote):
+        torch.testing.assert_close(logits(loaded, inputs), logits(model, inputs), rtol=0, atol=0)
+    ids = batch(batch_size=1, length=5)["input_ids"]
+    out = remote.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+# -- partial RoPE (MHA2MLA) ------------------------------------------------------------------------
+
+PAIRS = ((0, 3), (1, 2), (3, 2))  # per K group of the tiny model (3 groups, head_dim 8: pairs 0-3)
+
+
+def _partial_rope_reference(adapter, module, x: torch.Tensor, pairs) -> torch.Tensor:
+    """One attention layer computed directly: every head of K group g rotates only the dims of
+    g's kept pairs (both in its query and in its key), the rest is left unrotated."""
+    b, t, _ = x.shape
+    d = adapter.head_dim
+
+    def heads(y):
+        return y.view(b, t, -1, d).transpose(1, 2)
+
+    q, k, v = (heads(getattr(module, f"{n}_proj")(x)) for n in "qkv")
+    cos, sin = adapter.position_embeddings(x, module)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rot_q, rot_k = (
+        y * cos + torch.cat([-y[..., d // 2 :], y[..., : d // 2]], -1) * sin for y in (q, k)
+    )
+    kept = torch.zeros(len(pairs), d, dtype=torch.bool)
+    for g, group in enumerate(pairs):
+        for i in group:
+            kept[g, i] = kept[g, i + d // 2] = True
+    k_index = module.hg_k_index
+    q_used = torch.where(kept[k_index][None, :, None], rot_q, q)
+    k_used = torch.where(kept[:, None], rot_k, k).index_select(1, k_index)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q_used, k_used, v.index_select(1, module.hg_v_index), is_causal=True, scale=d**-0.5
+    )
+    return module.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def test_partial_rope_at_full_rank_is_the_partially_rotated_attention():
+    """With the NoPE latent at full rank (3 groups x 4 unrotated values = 12), a partial-RoPE layer
+    computes attention where only the kept pairs are rotated: the up-projection absorbed into the
+    query and the dropped NoPE bias change nothing (qwen2 has K biases)."""
+    for model_type in ("llama", "qwen2"):
+        source = gqa.converted_copy(_model(model_type), gqa.current_grouping(_model(model_type)))
+        x = torch.randn(2, 11, HIDDEN, dtype=torch.float64)
+        module = source.model.layers[0].self_attn
+        expected = _partial_rope_reference(gqa.get_adapter(source), module, x, PAIRS)
+        plan = LatentPlan([LatentLayer(12, None, PAIRS), LatentLayer()])
+        latent = apply_latent(copy.deepcopy(source), plan, _grams())
+        got = gqa.get_adapter(latent).attend(latent.model.layers[0].self_attn, x)
+        torch.testing.assert_close(got, expected, **F64)
+        assert cached_widths(latent)[0] == [3 * 4 + 12, 24]
+
+
+@pytest.mark.parametrize("precision", [None, PrecisionPlan.uniform(2, 4, 4, group_size=4)])
+def test_partial_rope_decodes_what_the_full_forward_computes(precision):
+    plan = LatentPlan([LatentLayer(6, 12, PAIRS), LatentLayer(5, None, ((1,), (0,), (2,)))])
+    model = apply_latent(_model(), plan, _grams())
+    apply_precision(model, precision)
+    inputs = batch(batch_size=2, length=14, pad_left=True)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        full = model(**inputs).logits
+        cache = quantized_cache(model)
+        steps = [model(ids[:, :6], attention_mask=mask[:, :6], cache=cache).logits]
+        for t in range(6, 14):
+            steps.append(
+                model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits
+            )
+    keep = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[keep], full[keep], **F64)
+    assert cache.nbytes() == cache_bytes(model, 14, batch=2, dtype_bytes=8)
+    assert cached_widths(model) == ([3 * 4 + 6, 3 * 2 + 5], [12, 24])
+
+
+def test_partial_rope_round_trips_and_picks_the_strongest_pairs(tmp_path):
+    source = _model()
+    plan = gqa.latent_model.choose_rope_pairs(source, LatentPlan.uniform(2, 8, None), _grams(), 2)
+    assert all(len(layer.rope_pairs) == 3 and layer.rope_dims == 4 for layer in plan.layers)
+    model = apply_latent(copy.deepcopy(source), plan, _grams())
+    gqa.save(model, tmp_path / "m")
+    assert model_latent(gqa.load(tmp_path / "m", dtype=torch.float64)) == plan
+    remote = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", trust_remote_code=True, dtype=torch.float64
+    )
+    inputs = batch()
+    torch.testing.assert_close(logits(remote, inputs), logits(model, inputs), rtol=0, atol=0)
+    # A pair whose query and key rows are scaled up is the one kept.
+    with torch.no_grad():
+        attention = source.model.layers[0].self_attn
+        for proj in (attention.q_proj, attention.k_proj):
+            rows = proj.weight.view(-1, 8, HIDDEN)
+            rows[:, [2, 6]] *= 100
+    picked = gqa.latent_model.choose_rope_pairs(source, LatentPlan.uniform(2, 8, None), _grams(), 1)
+    assert picked.layers[0].rope_pairs == ((2,), (2,), (2,))
+
+
+def test_bad_rope_pairs_are_refused():
+    with pytest.raises(LatentError, match="rope_pairs need a latent K"):
+        LatentLayer(None, 8, ((0,),))
+    with pytest.raises(LatentError, match="same positive number of pairs"):
+        LatentLayer(8, None, ((0,), (1, 2)))
+    with pytest.raises(LatentError, match="rope_pairs name 2 K groups, the layer has 3"):
+        plan = LatentPlan([LatentLayer(8, None, ((0,), (1,))), LatentLayer()])
+        apply_latent(_model(), plan, _grams())
+    with pytest.raises(LatentError, match="pair indices below 4"):
+        apply_latent(
+            _model(),
+            LatentPlan([LatentLayer(8, None, ((0,), (1,), (4,))), LatentLayer()]),
+            _grams(),
+        )
+    with pytest.raises(LatentError, match="K rank 13 exceeds the 12 values"):
+        apply_latent(_model(), LatentPlan([LatentLayer(13, None, PAIRS), LatentLayer()]), _grams())

@@ -8,10 +8,10 @@ import torch
 
 from gqa.latent import LatentLayer, LatentPlan
 from gqa.latent_model import apply_latent, cache_bytes_per_token
-from gqa.precision import kind_bytes_per_token
+from gqa.precision import LayerPrecision, PrecisionPlan, kind_bytes_per_token, precision_applied
 from objectives.calibration import CalibrationConfig, calibrate
 from objectives.kv_quant_error import grouping_errors, kv_quant_errors
-from objectives.latent_error import latent_errors
+from objectives.latent_error import latent_errors, quantizable
 from search.byte_allocation import (
     InfeasibleBudget,
     allocate_joint,
@@ -105,13 +105,87 @@ def test_joint_allocation_with_latent_options_beats_each_axis(tiny):
             assert joint.error <= ranks_error + 1e-12
         except InfeasibleBudget:
             pass
-        spent = 0.0
-        for i, precision in enumerate(joint.plan.layers):
-            ranks = joint.latent.layers[i] if joint.latent else LatentLayer()
-            if ranks.is_latent:
-                assert (precision.k_bits, precision.v_bits) == (16, 16)
-            for bits, rank in ((precision.k_bits, ranks.k_rank), (precision.v_bits, ranks.v_rank)):
-                spent += 2 * rank if rank else kind_bytes_per_token(3, 8, bits, 4)
-        assert spent <= budget + 1e-9
+        assert _spent(joint) <= budget + 1e-9
+        for precision, ranks in zip(joint.plan.layers, _ranks(joint), strict=True):
+            if ranks.k_rank:  # the table has no quantized latents: latent kinds stay 16-bit
+                assert precision.k_bits == 16
+            if ranks.v_rank:
+                assert precision.v_bits == 16
     with pytest.raises(ValueError, match="needs latent_model"):
         allocate_joint({"source": quant}, zeros, 60.0, 8, (2, 4, 16), latent=table)
+
+
+def _ranks(joint) -> list[LatentLayer]:
+    return list(joint.latent.layers) if joint.latent else [LatentLayer()] * len(joint.plan.layers)
+
+
+def _spent(joint, group_size: int = 4) -> float:
+    """Bytes per token of a joint allocation of the tiny source (3 heads of 8 per kind)."""
+    spent = 0.0
+    for precision, ranks in zip(joint.plan.layers, _ranks(joint), strict=True):
+        for bits, rank in ((precision.k_bits, ranks.k_rank), (precision.v_bits, ranks.v_rank)):
+            heads, width = (1, rank) if rank else (3, 8)
+            spent += kind_bytes_per_token(heads, width, bits, group_size)
+    return spent
+
+
+@pytest.fixture(scope="module")
+def quantized_table(tiny):
+    source, stats, _ = tiny
+    return latent_errors(source, stats, RANKS, bits=(2, 4), group_size=4)
+
+
+def test_quantized_latent_entry_is_the_error_of_that_single_change(tiny, quantized_table):
+    """A quantized entry equals the same measure of the whole model with that layer's K latent at
+    rank 8 and its latent cache at 2 bits (the simulated quantized cache)."""
+    source, stats, table = tiny
+    assert quantized_table.errors == table.errors
+    assert set(quantized_table.quantized[1]["k"]) == {(r, b) for r in RANKS for b in (2, 4)}
+    assert quantizable("v", 8, 4) and not quantizable("v", 6, 4) and quantizable("k", 6, 4)
+    plan = LatentPlan((LatentLayer(None, None), LatentLayer(8, None)))
+    latent = apply_latent(copy.deepcopy(source), plan, [layer.gram for layer in stats.layers])
+    precision = PrecisionPlan((LayerPrecision(16, 16), LayerPrecision(2, 16)), group_size=4)
+    with precision_applied(latent, precision):
+        measured = grouping_errors(latent, source, stats)
+    assert measured[1] == pytest.approx(quantized_table.quantized[1]["k"][8, 2], rel=1e-6)
+    assert quantized_table.quantized[1]["k"][8, 2] > table.errors[1]["k"][8]
+
+
+def test_joint_allocation_over_quantized_latents_is_the_brute_force_best(tiny, quantized_table):
+    """Per kind: the heads at 2, 4 or 16 bits, or a latent at a measured (rank, bits); the joint
+    knapsack finds the best of every combination over both layers, and quantized latents can only
+    lower its error."""
+    source, stats, table = tiny
+    quant = kv_quant_errors(source, stats, bits=(2, 4), group_size=4)
+    zeros = {"source": (0.0, 0.0)}
+    bits = (2, 4, 16)
+
+    def kind_options(layer: int, kind: str) -> list[tuple[float, float]]:
+        heads = [(kind_bytes_per_token(3, 8, b, 4), quant.errors[layer][kind][b]) for b in bits]
+        latents = [
+            (kind_bytes_per_token(1, r, b, 4), e)
+            for r, b, e in quantized_table.options(layer, kind)
+            if r < 24
+        ]
+        return heads + latents
+
+    for budget in (60.0, 90.0, 130.0):  # every kind at 2 bits: 120 B; rank 4 at 2 bits: 12 B
+        joint = allocate_joint(
+            {"source": quant}, zeros, budget, 8, bits, latent=quantized_table, latent_model="source"
+        )
+        layers = [
+            [
+                (kc + vc, ke + ve)
+                for (kc, ke), (vc, ve) in itertools.product(
+                    kind_options(layer, "k"), kind_options(layer, "v")
+                )
+            ]
+            for layer in range(2)
+        ]
+        best = min(a[1] + b[1] for a, b in itertools.product(*layers) if a[0] + b[0] <= budget)
+        assert joint.error == pytest.approx(best)
+        assert _spent(joint) <= budget + 1e-9
+        unquantized = allocate_joint(
+            {"source": quant}, zeros, budget, 8, bits, latent=table, latent_model="source"
+        )
+        assert joint.error <= unquantized.error + 1e-12

@@ -148,7 +148,8 @@ def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_
 def test_a_layer_mix_may_make_source_layers_latent(front_config):
     """With latent layers made free (a zero error table) and the winner's layers prohibitively
     bad, the joint allocation takes latent layers of the source; the mix is built with them
-    (16-bit there, the plan's bits elsewhere), its bytes are the latent widths' and it runs."""
+    (16-bit there, the plan's bits elsewhere), its bytes are the latent widths' and it runs;
+    with quantized latents free too, it quantizes them under a budget 16-bit latents miss."""
     path, _ = front_config
     study = Study(StudyConfig.load(path), progress=False)
     study.run()
@@ -175,6 +176,26 @@ def test_a_layer_mix_may_make_source_layers_latent(front_config):
     assert point.kv_bytes == 2 * widths
     module = front.module(point.model)
     assert gqa.model_latent(module) == latent
+    assert math.isfinite(front._measure(point, VALID_SPLIT))
+
+    # Quantized latents free too, and a budget below every 16-bit latent: the mix quantizes
+    # latents (the table measured them at the config's bits), counts their bytes and runs.
+    free = dataclasses.replace(
+        free,
+        quantized=tuple(
+            {k: dict.fromkeys(e, 0.0) for k, e in row.items()} for row in table.quantized
+        ),
+    )
+    cheapest = sum(2 * min(free.ranks(i, k)) for i in range(2) for k in "kv")
+    point = front._layer_mix(models, ByteBudget(0.9 * cheapest, 0.9 * cheapest / 1000))
+    plan, latent = point.plan, point.model.latent
+    quantized = [
+        (ranks.k_rank, precision.k_bits)
+        for ranks, precision in zip(latent.layers, plan.layers, strict=True)
+        if ranks.k_rank and precision.k_bits < 16
+    ]
+    assert quantized and point.kv_bytes <= 0.9 * cheapest
+    assert point.kv_bytes == front._bytes(plan, point.model)
     assert math.isfinite(front._measure(point, VALID_SPLIT))
 
 
