@@ -9,7 +9,12 @@ windows), and accuracy on `limit` test questions per multiple-choice task (first
 Every (candidate, seed) result is written to `<out>/compare/` as it finishes, so a stopped run
 resumes; `answer.json` and `answer.md` are rewritten at the end.
 
+With `context` > 0 the comparison is at long context (experiments.held_out): perplexity of
+the late position bucket of `windows` held-out long test documents of `context` tokens, and
+passkey retrieval on the test prompts (first seed) with a paired interval over prompts.
+
     headgroup compare --config F [--budgets 2,1.5] [--seeds 0,1] [--windows 48] [--limit 300]
+        [--context 2048]
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from experiments.held_out import HeldOutScoring
 from gqa.grouping import Grouping, write_text_atomic
-from objectives.data import TEST_SPLIT, TextSpec, token_windows
-from objectives.evaluate import evaluate, window_nlls
-from objectives.significance import paired_bootstrap
+from objectives.evaluate import evaluate
+from objectives.significance import paired_accuracy, paired_bootstrap
 from search.config import StudyConfig
 from search.results import rung_columns, stage2_frame
 from search.study import Study
@@ -42,6 +47,7 @@ class CompareConfig:
     windows: int = 48
     limit: int = 300
     resamples: int = 2000
+    context: int = 0  # 0: the study's short windows; else long documents of this many tokens
 
 
 def finalists(stage2: pd.DataFrame, budget: float) -> dict[str, dict]:
@@ -89,13 +95,16 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
         )
     budgets = options.budgets or tuple(sorted(b for b in stage2["budget"].dropna().unique()))
     study = Study(config, progress=False)
-    windows = token_windows(
-        study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
-    )
+    scoring = HeldOutScoring.of(config, study.loaded.tokenizer, options.windows, options.context)
     tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
     folder = out / "compare"
     start = time.time()
-    report: dict = {"study": config.name, "options": options.__dict__, "budgets": {}}
+    report: dict = {
+        "study": config.name,
+        "options": options.__dict__,
+        "scored": scoring.describe(options.windows),
+        "budgets": {},
+    }
     chosen: dict[float, dict[str, dict]] = {}
     for budget in budgets:
         try:
@@ -114,7 +123,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
             return kept.pop((*key, seed))
         grouping = Grouping.from_json(row["grouping"])
         model = study.build_candidate(grouping, recovery_seed=seed, progress=False)
-        if seed == options.seeds[0] and tasks:
+        if seed == options.seeds[0] and (tasks or options.context):
             kept[(*key, seed)] = model
         return model
 
@@ -127,13 +136,13 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
 
                 def measure(row=row, seed=seed, label=label, budget=budget) -> dict:
                     t0 = time.time()
-                    nll = window_nlls(build(row, seed, (budget, label)), windows, progress=False)
+                    nll = scoring.nlls(build(row, seed, (budget, label)))
                     ppl = float(np.exp(nll.mean()))
                     print(f"{budget:g} KV heads, {label}, seed {seed}: test ppl {ppl:.2f}")
                     return {"nll": nll.tolist(), "ppl": ppl, "seconds": round(time.time() - t0, 1)}
 
                 digest = study.candidate_digest(Grouping.from_json(row["grouping"]), seed)
-                path = folder / f"{budget:g}kv_{label}_{digest}_seed{seed}.json"
+                path = folder / f"{budget:g}kv_{label}_{digest}{scoring.suffix}_seed{seed}.json"
                 per_seed.append(cached_json(path, measure))
             ppls = [r["ppl"] for r in per_seed]
             nlls[label] = np.mean([r["nll"] for r in per_seed], axis=0)  # seed-averaged windows
@@ -159,7 +168,35 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                 }
         report["budgets"][f"{budget:g}"] = entry
         _write_report(report, out, start)  # after each budget: a stopped run keeps what it has
-    for budget, rows in chosen.items() if tasks else ():  # pass 2: accuracy, first seed
+    if options.context:  # pass 2: passkey retrieval, first seed, paired over prompts
+        for budget, rows in chosen.items():
+            retrieved: dict[str, list[bool]] = {}
+            for label, row in rows.items():
+
+                def outcomes(row=row, key=(budget, label)) -> list[bool]:
+                    return scoring.retrieved(build(row, options.seeds[0], key))
+
+                grouping = Grouping.from_json(row["grouping"])
+                digest = study.candidate_digest(grouping, options.seeds[0])
+                name = f"{budget:g}kv_{label}_{digest}_passkey{scoring.suffix}.json"
+                retrieved[label] = cached_json(folder / name, outcomes)
+            entry = report["budgets"][f"{budget:g}"]
+            for label, hits in retrieved.items():
+                entry["candidates"][label]["passkey"] = statistics.fmean(hits)
+            for base in BASELINES:
+                if base in retrieved:
+                    acc = paired_accuracy(
+                        {"passkey": retrieved["searched"]},
+                        {"passkey": retrieved[base]},
+                        options.resamples,
+                    )
+                    entry["differences"][f"searched - {base}"]["passkey"] = {
+                        "difference": acc.difference,
+                        "ci95": [acc.low, acc.high],
+                        "excludes_zero": acc.excludes_zero,
+                    }
+            _write_report(report, out, start)
+    for budget, rows in chosen.items() if tasks else ():  # pass 3: accuracy, first seed
         for label, row in rows.items():
 
             def accuracy(row=row, key=(budget, label)) -> dict:
@@ -198,9 +235,10 @@ def answer_markdown(report: dict) -> str:
     lines = [
         f"# After recovery: searched winner vs baselines (study `{report['study']}`)",
         "",
-        f"Test perplexity on {opts['windows']} x 256 test tokens, recovery seeds {seeds} "
+        f"Test {report['scored']}; perplexity under recovery seeds {seeds} "
         f"(mean ± std); differences use seed-averaged per-window NLLs with a paired bootstrap "
-        f"95% interval ({opts['resamples']} resamples of windows). Accuracy: first seed, up to "
+        f"95% interval ({opts['resamples']} resamples of windows); passkey retrieval (first seed) "
+        "with a paired interval over prompts. Accuracy: first seed, up to "
         f"{opts['limit']} test questions per task (- : not measured; --limit 0 measures none). "
         "The searched candidate "
         "was chosen on validation data.",
@@ -211,22 +249,34 @@ def answer_markdown(report: dict) -> str:
         if "skipped" in entry:
             lines += [f"Skipped: {entry['skipped']}.", ""]
             continue
-        lines += ["| candidate | strategy | validation ppl | test ppl | mean acc | accuracies |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| candidate | strategy | validation | test ppl | passkey | mean acc | accuracies |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for label, c in entry["candidates"].items():
             accs = ", ".join(f"{t} {a:.3f} (n={c['questions'][t]})" for t, a in c["acc"].items())
             mean_acc = f"{c['mean_acc']:.3f}" if c["mean_acc"] is not None else "-"
+            retrieval = f"{c['passkey']:.3f}" if "passkey" in c else "-"
             pruned = " (pruned in the study)" if c.get("pruned_in_study") else ""
             lines.append(
                 f"| {label} | {c['strategy']}{pruned} | {c['valid_ppl']:.2f} | "
-                f"{c['test_ppl_mean']:.2f} ± {c['test_ppl_std']:.2f} | {mean_acc} | {accs} |"
+                f"{c['test_ppl_mean']:.2f} ± {c['test_ppl_std']:.2f} | {retrieval} | "
+                f"{mean_acc} | {accs} |"
             )
         lines.append("")
         for name, d in entry["differences"].items():
             verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
-            lines.append(
+            line = (
                 f"- {name}: {d['ppl']:+.2f} perplexity, 95% CI [{d['ci95'][0]:+.2f}, "
                 f"{d['ci95'][1]:+.2f}] ({verdict})"
             )
+            if "passkey" in d:
+                p = d["passkey"]
+                verdict = "excludes 0" if p["excludes_zero"] else "includes 0"
+                line += (
+                    f"; passkey {p['difference']:+.3f}, 95% CI [{p['ci95'][0]:+.3f}, "
+                    f"{p['ci95'][1]:+.3f}] ({verdict})"
+                )
+            lines.append(line)
         lines.append("")
     return "\n".join(lines)

@@ -29,14 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import gqa
 from experiments.compare import cached_json
+from experiments.held_out import HeldOutScoring
 from gqa.grouping import write_text_atomic
-from objectives.data import TEST_SPLIT, TextSpec, token_windows
-from objectives.evaluate import question_outcomes, window_nlls
-from objectives.long_context import LongContextConfig, late_window_nlls, long_windows, passkey
+from objectives.evaluate import question_outcomes
 from objectives.significance import paired_accuracy, paired_bootstrap
 from search.config import StudyConfig
 from search.kv_front import KVFront
@@ -64,14 +62,8 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     study = Study(config, progress=False)
     front = KVFront(study, progress=False)
     chosen = front.run()
-    long_config = _long_config(config.long_context, options)
-    if options.context:
-        windows = long_windows(study.loaded.tokenizer, "test", options.context, options.windows)
-    else:
-        windows = token_windows(
-            study.loaded.tokenizer, TextSpec(TEST_SPLIT, config.promote.seq_len, options.windows)
-        )
-    context = f"_c{options.context}" if options.context else ""
+    scoring = HeldOutScoring.of(config, study.loaded.tokenizer, options.windows, options.context)
+    context = scoring.suffix
     tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
     folder = out / "compare_bytes"
     start = time.time()
@@ -79,18 +71,13 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         "study": config.name,
         "options": options.__dict__,
         "seq_len": config.promote.seq_len,
-        "positions": f"{long_config.buckets[-1]}-{long_config.seq_len - 1}",
+        "scored": scoring.describe(options.windows),
         "budgets": {},
     }
 
     def model_of(point, seed):
         model = front.module(point.model, seed)
         return gqa.apply_precision(model, point.plan)
-
-    def losses(model) -> torch.Tensor:  # (windows,) per-window NLL: short, or the late bucket
-        if options.context:
-            return late_window_nlls(model, windows, long_config)
-        return window_nlls(model, windows, progress=False)
 
     def measure(point, with_accuracy: bool) -> dict:
         seeds = options.seeds[:1] if point.model.is_source else options.seeds
@@ -104,7 +91,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         for seed in seeds:
 
             def nlls(seed=seed) -> dict:
-                nll = losses(model_of(point, seed))
+                nll = scoring.nlls(model_of(point, seed))
                 return {"nll": nll.tolist(), "ppl": math.exp(float(nll.mean()))}
 
             path = folder / f"{digest(seed)}_w{options.windows}{context}_seed{seed}.json"
@@ -140,11 +127,10 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         if options.context and with_accuracy:
 
             def retrieved() -> dict:  # per test prompt, whether the key was retrieved
-                model = model_of(point, options.seeds[0])
-                return {"passkey": passkey(model, study.loaded.tokenizer, "test", long_config)}
+                return {"passkey": scoring.retrieved(model_of(point, options.seeds[0]))}
 
             path = folder / f"{digest(options.seeds[0])}_passkey{context}.json"
-            result["retrieved"] = {"passkey": cached_json(path, retrieved)["passkey"]["outcomes"]}
+            result["retrieved"] = {"passkey": _outcomes(cached_json(path, retrieved)["passkey"])}
             result["passkey"] = statistics.fmean(result["retrieved"]["passkey"])
         return result
 
@@ -202,13 +188,9 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     return _write(report, out, start)
 
 
-def _long_config(config: LongContextConfig, options: ByteCompareConfig) -> LongContextConfig:
-    """The study's long-context settings at the comparison's context: its windows, the late
-    bucket from half the context unless the study's edges fit, prompt lengths up to it."""
-    if not options.context:
-        return config
-    lengths = tuple(n for n in config.lengths if n <= options.context) or (options.context,)
-    return config.with_seq_len(options.context, ppl_windows=options.windows, lengths=lengths)
+def _outcomes(cached: dict | list) -> list[bool]:
+    """Per-prompt outcomes from a cached passkey file (older files hold the whole task summary)."""
+    return cached["outcomes"] if isinstance(cached, dict) else cached
 
 
 def _named(entry: dict) -> str:
@@ -220,13 +202,7 @@ def _named(entry: dict) -> str:
 def _write(report: dict, out: Path, start: float) -> Path:
     report["seconds"] = round(time.time() - start, 1)
     write_text_atomic(out / "byte_answer.json", json.dumps(report, indent=2) + "\n")
-    opts = report["options"]
-    text = (
-        f"late-position perplexity ({report['positions']}) of {opts['windows']} held-out long "
-        f"test documents of {opts['context']} tokens, and passkey retrieval on test prompts"
-        if opts.get("context")
-        else f"perplexity on {opts['windows']} x {report['seq_len']} test tokens"
-    )
+    opts, text = report["options"], report["scored"]
     lines = [
         f"# Quality per KV byte: joint winner vs best single axis (study `{report['study']}`)",
         "",

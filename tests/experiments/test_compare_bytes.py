@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import experiments.held_out as held_out
 from experiments.cli import main
 from search.config import StudyConfig
 from search.kv_front import KVFront
@@ -94,7 +95,7 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
 
     # A second run reads every result back: no model is measured again.
     monkeypatch.setattr(module, "question_outcomes", lambda *a, **k: pytest.fail("measured again"))
-    monkeypatch.setattr(module, "window_nlls", lambda *a, **k: pytest.fail("measured again"))
+    monkeypatch.setattr(held_out, "window_nlls", lambda *a, **k: pytest.fail("measured again"))
     assert main(argv) == 0
     assert json.loads((out / "byte_answer.json").read_text())["budgets"] == answer
 
@@ -102,15 +103,13 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
 def test_compare_bytes_at_long_context_pairs_late_positions_and_passkeys(
     finished_front, monkeypatch
 ):
-    import experiments.compare_bytes as module
-
     out = finished_front.parent / "out_long"
     _contest_the_middle_budget(monkeypatch)
     argv = ["compare-bytes", "--config", str(finished_front), "--seeds", "0"]
     argv += ["--windows", "2", "--limit", "0", "--context", "96", "--out", str(out)]
     assert main(argv) == 0
     report = json.loads((out / "byte_answer.json").read_text())
-    assert report["positions"] == "48-95"  # the study's edges exceed 96 tokens: half of it
+    assert "(48-95)" in report["scored"]  # the study's edges exceed 96 tokens: half of it
     contested = report["budgets"]["0.6"]
     diff = contested["joint - single"]
     assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
@@ -125,8 +124,8 @@ def test_compare_bytes_at_long_context_pairs_late_positions_and_passkeys(
     def fail(*a, **k):
         pytest.fail("measured again")
 
-    monkeypatch.setattr(module, "late_window_nlls", fail)
-    monkeypatch.setattr(module, "passkey", fail)
+    monkeypatch.setattr(held_out, "late_window_nlls", fail)
+    monkeypatch.setattr(held_out, "passkey", fail)
     assert main(argv) == 0
     assert json.loads((out / "byte_answer.json").read_text())["budgets"] == report["budgets"]
     assert main([*argv[:-4], "--context", "10", "--out", str(out)]) == 2

@@ -207,6 +207,41 @@ def test_compare_gives_paired_intervals_and_resumes(finished, monkeypatch, capsy
     assert "comma-separated integers" in capsys.readouterr().err
 
 
+def test_compare_at_long_context_pairs_late_positions_and_passkeys(finished, monkeypatch):
+    import json
+
+    import experiments.held_out as held_out
+    from search.study import Study
+
+    out, _, _ = finished
+    monkeypatch.setenv("HEADGROUP_CACHE", str(out.parent / "cache"))
+    long_out = out.parent / "long"
+    argv = ["compare", "--config", str(out.parent / "s.toml"), "--seeds", "0", "--windows", "2"]
+    argv += ["--limit", "0", "--context", "96", "--out", str(long_out)]
+    assert main(argv) == 0
+    answer = json.loads((long_out / "answer.json").read_text())
+    assert "late-position perplexity (48-95) of 2 held-out long test documents" in answer["scored"]
+    compared = [e for e in answer["budgets"].values() if "candidates" in e]
+    assert compared
+    for entry in compared:
+        candidates = entry["candidates"]
+        for name, diff in entry["differences"].items():
+            base = name.removeprefix("searched - ")
+            expected = candidates["searched"]["passkey"] - candidates[base]["passkey"]
+            assert diff["passkey"]["difference"] == pytest.approx(expected, abs=1e-12)
+            assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
+    assert "passkey" in (long_out / "answer.md").read_text()
+
+    def fail(*a, **k):
+        pytest.fail("measured again")
+
+    monkeypatch.setattr(Study, "build_candidate", fail)
+    monkeypatch.setattr(held_out, "late_window_nlls", fail)
+    monkeypatch.setattr(held_out, "passkey", fail)
+    assert main(argv) == 0
+    assert json.loads((long_out / "answer.json").read_text())["budgets"] == answer["budgets"]
+
+
 def test_the_readme_names_a_question_limit_only_for_multiple_choice_tasks():
     from experiments.main_job import _tasks_text
     from objectives.calibration import CalibrationConfig
