@@ -3,7 +3,9 @@
 For SmolLM2-135M and each cache setting (transformers' default cache; the source with the real
 bit-packed cache at K4/V4 and K2/V2, group 64; the source through headgroup's grouped attention
 on its own grouping; the default study's searched 2-KV grouping at 16 bits and at K4/V4; latent
-layers (gqa.latent) with K and V at rank 64, and with V alone at rank 64), a prompt
+layers (gqa.latent) with K and V at rank 64 (16-bit and at K4/V4), with V alone at rank 64, and
+with partial-RoPE keys (MHA2MLA: 4 rotary pairs per group kept, rank 40: the same 64 key values)
+and V at rank 64), a prompt
 of held-out long text (objectives.long_context.long_windows, the long-context tasks' documents)
 of each length and batch size is run once, then `--decode` greedy tokens are decoded one at a
 time. Each measurement runs in its own process, twice: the first run gives the peak resident
@@ -40,8 +42,8 @@ import gqa
 from experiments.benchmarks import common
 from gqa.adapters import get_adapter
 from gqa.grouping import write_text_atomic
-from gqa.latent import LatentPlan
-from gqa.latent_model import apply_latent, cache_bytes_per_token, model_latent
+from gqa.latent import LatentLayer, LatentPlan
+from gqa.latent_model import apply_latent
 from gqa.models import load_model
 from gqa.precision import PrecisionPlan
 from objectives.long_context import long_windows
@@ -57,8 +59,17 @@ SETTINGS = {  # name -> (grouping: None for the source, "source" for its own gro
     "2kv_k4v4": (SEARCHED, (4, 4)),
     "latent_k64v64": (None, None),
     "latent_v64": (None, None),
+    "latent_rope_k64v64": (None, None),
+    "latent_k64v64_k4v4": (None, (4, 4)),
 }
-LATENT = {"latent_k64v64": (64, 64), "latent_v64": (None, 64)}  # ranks of every layer's K, V
+# Every layer's K rank, V rank and rotary pairs kept per K group (partial RoPE, MHA2MLA's d_h/16:
+# 4 pairs of 32, 3 groups x 8 values + rank 40 = the 64 key values latent_k64v64 caches).
+LATENT = {
+    "latent_k64v64": (64, 64, 0),
+    "latent_v64": (None, 64, 0),
+    "latent_rope_k64v64": (40, 64, 4),
+    "latent_k64v64_k4v4": (64, 64, 0),
+}
 GROUP_SIZE = 64
 
 
@@ -69,14 +80,17 @@ def build(setting: str, loaded):
         model = gqa.converted_copy(model, gqa.current_grouping(model))
     elif grouping is not None:
         model = gqa.convert(model, common.saved_grouping(grouping))
+    if setting in LATENT:  # speed does not depend on the factors: a plain SVD (identity grams)
+        adapter = get_adapter(model)
+        k_rank, v_rank, pairs = LATENT[setting]
+        groups = len(gqa.current_grouping(model).layers[0].k)
+        kept = (tuple(range(pairs)),) * groups if pairs else None
+        plan = LatentPlan((LatentLayer(k_rank, v_rank, kept),) * adapter.num_layers)
+        grams = [torch.eye(adapter.hidden_size)] * adapter.num_layers
+        model = apply_latent(model, plan, grams)
     if bits is not None:
         layers = get_adapter(model).num_layers
         model = gqa.apply_precision(model, PrecisionPlan.uniform(layers, *bits, GROUP_SIZE))
-    if setting in LATENT:  # speed does not depend on the factors: a plain SVD (identity grams)
-        adapter = get_adapter(model)
-        plan = LatentPlan.uniform(adapter.num_layers, *LATENT[setting])
-        grams = [torch.eye(adapter.hidden_size)] * adapter.num_layers
-        model = apply_latent(model, plan, grams)
     return model.eval()
 
 
@@ -97,14 +111,7 @@ def _cache_bytes(cache) -> int:
 
 def formula_bytes(model, length: int, batch: int) -> int:
     """What gqa.precision's formula says the cache of `length` tokens holds (float32 model)."""
-    if model_latent(model) is not None:
-        return cache_bytes_per_token(model, dtype_bytes=4) * length * batch
-    counts = Budget.of(gqa.current_grouping(model))
-    adapter = get_adapter(model)
-    plan = gqa.model_precision(model) or PrecisionPlan.uniform(adapter.num_layers, 16)
-    return plan.cache_bytes(
-        counts.k, counts.v, adapter.head_dim, length, batch=batch, dtype_bytes=4
-    )
+    return gqa.cache_bytes(model, length, batch=batch, dtype_bytes=4)
 
 
 def serve(model, prompt: torch.Tensor, decode: int) -> tuple[float, float, object]:

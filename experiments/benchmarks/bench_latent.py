@@ -9,7 +9,15 @@ each budget (a fraction of the source's 16-bit cache), one point per family:
   grouping         per layer the source, 2 or 1 KV heads (neighbour_kv, `aligned` merge, no
                    recovery) from the same knapsack over the grouping errors (16-bit cache);
   mixed_precision  per-layer K and V bits (2, 3, 4, 8, 16; g64) from the knapsack over the
-                   quantization error table.
+                   quantization error table;
+  latent_rope_uniform  latent_uniform's bytes with MHA2MLA's partial-RoPE keys (4 rotary pairs
+                   per K group kept, chosen by query-key norm; the rest of the key latent);
+  latent_quantized low rank with bits (Palu's combination), allocated per layer: each kind on its
+                   heads at 2-16 bits, or latent at a rank and 2, 3, 4 or 16 bits, from one
+                   knapsack over both tables (the latents' errors measured quantized);
+  joint_no_latent  per layer the source, 2 or 1 KV heads, each at 2-16 bits, from one knapsack
+                   (the byte front's joint family without latent options);
+  joint            the same with the source's quantized latent options added.
 Every choice uses calibration text only. Each point is scored on test data: `long_ppl`
 (perplexity by position on 2048-token papers; per-paper late-bucket losses kept for paired
 intervals) and `passkey`. With `--recovery-tokens`, the `--recovery-families` models at the
@@ -17,10 +25,11 @@ intervals) and `passkey`. With `--recovery-tokens`, the `--recovery-families` mo
 a step, Q/K/V/O trained: the latent factors like any projection) and scored again; the family
 `source` there is the control, the source fine-tuned with the same recipe. Rows go to
 results/bench/latent.csv as they finish (a stopped run resumes); latent.md tabulates them with
-paired intervals against the best other family at the same budget and tokens.
+paired intervals of each family with latent layers against the best family without them
+(grouping, mixed precision, joint_no_latent) at the same budget and tokens.
 
     python experiments/benchmarks/bench_latent.py [--budgets 0.6667,0.5,0.3334,0.25] [--windows 4]
-        [--recovery-tokens 25000] [--recovery-budgets 0.3334]
+        [--families latent,mixed_precision,...] [--recovery-tokens 25000] [--recovery-budgets 0.3334]
 """
 
 from __future__ import annotations
@@ -58,6 +67,9 @@ from search.strategies.neighbour_kv import split_source_groups
 TASKS = ("long_ppl", "passkey")
 RANKS = (16, 32, 48, 64, 96, 128, 160)
 GROUP_SIZE = 64
+LATENT_BITS = (2, 3, 4)  # the bits a latent may be quantized to (latent_quantized)
+WITHOUT_LATENT = ("grouping", "mixed_precision", "joint_no_latent")  # families with no latent
+ROPE_PAIRS = 4  # partial RoPE: MHA2MLA's d_h/16 rotary pairs per group (head_dim 64)
 MERGE = "aligned"  # the grouping family's merge: the project's default
 
 
@@ -111,7 +123,23 @@ class Families:
             torch.save(tables, path)
         self.latent_table, self.quant_table = tables["latent"], tables["quant"]
         self.group_errors = tables["grouping"]
+        self._quantized_path = path.with_name(f"latent_quantized-{stats_fingerprint(stats)}.pt")
+        self._quantized_table = None
+        self._grouped_tables: dict[str, QuantErrorTable] | None = None
+        self._fingerprint = stats_fingerprint(stats)
         self.setup_seconds = time.perf_counter() - start
+
+    def quantized_latent_table(self):
+        """The latent table with every latent also quantized at LATENT_BITS (kept on disk)."""
+        if self._quantized_table is None:
+            if self._quantized_path.is_file():
+                self._quantized_table = torch.load(self._quantized_path, weights_only=False)
+            else:
+                self._quantized_table = latent_errors(
+                    self.source, self.stats, RANKS, True, LATENT_BITS, GROUP_SIZE
+                )
+                torch.save(self._quantized_table, self._quantized_path)
+        return self._quantized_table
 
     def grouped(self, grouping: Grouping):
         """The source converted to `grouping` with the project's default merge (no recovery)."""
@@ -125,11 +153,28 @@ class Families:
         plan = LatentPlan.uniform(self.layers, rank, rank)
         return apply_latent(copy.deepcopy(self.source), plan, self.grams), None, plan_text(plan)
 
+    def latent_rope_uniform(self, fraction: float):
+        """latent_uniform's bytes with MHA2MLA's partial-RoPE keys: per K group the ROPE_PAIRS
+        rotary pairs of greatest query-key norm stay rotated, the rest of the key goes through a
+        latent of the rank the cache has left (gqa.latent.PartialRopeKeys)."""
+        rank = int(fraction * self.source_bytes / (2 * 2 * self.layers))
+        groups = len(gqa.current_grouping(self.source).layers[0].k)
+        k_rank = rank - groups * 2 * ROPE_PAIRS
+        plan = LatentPlan.uniform(self.layers, k_rank, rank)
+        plan = gqa.choose_rope_pairs(self.source, plan, self.grams, ROPE_PAIRS)
+        model = apply_latent(copy.deepcopy(self.source), plan, self.grams)
+        text = f"K: {ROPE_PAIRS} rotary pairs per group + rank {k_rank}; V rank {rank}; pairs: "
+        text += " ".join(
+            "|".join(",".join(map(str, g)) for g in layer.rope_pairs) for layer in plan.layers
+        )
+        return model, None, text
+
     def latent(self, fraction: float):
         plan, _ = allocate_latent(self.latent_table, self.budget_bytes(fraction))
         return apply_latent(copy.deepcopy(self.source), plan, self.grams), None, plan_text(plan)
 
     def grouping(self, fraction: float):
+        """Per layer the source, 2 or 1 KV heads at 16 bits: the grouping axis alone."""
         tables = {
             name: _sixteen_bit_table(
                 self.layers,
@@ -138,15 +183,7 @@ class Families:
             )
             for name, g in self.groupings.items()
         }
-        chosen = allocate_joint(
-            tables, self.group_errors, self.budget_bytes(fraction), self.head_dim, bits=(16,)
-        )
-        layers = [self.groupings[name].layers[i] for i, name in enumerate(chosen.models)]
-        mixed = Grouping.create(
-            self.adapter.num_heads, [layer.k for layer in layers], [layer.v for layer in layers]
-        )
-        text = " ".join(f"{len(layer.k)}" for layer in layers)
-        return self.grouped(mixed), None, f"KV heads per layer: {text}"
+        return self._allocated(fraction, tables, bits=(16,))
 
     def mixed_precision(self, fraction: float):
         plan = allocate_precision(
@@ -156,11 +193,91 @@ class Families:
         model = gqa.converted_copy(self.source, gqa.current_grouping(self.source))
         return model, plan, f"K/V bits per layer: {text}"
 
+    def latent_quantized(self, fraction: float):
+        """Palu's low rank with quantization, allocated per layer: each kind of each layer on its
+        heads at 2-16 bits or latent at a (rank, bits) of the quantized latent table; the one
+        exact knapsack of search.byte_allocation.allocate_joint, over the source alone."""
+        return self._allocated(fraction, {"source": self.quant_table}, latent=True)
+
+    def joint(self, fraction: float):
+        """Everything together, layer by layer: the source's layer (heads at 2-16 bits, or
+        latent at a quantized rank), or its 2- or 1-KV grouping at 2-16 bits."""
+        return self._allocated(fraction, self.grouped_quant_tables(), latent=True)
+
+    def joint_no_latent(self, fraction: float):
+        """`joint` without the latent options: grouping and bits together (the byte front's
+        joint family without `latent_ranks`)."""
+        return self._allocated(fraction, self.grouped_quant_tables())
+
+    def grouped_quant_tables(self) -> dict[str, QuantErrorTable]:
+        """The quantization error table of the source and of each grouping (kept on disk)."""
+        if self._grouped_tables is None:
+            path = self._quantized_path.with_name(f"grouped_quant-{self._fingerprint}-{MERGE}.pt")
+            if path.is_file():
+                self._grouped_tables = torch.load(path, weights_only=False)
+            else:
+                self._grouped_tables = {
+                    name: self.quant_table
+                    if name == "source"
+                    else kv_quant_errors(
+                        self.grouped(grouping),
+                        self.stats,
+                        bits=(2, 3, 4, 8),
+                        group_size=GROUP_SIZE,
+                        progress=True,
+                    )
+                    for name, grouping in self.groupings.items()
+                }
+                torch.save(self._grouped_tables, path)
+        return self._grouped_tables
+
+    def _allocated(
+        self,
+        fraction: float,
+        tables: dict[str, QuantErrorTable],
+        bits: tuple[int, ...] = (2, 3, 4, 8, 16),
+        latent: bool = False,
+    ):
+        """The model, precision plan and description of one joint allocation over `tables`'
+        models (their grouping errors against the source), with the source's quantized latent
+        options when `latent`. Each layer's attention is its model's: the `aligned` merge is
+        layer-local, so converting the source to the mixed grouping rebuilds exactly those."""
+        chosen = allocate_joint(
+            tables,
+            {name: self.group_errors[name] for name in tables},
+            self.budget_bytes(fraction),
+            self.head_dim,
+            bits=bits,
+            latent=self.quantized_latent_table() if latent else None,
+            latent_model="source" if latent else None,
+        )
+        layers = [self.groupings[name].layers[i] for i, name in enumerate(chosen.models)]
+        mixed = Grouping.create(
+            self.adapter.num_heads, [layer.k for layer in layers], [layer.v for layer in layers]
+        )
+        if mixed == self.groupings["source"]:
+            model = gqa.converted_copy(self.source, mixed)
+        else:
+            model = self.grouped(mixed)
+        ranks = [(None, None)] * self.layers
+        if chosen.latent is not None:
+            model = apply_latent(model, chosen.latent, self.grams)
+            ranks = [(r.k_rank, r.v_rank) for r in chosen.latent.layers]
+        plan = None if chosen.plan.exact else chosen.plan
+        text = "per layer KV heads, K/V: " + " ".join(
+            f"{len(layer.k)}:{_kind_text(kr, p.k_bits)}/{_kind_text(vr, p.v_bits)}"
+            for layer, p, (kr, vr) in zip(layers, chosen.plan.layers, ranks, strict=True)
+        )
+        return model, plan, text
+
     def kv_fraction(self, model, plan) -> float:
-        if plan is not None:
-            k_heads = [len(layer.k) for layer in gqa.current_grouping(self.source).layers]
-            return plan.bytes_per_token(k_heads, k_heads, self.head_dim) / self.source_bytes
-        return cache_bytes_per_token(model) / self.source_bytes
+        with gqa.precision_applied(model, plan):
+            return cache_bytes_per_token(model) / self.source_bytes
+
+
+def _kind_text(rank: int | None, bits: int) -> str:
+    """'r64@4' for a latent of rank 64 at 4 bits, '@2' for the kind's heads at 2 bits."""
+    return f"{f'r{rank}' if rank else ''}@{bits}"
 
 
 def plan_text(plan: LatentPlan) -> str:
@@ -169,7 +286,16 @@ def plan_text(plan: LatentPlan) -> str:
     )
 
 
-FAMILIES = ("latent_uniform", "latent", "grouping", "mixed_precision")
+FAMILIES = (
+    "latent_uniform",
+    "latent",
+    "grouping",
+    "mixed_precision",
+    "latent_quantized",
+    "latent_rope_uniform",
+    "joint_no_latent",
+    "joint",
+)
 
 
 def main() -> None:
@@ -179,6 +305,9 @@ def main() -> None:
         default="0.6667,0.5,0.3334,0.25",
         help="0.6667 and 0.3334: two thirds and one third, 2 and 1 KV heads of 3",
     )
+    parser.add_argument(
+        "--families", default=",".join(FAMILIES), help="families to run (default: all)"
+    )
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--trials", type=int, default=2)
@@ -187,6 +316,9 @@ def main() -> None:
     parser.add_argument("--recovery-families", default="latent,grouping,source")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
+    unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}: choose from {', '.join(FAMILIES)}")
     long_config = LongContextConfig(
         seq_len=args.seq_len, ppl_windows=args.windows, depths=(0.1, 0.5, 0.9), trials=args.trials
     )
@@ -198,7 +330,9 @@ def main() -> None:
     families = Families(loaded, stats)
     print(f"error tables in {families.setup_seconds:.0f} s", flush=True)
     runs = [("source", 1.0, 0)] + [
-        (family, float(b), 0) for b in args.budgets.split(",") for family in FAMILIES
+        (family, float(b), 0)
+        for b in args.budgets.split(",")
+        for family in args.families.split(",")
     ]
     for tokens in (int(t) for t in args.recovery_tokens.split(",") if t):
         for family in args.recovery_families.split(","):
@@ -263,9 +397,9 @@ def _paired(row: dict, other: dict) -> str:
 
 def markdown(frame: pd.DataFrame) -> str:
     """Per budget, recovery tokens and family: perplexity of the first and last position
-    buckets, passkeys, and for each latent family the paired differences of late-bucket
-    perplexity (over documents) against the best non-latent family and against grouping at the
-    same budget and tokens."""
+    buckets, passkeys, and for each family with latent layers (`joint` included) the paired
+    differences of late-bucket perplexity (over documents) against the best family without
+    (WITHOUT_LATENT) and against grouping at the same budget and tokens."""
     frame = frame.copy()
     frame["recovery_tokens"] = frame["recovery_tokens"].fillna(0).astype(int)
     index = ["family", "budget", "recovery_tokens"]
@@ -283,8 +417,8 @@ def markdown(frame: pd.DataFrame) -> str:
         passkeys = json.loads(keys.loc[(family, budget, tokens), "outcomes"])
         against = versus_grouping = ""
         same = order[(order["budget"] == budget) & (order["recovery_tokens"] == tokens)]
-        others = same[~same["family"].str.startswith("latent")]
-        if family.startswith("latent") and len(others):
+        others = same[same["family"].isin(WITHOUT_LATENT)]
+        if family not in (*WITHOUT_LATENT, "source") and len(others):
             best = others.loc[others["score"].idxmin()].to_dict()
             against = f"{_paired(row, best)} vs {best['family']}"
             grouping = others[others["family"] == "grouping"]
