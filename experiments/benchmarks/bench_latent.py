@@ -50,12 +50,13 @@ from gqa.assets import cache_dir
 from gqa.grouping import Grouping, write_text_atomic
 from gqa.latent import LatentPlan
 from gqa.latent_model import apply_latent, cache_bytes_per_token
+from objectives.evaluate import question_outcomes
 from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
 from objectives.latent_error import latent_errors
 from objectives.long_context import LongContextConfig
 from objectives.recovery import recover
 from objectives.recovery.layerwise import stats_fingerprint
-from objectives.significance import paired_bootstrap
+from objectives.significance import paired_accuracy, paired_bootstrap
 from search.byte_allocation import (
     InfeasibleBudget,
     allocate_joint,
@@ -311,6 +312,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument(
+        "--accuracy-tasks", default="", help="multiple-choice tasks too, e.g. arc_easy,piqa"
+    )
+    parser.add_argument("--limit", type=int, default=200, help="test questions per task")
     parser.add_argument("--recovery-tokens", default="", help="e.g. 25000,100000")
     parser.add_argument("--recovery-budgets", default="0.3334")
     parser.add_argument("--recovery-families", default="latent,grouping,source")
@@ -338,8 +343,9 @@ def main() -> None:
         for family in args.recovery_families.split(","):
             budgets = [1.0] if family == "source" else args.recovery_budgets.split(",")
             runs += [(family, float(b), tokens) for b in budgets]
+    tasks = TASKS + tuple(t for t in args.accuracy_tasks.split(",") if t)
     for family, budget, tokens in runs:
-        if all((family, budget, tokens, task) in done for task in TASKS):
+        if all((family, budget, tokens, task) in done for task in tasks):
             continue
         start = time.perf_counter()
         if family == "source":
@@ -363,11 +369,14 @@ def main() -> None:
                     progress=True,
                 )
         build = time.perf_counter() - start
-        for task in TASKS:
+        for task in tasks:
             if (family, budget, tokens, task) in done:
                 continue
             start = time.perf_counter()
-            fields = common.long_task_fields(model, plan, loaded.tokenizer, task, long_config)
+            if task in TASKS:
+                fields = common.long_task_fields(model, plan, loaded.tokenizer, task, long_config)
+            else:
+                fields = accuracy_fields(model, plan, loaded.tokenizer, task, args.limit)
             table.append(
                 {
                     "family": family,
@@ -385,7 +394,47 @@ def main() -> None:
                 f"{family:16s} {budget:5.2f} {tokens:7d} {task:9s} {fields['score']:.3f}",
                 flush=True,
             )
-    write_text_atomic(args.out / "latent.md", markdown(table.frame()))
+    frame = table.frame()
+    write_text_atomic(args.out / "latent.md", markdown(frame) + accuracy_markdown(frame))
+
+
+def accuracy_fields(model, plan, tokenizer, task: str, limit: int) -> dict:
+    """A multiple-choice task on its first `limit` test questions under the precision `plan`:
+    accuracy, and the per-question outcomes (JSON) for intervals paired with the source."""
+    with gqa.precision_applied(model, plan):
+        correct, _ = question_outcomes(model, tokenizer, task, limit, progress=False, subset="test")
+    accuracy = sum(correct) / len(correct)
+    return {"score": accuracy, "loss": 1 - accuracy, "detail": "{}", "outcomes": json.dumps(correct)}
+
+
+def accuracy_markdown(frame: pd.DataFrame) -> str:
+    """Per family, budget and tokens with multiple-choice rows: mean accuracy over the tasks and
+    its paired difference to the 16-bit source on the same questions."""
+    tasks = sorted(set(frame["task"]) - set(TASKS))
+    rows = frame[frame["task"].isin(tasks)].copy()
+    if rows.empty:
+        return ""
+    rows["recovery_tokens"] = rows["recovery_tokens"].fillna(0).astype(int)
+    outcomes = {
+        key: {r["task"]: json.loads(r["outcomes"]) for r in group.to_dict("records")}
+        for key, group in rows.groupby(["family", "budget", "recovery_tokens"])
+    }
+    source = outcomes.get(("source", 1.0, 0))
+    lines = [
+        "",
+        f"Mean accuracy over {', '.join(tasks)} (test questions), paired with the source:",
+        "",
+        "| budget | tokens | family | mean accuracy | minus the source [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for (family, budget, tokens), correct in sorted(outcomes.items(), key=lambda x: -x[0][1]):
+        mean = np.mean([np.mean(v) for v in correct.values()])
+        paired = ""
+        if source and family != "source" and set(correct) == set(source):
+            diff = paired_accuracy(correct, source)
+            paired = f"{diff.difference:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
+        lines.append(f"| {budget:g} | {tokens} | {family} | {mean:.3f} | {paired} |")
+    return "\n".join(lines) + "\n"
 
 
 def _paired(row: dict, other: dict) -> str:

@@ -50,3 +50,31 @@ def test_latent_rows_are_paired_with_the_best_other_family_at_the_same_tokens():
     recovered = next(line for line in lines if "| 0.5 | 25000 | latent |" in line)
     assert "vs grouping" in recovered  # the only other family at 25000 tokens
     assert "vs" not in next(line for line in lines if "| 0.5 | 0 | grouping |" in line)
+
+
+def test_accuracy_is_paired_with_the_source_on_the_same_questions():
+    from experiments.benchmarks.bench_latent import accuracy_markdown
+
+    def row(family, budget, task, correct):
+        return {
+            "family": family,
+            "budget": budget,
+            "recovery_tokens": 0,
+            "task": task,
+            "outcomes": json.dumps(correct),
+        }
+
+    rows = [
+        row("source", 1.0, "piqa", [True, True, False, True]),
+        row("source", 1.0, "arc_easy", [True, False]),
+        row("latent", 0.5, "piqa", [True, False, False, True]),
+        row("latent", 0.5, "arc_easy", [True, False]),
+        row("latent", 0.5, "long_ppl", [3.0]),  # not a multiple-choice row
+    ]
+    lines = accuracy_markdown(pd.DataFrame(rows)).splitlines()
+    latent = next(line for line in lines if "| latent |" in line)
+    # mean over tasks: (2/4 + 1/2) / 2 = 0.5 against (3/4 + 1/2) / 2 = 0.625
+    assert "| 0.500 | -0.125 [" in latent
+    source = next(line for line in lines if "| source |" in line)
+    assert source.endswith("| 0.625 |  |")
+    assert accuracy_markdown(pd.DataFrame(rows[-1:])) == ""
