@@ -130,7 +130,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
                 return {"passkey": scoring.retrieved(model_of(point, options.seeds[0]))}
 
             path = folder / f"{digest(options.seeds[0])}_passkey{context}.json"
-            result["retrieved"] = {"passkey": _outcomes(cached_json(path, retrieved)["passkey"])}
+            result["retrieved"] = {"passkey": cached_json(path, retrieved)["passkey"]}
             result["passkey"] = statistics.fmean(result["retrieved"]["passkey"])
         return result
 
@@ -186,11 +186,6 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         report["budgets"][f"{fraction:g}"] = entry
         _write(report, out, start)
     return _write(report, out, start)
-
-
-def _outcomes(cached: dict | list) -> list[bool]:
-    """Per-prompt outcomes from a cached passkey file (older files hold the whole task summary)."""
-    return cached["outcomes"] if isinstance(cached, dict) else cached
 
 
 def _named(entry: dict) -> str:

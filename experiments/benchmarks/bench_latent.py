@@ -404,7 +404,12 @@ def accuracy_fields(model, plan, tokenizer, task: str, limit: int) -> dict:
     with gqa.precision_applied(model, plan):
         correct, _ = question_outcomes(model, tokenizer, task, limit, progress=False, subset="test")
     accuracy = sum(correct) / len(correct)
-    return {"score": accuracy, "loss": 1 - accuracy, "detail": "{}", "outcomes": json.dumps(correct)}
+    return {
+        "score": accuracy,
+        "loss": 1 - accuracy,
+        "detail": "{}",
+        "outcomes": json.dumps(correct),
+    }
 
 
 def accuracy_markdown(frame: pd.DataFrame) -> str:
