@@ -118,9 +118,10 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
     # source, so keeping them is cheap and saves recovering them twice).
     kept: dict[tuple[float, str, int], torch.nn.Module] = {}
 
-    def build(row: dict, seed: int, key: tuple[float, str]):
+    def build(row: dict, seed: int, key: tuple[float, str], last: bool = True):
+        """The candidate's model; a kept one is released on its `last` use."""
         if (*key, seed) in kept:
-            return kept.pop((*key, seed))
+            return kept.pop((*key, seed)) if last else kept[(*key, seed)]
         grouping = Grouping.from_json(row["grouping"])
         model = study.build_candidate(grouping, recovery_seed=seed, progress=False)
         if seed == options.seeds[0] and (tasks or options.context):
@@ -174,7 +175,8 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
             for label, row in rows.items():
 
                 def outcomes(row=row, key=(budget, label)) -> list[bool]:
-                    return scoring.retrieved(build(row, options.seeds[0], key))
+                    model = build(row, options.seeds[0], key, last=not tasks)
+                    return scoring.retrieved(model)
 
                 grouping = Grouping.from_json(row["grouping"])
                 digest = study.candidate_digest(grouping, options.seeds[0])
