@@ -9,6 +9,8 @@ import torch
 import gqa
 from gqa.grouping import Grouping
 from gqa.kv_quant import (
+    QuantizedStore,
+    dequantize,
     fake_quantize_keys,
     fake_quantize_values,
     pack,
@@ -61,6 +63,32 @@ def test_quantization_error_shrinks_with_bits_and_is_within_half_a_step():
             float((k - x).pow(2).mean() + (fake_quantize_values(x, bits, 4) - x).pow(2).mean())
         )
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 * errors[0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_real_store_reads_back_what_the_simulation_rounds_to_bit_for_bit(bits):
+    """Decoding reads the cache through `QuantizedStore.read_into` (in place, per layout: keys per
+    channel over blocks of tokens, values per token over groups of channels); evaluation rounds
+    with `dequantize(quantize(...))`. In float32 both must give the same bits, or decoding and
+    evaluation drift apart one rounding at a time. (The simulation's straight-through
+    `x + (rounded - x)` adds an ulp of its own, which the decoding tests allow for.)"""
+    x = torch.randn(2, 3, 24, 16) * 3
+    b, g, n, d = x.shape
+    simulated = {
+        "k": dequantize(*quantize(x.reshape(b, g, n // 8, 8, d), bits, dim=3)),
+        "v": dequantize(*quantize(x.reshape(b, g, n, d // 8, 8), bits, dim=4)),
+    }
+    for kind, rounded in simulated.items():
+        store = QuantizedStore(bits, kind, group_size=8)
+        store.append(x[:, :, :16])
+        store.append(x[:, :, 16:])  # grows: a second append of whole blocks
+        out = torch.empty_like(x)
+        store.read_into(out)
+        assert torch.equal(out, rounded.reshape(x.shape)), kind
+        torch.testing.assert_close(
+            out, fake_quantize_keys(x, bits, 8) if kind == "k" else fake_quantize_values(x, bits, 8)
+        )
+        assert store.nbytes() < x.numel() * 4
 
 
 def test_quantization_is_straight_through():
