@@ -2,7 +2,7 @@
 
 byte_front.csv   per budget and family: the chosen point, its bytes, validation and test ppl
 byte_points.csv  every measured point (validation ppl; test ppl where chosen)
-byte_front.md    the table, budget by budget
+byte_front.md    the table, budget by budget, then what grouping buys in plain words
 byte_front.png   test perplexity against KV bytes per token (and % of the source cache)
 """
 
@@ -49,6 +49,41 @@ def markdown_table(chosen: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def grouping_verdict(chosen: pd.DataFrame) -> str:
+    """In plain words, at which budgets the joint choice groups layers: where a single axis also
+    fits (grouping then beat it on validation) and where only stacking fits. '' when the frame
+    does not say how many layers each point groups (a report of an older front)."""
+    if "grouped_layers" not in chosen:
+        return ""
+    contested, stacked, total = [], [], 0
+    for budget, rows in chosen.groupby("budget_fraction", sort=False):
+        joint = rows[rows["family"] == "joint"]
+        if joint.empty:
+            continue
+        grouped = int(joint["grouped_layers"].iloc[0])
+        label = f"{100 * budget:g}% ({grouped} layers)"
+        single = (rows["family"] != "joint").any()
+        total += single
+        if grouped:
+            (contested if single else stacked).append(label)
+    if contested:
+        text = (
+            f"Grouping pays at {len(contested)} of the {total} budgets where a single axis fits: "
+            f"the joint choice groups layers at {', '.join(contested)}."
+        )
+    else:
+        text = (
+            f"Grouping pays at none of the {total} budgets where a single axis fits: there the "
+            "joint choice groups no layer."
+        )
+    if stacked:
+        text += (
+            f" Where no single axis fits, only grouping stacked with the other axes does: "
+            f"{', '.join(stacked)}."
+        )
+    return text + " (Chosen on validation data.)\n"
+
+
 def byte_front_report(
     chosen: pd.DataFrame, points: pd.DataFrame, source_bytes: float, out: Path
 ) -> dict[str, Path]:
@@ -63,7 +98,8 @@ def byte_front_report(
     write_text_atomic(
         paths["points"], points.drop(columns=["key"], errors="ignore").to_csv(index=False)
     )
-    write_text_atomic(paths["md"], markdown_table(chosen))
+    verdict = grouping_verdict(chosen)
+    write_text_atomic(paths["md"], markdown_table(chosen) + (f"\n{verdict}" if verdict else ""))
 
     fig, ax = plt.subplots(figsize=(8, 5))
     if "valid_ppl" in points:

@@ -451,12 +451,17 @@ class KVFront:
     def choose(self, points: list[Point]) -> list[dict]:
         """Per budget and family, the point of least measured validation value that fits."""
         measured = self._measured()
-        return choose(
+        rows = choose(
             points,
             lambda p: measured[p.key, "valid_ppl"],
             self.config.budgets,
             self.source_bytes,
         )
+        source = self.study.source_grouping.layers
+        for row in rows:  # layers with fewer KV heads than the source's (grouped further)
+            layers = row["point"].model.grouping.layers
+            row["grouped_layers"] = sum(a != b for a, b in zip(layers, source, strict=True))
+        return rows
 
 
 def front_frame(name: str, storage, windows: dict[str, str] | None = None) -> pd.DataFrame:

@@ -31,6 +31,7 @@ from objectives.recovery import FinetuneConfig, recover
 from search.config import StudyConfig
 
 GROUPING = "results/demo/groupings/2kv_coarsen_source_*.json"
+DEFAULT_TOKENS = 8192
 LONG = LongContextConfig(
     seq_len=2048, ppl_windows=4, lengths=(1024, 2048), depths=(0.1, 0.5, 0.9), trials=2
 )
@@ -49,7 +50,12 @@ def main() -> None:
         help="calibration split:sequence length per arm (split `reading`: decontaminated prose "
         "of SQuAD, DROP, CoQA, Qasper and SciRIFF passages, long papers among them)",
     )
-    parser.add_argument("--tokens", type=int, default=8192, help="calibration tokens per arm")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_TOKENS,
+        help="calibration tokens per arm (named in the arm when not the default)",
+    )
     parser.add_argument(
         "--finetune",
         type=int,
@@ -79,7 +85,8 @@ def main() -> None:
     arms = {"source": ("calibration", 256)}
     for arm in args.arms.split(","):
         split, seq_len = arm.split(":")
-        arms[f"2kv calibrated on {split} at {seq_len}"] = (split, int(seq_len))
+        more = "" if args.tokens == DEFAULT_TOKENS else f", {args.tokens} tokens"
+        arms[f"2kv calibrated on {split} at {seq_len}{more}"] = (split, int(seq_len))
     if args.finetune:
         last = list(arms)[-1]
         arms[f"{last}, fine-tuned {args.finetune}"] = arms[last]

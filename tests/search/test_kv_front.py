@@ -5,11 +5,12 @@ import json
 import math
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 
 import gqa
-from experiments.byte_front_report import byte_front_report
+from experiments.byte_front_report import byte_front_report, grouping_verdict
 from experiments.cli import main
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
@@ -86,6 +87,13 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     paths = byte_front_report(chosen, points, source_bytes, tmp_path / "report")
     assert paths["png"].stat().st_size > 0
     assert "| **joint** |" in paths["md"].read_text()
+    # how many layers each chosen point groups further than the source: none for the source's
+    # own points, every layer for a 16-bit grouping of fewer KV heads
+    assert (chosen.loc[chosen["model"] == "source", "grouped_layers"] == 0).all()
+    assert (chosen.loc[chosen["family"] == "latent", "grouped_layers"] == 0).all()
+    grouped = chosen[chosen["family"] == "grouping"]
+    assert (grouped.loc[grouped["model"] != "source", "grouped_layers"] == 2).all()
+    assert "budgets where a single axis fits" in paths["md"].read_text()
 
 
 def test_screening_measures_the_least_proxy_points_and_joint_stays_best(front_config):
@@ -314,3 +322,27 @@ def test_compare_commands_on_a_study_that_has_not_run_say_what_to_run(front_conf
         assert main([command, "--config", str(path)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "headgroup study --config" in err, err
+
+
+def test_the_front_says_plainly_where_grouping_pays():
+    """The report's last line: grouping at budgets where a single axis fits (it beat them on
+    validation), apart from budgets where only stacking fits."""
+    rows = [  # budget, family, grouped layers of the chosen point
+        (0.25, "mixed_precision", 0),
+        (0.25, "joint", 0),
+        (0.17, "mixed_precision", 0),
+        (0.17, "joint", 0),
+        (0.12, "joint", 18),
+    ]
+    frame = pd.DataFrame(rows, columns=["budget_fraction", "family", "grouped_layers"])
+    assert grouping_verdict(frame) == (
+        "Grouping pays at none of the 2 budgets where a single axis fits: there the joint choice "
+        "groups no layer. Where no single axis fits, only grouping stacked with the other axes "
+        "does: 12% (18 layers). (Chosen on validation data.)\n"
+    )
+    frame.loc[3, "grouped_layers"] = 10
+    assert grouping_verdict(frame).startswith(
+        "Grouping pays at 1 of the 2 budgets where a single axis fits: the joint choice groups "
+        "layers at 17% (10 layers)."
+    )
+    assert grouping_verdict(frame.drop(columns="grouped_layers")) == ""  # an older front's frame
