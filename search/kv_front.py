@@ -458,7 +458,7 @@ class KVFront:
             self.source_bytes,
         )
         source = self.study.source_grouping.layers
-        for row in rows:  # layers with fewer KV heads than the source's (grouped further)
+        for row in rows:  # layers whose grouping is not the source's: grouped further
             layers = row["point"].model.grouping.layers
             row["grouped_layers"] = sum(a != b for a, b in zip(layers, source, strict=True))
         return rows
