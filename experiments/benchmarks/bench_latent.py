@@ -310,6 +310,9 @@ def main() -> None:
         "--families", default=",".join(FAMILIES), help="families to run (default: all)"
     )
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument(
+        "--passkey-lengths", default="1024,2048", help="passkey prompt lengths (tokens)"
+    )
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument(
@@ -325,7 +328,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown families {unknown}: choose from {', '.join(FAMILIES)}")
     long_config = LongContextConfig(
-        seq_len=args.seq_len, ppl_windows=args.windows, depths=(0.1, 0.5, 0.9), trials=args.trials
+        seq_len=args.seq_len,
+        ppl_windows=args.windows,
+        lengths=tuple(int(n) for n in args.passkey_lengths.split(",")),
+        depths=(0.1, 0.5, 0.9),
+        trials=args.trials,
     )
     table = common.CsvRows(args.out / "latent.csv")
     done = {(r["family"], r["budget"], r["recovery_tokens"], r["task"]) for r in table.rows}
@@ -459,8 +466,9 @@ def markdown(frame: pd.DataFrame) -> str:
     index = ["family", "budget", "recovery_tokens"]
     ppl = frame[frame["task"] == "long_ppl"]
     keys = frame[frame["task"] == "passkey"].set_index(index)
+    buckets = list(json.loads(ppl["detail"].iloc[0])["buckets"]) if len(ppl) else ["?"]
     lines = [
-        "| budget | tokens | family | cache | ppl 0-255 | ppl 1024-2047 | passkeys | "
+        f"| budget | tokens | family | cache | ppl {buckets[0]} | ppl {buckets[-1]} | passkeys | "
         "vs best non-latent (late ppl, 95% CI) | vs grouping |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
