@@ -327,13 +327,16 @@ def main() -> None:
     unknown = sorted(set(args.families.split(",")) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families {unknown}: choose from {', '.join(FAMILIES)}")
-    long_config = LongContextConfig(
-        seq_len=args.seq_len,
-        ppl_windows=args.windows,
-        lengths=tuple(int(n) for n in args.passkey_lengths.split(",")),
-        depths=(0.1, 0.5, 0.9),
-        trials=args.trials,
-    )
+    try:  # bad lengths or sizes: one line (exit 2), not a traceback
+        long_config = LongContextConfig(
+            seq_len=args.seq_len,
+            ppl_windows=args.windows,
+            lengths=tuple(int(n) for n in args.passkey_lengths.split(",")),
+            depths=(0.1, 0.5, 0.9),
+            trials=args.trials,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     table = common.CsvRows(args.out / "latent.csv")
     done = {(r["family"], r["budget"], r["recovery_tokens"], r["task"]) for r in table.rows}
     loaded, stats = common.calibrated(
