@@ -120,7 +120,7 @@ def byte_front_report(
         ax.plot(
             rows["kv_bytes"], rows["test_ppl"], label=f"{family} (test)", **STYLES.get(family, {})
         )
-    ax.set_xlabel("KV-cache bytes per token (steady state)")
+    ax.set_xlabel("KV-cache bytes per token")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)

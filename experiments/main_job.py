@@ -185,7 +185,8 @@ def _byte_front_section(config: StudyConfig, out: Path) -> list[str]:
         "",
         f"Byte budgets {[f'{100 * b:g}%' for b in precision.budgets]} of the source's 16-bit cache; "
         f"cache bits {list(precision.bits)} (and 16), group sizes {list(precision.group_sizes)}, "
-        f"window {precision.window}. Each family's point per budget is chosen on "
+        f"full-precision window {' or '.join(map(str, precision.windows))} tokens, bytes counted "
+        f"at {config.byte_context} tokens. Each family's point per budget is chosen on "
         f"{measured} (search.kv_front).",
         "",
         (out / "byte_front.md").read_text(),

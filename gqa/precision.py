@@ -76,6 +76,31 @@ def kind_bytes_per_token(heads: int, head_dim: int, bits: int, group_size: int, 
     return heads * head_dim * (bits / 8 + 2 * SCALE_BYTES / group_size)
 
 
+def kind_cache_bytes(
+    bits: int,
+    heads: int,
+    width: int,
+    length: int,
+    group_size: int,
+    window: int = 0,
+    batch: int = 1,
+    dtype_bytes: int = 2,
+) -> int:
+    """Exact bytes one kind (K or V) of one layer takes in a `QuantizedKVCache` holding `length`
+    tokens: `heads` cached heads of `width` values each, the first Q(length) tokens quantized in
+    whole blocks at `bits` (packed codes, a float16 scale and zero per `width` values per block),
+    the rest (the window and the last partial block) at `dtype_bytes`; 16 bits stores all so."""
+    q = quantized_length(length, group_size, window)
+    blocks, recent = q // group_size, length - q
+    values_per_block = group_size * width  # per sequence and head
+    if bits >= 16:
+        stored = blocks * values_per_block * dtype_bytes
+    else:
+        codes = bits * -(-values_per_block // 8) if bits < 8 else values_per_block
+        stored = blocks * (codes + 2 * SCALE_BYTES * width)  # one scale per width
+    return batch * heads * (stored + recent * width * dtype_bytes)
+
+
 def kv_bytes_per_token(
     k_heads: Sequence[int],
     v_heads: Sequence[int],
@@ -188,15 +213,9 @@ class PrecisionPlan:
     ) -> int:
         """Exact bytes one layer's K (or V) takes in a `QuantizedKVCache` holding `length`
         tokens: `heads` cached heads of `width` values each (a latent kind: 1 head of its rank)."""
-        q = quantized_length(length, self.group_size, self.window)
-        blocks, recent = q // self.group_size, length - q
-        values_per_block = self.group_size * width  # per sequence and head
-        if bits >= 16:
-            stored = blocks * values_per_block * dtype_bytes
-        else:
-            codes = bits * -(-values_per_block // 8) if bits < 8 else values_per_block
-            stored = blocks * (codes + 2 * SCALE_BYTES * width)  # one scale per width
-        return batch * heads * (stored + recent * width * dtype_bytes)
+        return kind_cache_bytes(
+            bits, heads, width, length, self.group_size, self.window, batch, dtype_bytes
+        )
 
     # -- JSON ------------------------------------------------------------------------------------
 

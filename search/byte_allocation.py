@@ -2,7 +2,9 @@
 
 A byte budget is KV-cache bytes per token, configured as a fraction of the source model's
 16-bit cache (`ByteBudget.of_source`); "KV heads per layer" budgets are the 16-bit view of the
-same thing. `allocate_precision` gives every layer's K and V the bits (from the allowed set, 16
+same thing. `ByteCounting` says how a cache's bytes per token are counted: in the steady state
+(the full-precision window excluded), or at a context length, where the window's tokens and the
+last partial block, kept at 16 bits, are counted too (what a cache of that many tokens holds). `allocate_precision` gives every layer's K and V the bits (from the allowed set, 16
 included) that minimise the decomposed quantization error (objectives.kv_quant_error) under
 the budget: a multiple-choice knapsack over the 2L (layer, kind) items, solved exactly over
 integer byte costs (search.knapsack). `allocate_joint` does the same with one item per layer
@@ -18,7 +20,12 @@ from dataclasses import dataclass
 
 from gqa.kv_quant import BITS
 from gqa.latent import LatentLayer, LatentPlan
-from gqa.precision import LayerPrecision, PrecisionPlan, kind_bytes_per_token
+from gqa.precision import (
+    LayerPrecision,
+    PrecisionPlan,
+    kind_bytes_per_token,
+    kind_cache_bytes,
+)
 from objectives.kv_quant_error import KINDS, QuantErrorTable
 from objectives.latent_error import LatentErrorTable
 from search.knapsack import Infeasible, least_error
@@ -30,7 +37,8 @@ class InfeasibleBudget(ValueError):
 
 @dataclass(frozen=True)
 class ByteBudget:
-    """KV-cache bytes per token (steady state), and the fraction of the source cache it is."""
+    """KV-cache bytes per token, and the fraction of the source's 16-bit cache it is (the source
+    at 16 bits stores every token alike, so the fraction means the same at every context)."""
 
     bytes_per_token: float
     fraction: float
@@ -51,29 +59,59 @@ class ByteBudget:
         return f"{100 * self.fraction:.3g}%"
 
 
-def _costs(
-    bits: Sequence[int], heads: int, head_dim: int, group_size: int, scale: int
-) -> list[int]:
-    """Integer costs (in 1/scale bytes) of each option: exact for these byte formulas."""
-    out = []
-    for b in bits:
-        value = kind_bytes_per_token(heads, head_dim, b, group_size) * scale
+@dataclass(frozen=True)
+class ByteCounting:
+    """How the allocations count a cache's bytes per token, in integer units (`scale` units per
+    byte per token), so that the knapsack is exact.
+
+    With `context` None: the steady state, gqa.precision's per-token formula (the window excluded:
+    it does not grow with the context). With `context` L: the exact bytes of a cache holding L
+    tokens (gqa.precision.kind_cache_bytes: the `window` most recent tokens and the last partial
+    block at 16 bits) divided by L. Without a window and with L a multiple of the group size the
+    two agree."""
+
+    group_size: int
+    window: int = 0
+    context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.context is not None and (isinstance(self.context, bool) or self.context < 1):
+            raise ValueError(
+                f"a byte-counting context is a positive token count, got {self.context!r}"
+            )
+
+    @property
+    def scale(self) -> int:
+        return 8 * self.group_size if self.context is None else self.context
+
+    def cost(self, bits: int, heads: int, width: int) -> int:
+        """Integer cost of one kind of one layer: `heads` cached heads of `width` values."""
+        if self.context is not None:
+            return kind_cache_bytes(bits, heads, width, self.context, self.group_size, self.window)
+        value = kind_bytes_per_token(heads, width, bits, self.group_size) * self.scale
         if abs(value - round(value)) > 1e-6:
-            raise AssertionError(f"cost {value} is not integral at scale {scale}")
-        out.append(int(round(value)))
-    return out
+            raise AssertionError(f"cost {value} is not integral at scale {self.scale}")
+        return int(round(value))
+
+    def per_token(self, bits: int, heads: int, width: int) -> float:
+        """Bytes per token of one kind of one layer, as counted."""
+        return self.cost(bits, heads, width) / self.scale
+
+    def costs(self, bits: Sequence[int], heads: int, width: int) -> list[int]:
+        return [self.cost(b, heads, width) for b in bits]
 
 
 def _least_error(
-    items: Sequence[Sequence[tuple[int, float]]], limit: float, scale: int, what: str
+    items: Sequence[Sequence[tuple[int, float]]], budget_bytes: float, scale: int, what: str
 ) -> list[int]:
-    """The index of the option picked for each item (search.knapsack, total cost <= limit);
-    `scale` converts costs back to bytes and `what` names the options for the error message."""
+    """The index of the option picked for each item (search.knapsack, total cost <= the budget
+    in bytes per token times `scale`, the cost units per byte per token); `what` names the
+    options for the error message."""
     try:
-        return least_error(items, limit)
+        return least_error(items, budget_bytes * scale)
     except Infeasible as exc:
         raise InfeasibleBudget(
-            f"a budget of {limit / scale:.0f} B/token is below the least {what} can cost "
+            f"a budget of {budget_bytes:.0f} B/token is below the least {what} can cost "
             f"({exc.least / scale:.0f} B/token)"
         ) from None
 
@@ -83,23 +121,24 @@ def allocate_precision(
     budget_bytes: float,
     head_dim: int,
     bits: Sequence[int] = BITS,
+    context: int | None = None,
 ) -> PrecisionPlan:
-    """The plan of least summed error whose steady-state bytes per token are <= budget_bytes:
-    one item per (layer, kind), exact (costs are integers in units of 1/(8 * group_size) byte)."""
+    """The plan of least summed error whose bytes per token (counted at `context`, or in the
+    steady state: `ByteCounting`) are <= budget_bytes: one item per (layer, kind), exact."""
     options = sorted({int(b) for b in bits} | {16})
     missing = [b for b in options if any(b not in row[k] for row in table.errors for k in KINDS)]
     if missing:
         raise ValueError(f"the error table has no entry for bits {missing}")
-    scale = 8 * table.group_size
+    counting = ByteCounting(table.group_size, table.window, context)
     items = []  # (layer, kind, costs, errors)
     for layer, row in enumerate(table.errors):
         for kind, heads in (("k", table.k_heads[layer]), ("v", table.v_heads[layer])):
-            costs = _costs(options, heads, head_dim, table.group_size, scale)
+            costs = counting.costs(options, heads, head_dim)
             items.append((layer, kind, costs, [row[kind][b] for b in options]))
     picks = _least_error(
         [list(zip(item[2], item[3], strict=True)) for item in items],
-        budget_bytes * scale,
-        scale,
+        budget_bytes,
+        counting.scale,
         "this grouping",
     )
     picked = {(item[0], item[1]): options[j] for item, j in zip(items, picks, strict=True)}
@@ -110,18 +149,20 @@ def allocate_precision(
 
 
 def allocate_latent(
-    table: LatentErrorTable, budget_bytes: float, dtype_bytes: int = 2
+    table: LatentErrorTable, budget_bytes: float, context: int | None = None
 ) -> tuple[LatentPlan, float]:
     """The latent plan of least summed error (table.errors) whose 16-bit cache costs at most
     `budget_bytes` per token, with that error: one item per (layer, kind), its options the
-    measured ranks (the full width keeps the kind as it is)."""
+    measured ranks (the full width keeps the kind as it is). At 16 bits every token is stored
+    alike, so `context` changes the units, not the answer."""
+    counting = ByteCounting(1, 0, context)
     items, labels = [], []
     for layer, row in enumerate(table.errors):
         for kind in KINDS:
             ranks = table.ranks(layer, kind)
-            items.append([(rank * dtype_bytes, row[kind][rank]) for rank in ranks])
+            items.append([(counting.cost(16, 1, rank), row[kind][rank]) for rank in ranks])
             labels.append(ranks)
-    picks = _least_error(items, budget_bytes, 1, "these ranks")
+    picks = _least_error(items, budget_bytes, counting.scale, "these ranks")
     chosen = [labels[i][j] for i, j in enumerate(picks)]
     layers = []
     for layer, widths in enumerate(table.widths):
@@ -138,18 +179,18 @@ def _kind_options(
     kind: str,
     bits: Sequence[int],
     head_dim: int,
-    scale: int,
+    counting: ByteCounting,
 ) -> list[tuple[int | None, int, int, float]]:
     """(latent rank or None, bits, integer cost, error) of each way one kind of a layer may be
     cached: on its heads at `bits` (the model's quantization errors), or as a latent at a measured
     (rank, bits) (the latent table's errors)."""
     heads = table.k_heads[layer] if kind == "k" else table.v_heads[layer]
-    costs = _costs(bits, heads, head_dim, table.group_size, scale)
+    costs = counting.costs(bits, heads, head_dim)
     out = [(None, b, c, table.errors[layer][kind][b]) for b, c in zip(bits, costs, strict=True)]
     width = latent.widths[layer][kind]
     for rank, b, error in latent.options(layer, kind):
         if rank < width and b in bits:
-            (cost,) = _costs((b,), 1, rank, table.group_size, scale)
+            cost = counting.cost(b, 1, rank)
             out.append((rank, b, cost, error))
     return out
 
@@ -181,6 +222,7 @@ def allocate_joint(
     bits: Sequence[int] = BITS,
     latent: LatentErrorTable | None = None,
     latent_model: str | None = None,
+    context: int | None = None,
 ) -> JointAllocation:
     """Head grouping and cache precision allocated together, layer by layer.
 
@@ -197,7 +239,7 @@ def allocate_joint(
     on its heads at any allowed bits; the error is the model's grouping error plus each kind's.
 
     An infinite grouping error marks a layer that model may not give (a layer protected for its
-    long-range cost, search.kv_front)."""
+    long-range cost, search.kv_front). Bytes are counted at `context` (`ByteCounting`)."""
     names = list(tables)
     if not names or set(names) != set(grouping_errors):
         raise ValueError("tables and grouping_errors must name the same, non-empty set of models")
@@ -214,7 +256,7 @@ def allocate_joint(
     if latent is not None and latent.quantized and latent.group_size != first.group_size:
         raise ValueError("the latent table's quantized entries differ in group size")
     options = sorted({int(b) for b in bits} | {16})
-    scale = 8 * first.group_size
+    counting = ByteCounting(first.group_size, first.window, context)
     items, labels = [], []
     for layer in range(layers):
         row, names_bits = [], []
@@ -222,8 +264,8 @@ def allocate_joint(
             if not math.isfinite(grouping_errors[name][layer]):
                 continue
             table = tables[name]
-            k_costs = _costs(options, table.k_heads[layer], head_dim, table.group_size, scale)
-            v_costs = _costs(options, table.v_heads[layer], head_dim, table.group_size, scale)
+            k_costs = counting.costs(options, table.k_heads[layer], head_dim)
+            v_costs = counting.costs(options, table.v_heads[layer], head_dim)
             errors = table.errors[layer]
             for kb, kc in zip(options, k_costs, strict=True):
                 for vb, vc in zip(options, v_costs, strict=True):
@@ -233,7 +275,9 @@ def allocate_joint(
         if latent is not None and math.isfinite(grouping_errors[latent_model][layer]):
             base = grouping_errors[latent_model][layer]
             k_options, v_options = (
-                _kind_options(tables[latent_model], latent, layer, kind, options, head_dim, scale)
+                _kind_options(
+                    tables[latent_model], latent, layer, kind, options, head_dim, counting
+                )
                 for kind in KINDS
             )
             for k_rank, kb, kc, ke in k_options:
@@ -244,7 +288,7 @@ def allocate_joint(
                         names_bits.append((latent_model, kb, vb, ranks))
         items.append(row)
         labels.append(names_bits)
-    picks = _least_error(items, budget_bytes * scale, scale, "these models")
+    picks = _least_error(items, budget_bytes, counting.scale, "these models")
     chosen = [labels[layer][j] for layer, j in enumerate(picks)]
     plan = PrecisionPlan(
         tuple(LayerPrecision(kb, vb) for _, kb, vb, _ in chosen), first.group_size, first.window

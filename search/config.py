@@ -11,9 +11,10 @@
                        key = {low, high, log} int range if low and high are ints, else float range
                    rank_proxy (optional second proxy that ranks and re-ranks), rerank_top,
                    table_budget_gb (optional bound on the group tables kept in memory)
-    [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window,
-                   valid_windows, test_windows, layer_mix, screen, protect, latent_ranks: the byte front
-                   (search.kv_front)
+    [precision]    budgets (fractions of the source KV cache), bits, group_sizes, window (an int or
+                   a list: full-precision windows to try), context (tokens at which cache bytes
+                   are counted; 0: the selection's), valid_windows, test_windows, layer_mix,
+                   screen, protect, latent_ranks: the byte front (search.kv_front)
     [selection]    objective: {task = weight}, over ppl and the long tasks (long_ppl, passkey,
                    mdqa): what stage 2 and the byte front select by on validation
                    (objectives.selection; default {ppl = 1})
@@ -136,7 +137,12 @@ class PrecisionConfig:
     budgets: tuple[float, ...] = ()  # fractions of the source's 16-bit cache; () = no byte front
     bits: tuple[int, ...] = tuple(sorted(QUANTIZED_BITS, reverse=True))  # allowed besides 16
     group_sizes: tuple[int, ...] = (32,)  # uniform baselines try each; allocation uses the first
-    window: int = 0  # recent tokens kept in full precision
+    # Full-precision windows of recent tokens (KIVI's residual) to try: the uniform baselines
+    # try each, and the allocations run once per window. Their bytes count (see `context`).
+    windows: tuple[int, ...] = (0,)
+    # Tokens at which cache bytes are counted (search.byte_allocation.ByteCounting: the window and
+    # the last partial block at 16 bits); 0: the selection's context (StudyConfig.selection_context).
+    context: int = 0
     valid_windows: int = 4  # validation windows that choose between points
     test_windows: int = 12  # test windows for the chosen points
     layer_mix: bool = True  # the joint allocation may take each layer from a different model
@@ -168,6 +174,18 @@ class StudyConfig:
     @property
     def long_context(self) -> LongContextConfig:
         return self.selection.long_context
+
+    @property
+    def selection_context(self) -> int:
+        """The tokens selection reads: the short windows' length for the short perplexity, else
+        the long documents' (`[long_context] seq_len`)."""
+        return self.promote.seq_len if self.selection.is_short_ppl else self.long_context.seq_len
+
+    @property
+    def byte_context(self) -> int:
+        """The tokens at which the byte front counts cache bytes (`precision.context`, else the
+        selection's context)."""
+        return self.precision.context or self.selection_context
 
     @classmethod
     def load(cls, path: str | Path) -> StudyConfig:
@@ -387,7 +405,7 @@ def _search(table: dict) -> SearchConfig:
 
 
 def _precision(table: dict) -> PrecisionConfig:
-    allowed = {f.name for f in dataclasses.fields(PrecisionConfig)}
+    allowed = {f.name for f in dataclasses.fields(PrecisionConfig)} - {"windows"} | {"window"}
     _only(table, "precision", allowed)
     defaults = PrecisionConfig()
     budgets = _get(table, "precision.budgets", list, list(defaults.budgets))
@@ -407,10 +425,19 @@ def _precision(table: dict) -> PrecisionConfig:
         isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in groups
     ):
         raise ConfigError("precision.group_sizes: expected a non-empty list of positive integers")
-    numbers = {}
-    for name in ("window", "valid_windows", "test_windows", "screen", "protect"):
+    window = table.get("window", list(defaults.windows))
+    windows = window if isinstance(window, list) else [window]
+    if not windows or not all(
+        isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in windows
+    ):
+        raise ConfigError(
+            f"precision.window: expected a token count >= 0 or a non-empty list of them, got "
+            f"{window!r}"
+        )
+    numbers = {"windows": tuple(dict.fromkeys(windows))}
+    for name in ("context", "valid_windows", "test_windows", "screen", "protect"):
         value = _get(table, f"precision.{name}", int, getattr(defaults, name))
-        least = 0 if name in ("window", "screen", "protect") else 1
+        least = 0 if name in ("context", "screen", "protect") else 1
         if value < least:
             raise ConfigError(f"precision.{name}: must be >= {least}")
         numbers[name] = value

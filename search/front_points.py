@@ -164,15 +164,22 @@ def family_members(points: Sequence[Point]) -> dict[str, list[Point]]:
 def screened(
     points: Sequence[Point], budgets: Sequence[float], source_bytes: float, screen: int
 ) -> list[Point]:
-    """The points worth measuring: per budget and family, the `screen` fitting points of least
-    proxy error (every point when `screen` is 0). The joint family's choice is then made over
+    """The points worth measuring: per budget, family and full-precision window, the `screen`
+    fitting points of least proxy error (every point when `screen` is 0). Windows are screened
+    apart because the proxy sees a window on calibration sequences, where it covers a larger share
+    of the tokens than at the context the bytes are counted at: across windows the proxy is not
+    comparable, so validation chooses between them. The joint family's choice is then made over
     every measured point that fits, so it is never worse on validation than a single axis."""
     if not screen:
         return list(points)
     keep: set[str] = set()
     for fraction in budgets:
         for members in family_members(fitting(points, fraction, source_bytes)).values():
-            keep.update(p.key for p in sorted(members, key=lambda p: p.proxy)[:screen])
+            by_window: dict[int, list[Point]] = {}
+            for point in members:
+                by_window.setdefault(point.plan.window if point.plan else 0, []).append(point)
+            for group in by_window.values():
+                keep.update(p.key for p in sorted(group, key=lambda p: p.proxy)[:screen])
     return [p for p in points if p.key in keep]
 
 

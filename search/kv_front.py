@@ -4,7 +4,8 @@ After stage 2, every point is a (model, precision plan) pair: the source, or a s
 (the best complete candidate on validation at each head budget, rebuilt with the study's merge
 and recovery), with its cache at 16 bits, quantized uniformly, or with per-layer bits allocated
 exactly under a byte budget from the KV-quantization proxy (search.byte_allocation). Per byte budget
-(a fraction of the source's 16-bit cache, steady-state bytes per token) four families compete:
+(a fraction of the source's 16-bit cache in bytes per token, counted at the study's context:
+search.byte_allocation.ByteCounting, a full-precision window's tokens included) the families compete:
 
     quantization     the source, uniform K/V bits and group size (what a careful user would pick)
     mixed_precision  the source, per-layer K/V bits allocated under the budget (G fixed)
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 import gqa
 from gqa.grouping import Grouping
 from gqa.latent_model import apply_latent
-from gqa.precision import PrecisionPlan, kind_bytes_per_token
+from gqa.precision import PrecisionPlan
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.kv_quant_error import grouping_errors, kv_quant_errors
 from objectives.latent_error import LatentErrorTable, latent_errors
@@ -61,6 +62,7 @@ from objectives.long_range import LongRangeCosts, long_range_costs
 from search.budget import Budget
 from search.byte_allocation import (
     ByteBudget,
+    ByteCounting,
     InfeasibleBudget,
     allocate_joint,
     allocate_latent,
@@ -95,6 +97,7 @@ class KVFront:
         adapter = study.adapter
         self.layers, self.head_dim = adapter.num_layers, adapter.head_dim
         self.source_bytes = study.source_grouping.kv_bytes_per_token(self.head_dim)
+        self.context = study.config.byte_context  # bytes counted at this many tokens
         self.storage_study = optuna.create_study(
             study_name=study.config.name + FRONT_SUFFIX,
             storage=study.storage,
@@ -102,10 +105,10 @@ class KVFront:
             direction="minimize",
         )
         self._modules: dict[tuple[str, int | None], object] = {}  # (model name, recovery seed)
-        self._quant_errors: dict[tuple[str, int], object] = {}  # (model name, group size)
+        self._quant_errors: dict[tuple[str, int, int], object] = {}  # (model, group, window)
         self._layer_errors: dict[str, tuple[float, ...]] = {}
         self._windows: dict[str, object] = {}
-        self._latent_table: LatentErrorTable | None = None
+        self._latent_tables: dict[int, LatentErrorTable] = {}  # per window
 
     # -- models and measurements ---------------------------------------------------------------
 
@@ -168,40 +171,45 @@ class KVFront:
             self._modules[model.name, seed] = module
         return self._modules[model.name, seed]
 
-    def latent_table(self) -> LatentErrorTable:
+    def latent_table(self, window: int | None = None) -> LatentErrorTable:
         """The source's latent error table at the config's `latent_ranks`, each latent also
-        quantized at the config's bits (the allocations' group size and window), kept."""
-        if self._latent_table is None:
+        quantized at the config's bits (the allocations' group size, and `window`: by default the
+        first of the config's), kept."""
+        window = self.config.windows[0] if window is None else window
+        if window not in self._latent_tables:
             source = FrontModel(SOURCE, self.study.source_grouping)
-            self._latent_table = latent_errors(
+            self._latent_tables[window] = latent_errors(
                 self.module(source),
                 self.study.stats,
                 self.config.latent_ranks,
                 self.progress,
                 bits=self.config.bits,
                 group_size=self.config.group_sizes[0],
-                window=self.config.window,
+                window=window,
             )
-        return self._latent_table
+        return self._latent_tables[window]
 
-    def _quant_table(self, model: FrontModel, group_size: int | None = None):
+    def _quant_table(self, model: FrontModel, group_size: int | None = None, window: int = 0):
+        """A model's quantization error table at a group size (by default the allocations') and
+        a full-precision window, kept."""
         group_size = self.config.group_sizes[0] if group_size is None else group_size
-        if (model.name, group_size) not in self._quant_errors:
-            self._quant_errors[model.name, group_size] = kv_quant_errors(
+        key = (model.name, group_size, window)
+        if key not in self._quant_errors:
+            self._quant_errors[key] = kv_quant_errors(
                 self.module(model),
                 self.study.stats,
                 bits=self.config.bits,
                 group_size=group_size,
-                window=self.config.window,
+                window=window,
             )
-        return self._quant_errors[model.name, group_size]
+        return self._quant_errors[key]
 
     def _proxy(self, model: FrontModel, plan: PrecisionPlan | None) -> float:
         """The decomposed error estimate of a whole-model point: its grouping's layer errors
         against the source plus its cache's quantization errors (the allocation's units)."""
         error = sum(self.layer_errors(model))
         if plan is not None:
-            error += self._quant_table(model, plan.group_size).plan_error(plan)
+            error += self._quant_table(model, plan.group_size, plan.window).plan_error(plan)
         return error
 
     def layer_errors(self, model: FrontModel) -> tuple[float, ...]:
@@ -325,54 +333,71 @@ class KVFront:
         with bits allocated under each budget it does not fit at 16 bits."""
         out: list[Point] = []
         source = models[SOURCE]
-        for k, v, g in uniform_settings(self.config.bits, self.config.group_sizes):
-            plan = PrecisionPlan.uniform(self.layers, k, v, g, self.config.window)
-            proxy = self._proxy(source, plan)
-            out.append(Point(source, plan, self._bytes(plan, source), "uniform", proxy))
+        for window in self.config.windows:
+            for k, v, g in uniform_settings(self.config.bits, self.config.group_sizes):
+                plan = PrecisionPlan.uniform(self.layers, k, v, g, window)
+                proxy = self._proxy(source, plan)
+                out.append(Point(source, plan, self._bytes(plan, source), "uniform", proxy))
         for model in models.values():
             kv_bytes = model.grouping.kv_bytes_per_token(self.head_dim)
             out.append(Point(model, None, kv_bytes, "16-bit", self._proxy(model, None)))
         for fraction in self.config.budgets:
             budget = ByteBudget.of_source(fraction, self.source_bytes)
-            for model in models.values():
-                if model.grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
-                    continue  # fits at 16 bits: quantizing it cannot help this budget's choice
-                try:
-                    plan = allocate_precision(
-                        self._quant_table(model),
-                        budget.bytes_per_token,
-                        self.head_dim,
-                        (*self.config.bits, 16),
-                    )
-                except InfeasibleBudget:
-                    continue
-                kv_bytes = self._bytes(plan, model)
-                out.append(Point(model, plan, kv_bytes, "allocated", self._proxy(model, plan)))
+            for window in self.config.windows:
+                out.extend(self._allocated(models, budget, window))
             if self.config.latent_ranks:
                 latent = self._latent_point(models[SOURCE], budget)
                 if latent is not None:
                     out.append(latent)
             if self.config.layer_mix and (len(models) > 1 or self.config.latent_ranks):
-                mixed = self._layer_mix(models, budget)
-                if mixed is not None and mixed.key not in {p.key for p in out}:
-                    out.append(mixed)
+                for window in self.config.windows:
+                    mixed = self._layer_mix(models, budget, window)
+                    if mixed is not None and mixed.key not in {p.key for p in out}:
+                        out.append(mixed)
         return out
 
-    def _layer_mix(self, models: dict[str, FrontModel], budget: ByteBudget) -> Point | None:
-        """Grouping and bits allocated together over layers of the source and every winner; the
-        model is named `mix:<digest>` unless every layer comes from one model."""
+    def _allocated(
+        self, models: dict[str, FrontModel], budget: ByteBudget, window: int
+    ) -> list[Point]:
+        """Every model that does not fit the budget at 16 bits, with bits allocated under it
+        (with a full-precision window of `window` tokens, its bytes counted)."""
+        out = []
+        for model in models.values():
+            if model.grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
+                continue  # fits at 16 bits: quantizing it cannot help this budget's choice
+            try:
+                plan = allocate_precision(
+                    self._quant_table(model, window=window),
+                    budget.bytes_per_token,
+                    self.head_dim,
+                    (*self.config.bits, 16),
+                    self.context,
+                )
+            except InfeasibleBudget:
+                continue
+            kv_bytes = self._bytes(plan, model)
+            out.append(Point(model, plan, kv_bytes, "allocated", self._proxy(model, plan)))
+        return out
+
+    def _layer_mix(
+        self, models: dict[str, FrontModel], budget: ByteBudget, window: int = 0
+    ) -> Point | None:
+        """Grouping and bits allocated together over layers of the source and every winner (with
+        a full-precision window of `window` tokens); the model is named `mix:<digest>` unless
+        every layer comes from one model."""
         if models[SOURCE].grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
             return None  # the source fits at 16 bits
-        latent = self.latent_table() if self.config.latent_ranks else None
+        latent = self.latent_table(window) if self.config.latent_ranks else None
         try:
             allocation = allocate_joint(
-                {name: self._quant_table(m) for name, m in models.items()},
+                {name: self._quant_table(m, window=window) for name, m in models.items()},
                 {name: self._mix_errors(m) for name, m in models.items()},
                 budget.bytes_per_token,
                 self.head_dim,
                 (*self.config.bits, 16),
                 latent=latent,
                 latent_model=None if latent is None else SOURCE,
+                context=self.context,
             )
         except InfeasibleBudget:
             return None
@@ -403,7 +428,7 @@ class KVFront:
         """The source with latent ranks allocated under the budget (None where the ranks cannot
         meet it, or where it needs none)."""
         try:
-            plan, error = allocate_latent(self.latent_table(), budget.bytes_per_token)
+            plan, error = allocate_latent(self.latent_table(), budget.bytes_per_token, self.context)
         except InfeasibleBudget:
             return None
         if not any(layer.is_latent for layer in plan.layers):
@@ -416,16 +441,18 @@ class KVFront:
         return Point(model, None, self._bytes(None, model), "16-bit", error)
 
     def _bytes(self, plan: PrecisionPlan | None, model: FrontModel) -> float:
-        """Steady-state bytes per token of a model's cache under `plan` (None: 16 bits): a
-        latent kind caches its rank at 16 bits, any other kind its heads at the plan's bits."""
+        """Bytes per token of a model's cache under `plan` (None: 16 bits), counted at the
+        front's context (ByteCounting: the window's tokens included): a latent kind caches its
+        rank, any other kind its heads, at the plan's bits."""
         counts = Budget.of(model.grouping)
         plan = plan or PrecisionPlan.uniform(self.layers, 16)
         latent = model.latent.layers if model.latent else (None,) * self.layers
+        counting = ByteCounting(plan.group_size, plan.window, self.context)
 
         def kind(bits: int, heads: int, rank: int | None) -> float:
             if rank is None:
-                return kind_bytes_per_token(heads, self.head_dim, bits, plan.group_size)
-            return kind_bytes_per_token(1, rank, bits, plan.group_size)
+                return counting.per_token(bits, heads, self.head_dim)
+            return counting.per_token(bits, 1, rank)
 
         return sum(
             kind(p.k_bits, counts.k[i], r and r.k_rank)

@@ -78,6 +78,26 @@ def test_screening_keeps_the_least_proxy_point_per_budget_and_family():
     assert screened(_points(), [1.0, 0.3], 100.0, screen=0) == _points()
 
 
+def test_screening_keeps_the_least_proxy_point_of_each_window_apart():
+    """A windowed plan's proxy is not comparable with an unwindowed one's: a windowed mix of the
+    least proxy error does not push the best unwindowed one out; validation decides."""
+    windowed = PrecisionPlan.uniform(2, 4, 4, 8, window=16)
+    extra = [
+        Point(MIX, windowed, 24.0, "allocated", proxy=1.0),
+        Point(SOURCE, windowed, 28.0, "allocated", proxy=0.5),
+    ]
+    kept = screened([*_points(), *extra], [0.3], 100.0, screen=1)
+    # 30%: quantization -> the uniform point; mixed -> the source's allocation with the window
+    # (0.5) and, apart, without it (4.0); joint -> the windowed source allocation (0.5) and,
+    # apart, the unwindowed mix (2.0). Screened together, the windowed points alone would stay.
+    assert {(p.model.name, p.cache, p.plan.window) for p in kept} == {
+        ("source", "uniform", 0),
+        ("source", "allocated", 0),
+        ("source", "allocated", 16),
+        (MIX.name, "allocated", 0),
+    }
+
+
 def test_choose_takes_the_least_validation_value_and_joint_is_never_worse():
     valid = {"source": 10.0, "2kv:greedy": 12.0, "mix:0123abcd": 9.5}
 

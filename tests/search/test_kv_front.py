@@ -14,7 +14,9 @@ from experiments.byte_front_report import byte_front_report, grouping_verdict
 from experiments.cli import main
 from gqa.adapters import get_adapter
 from gqa.grouping import Grouping
+from gqa.precision import PrecisionPlan
 from objectives.data import VALID_SPLIT
+from search.budget import Budget
 from search.byte_allocation import ByteBudget
 from search.config import ConfigError, StudyConfig
 from search.front_points import FAMILIES, family_members
@@ -123,6 +125,53 @@ def test_screening_measures_the_least_proxy_points_and_joint_stays_best(front_co
         assert joint == rows["valid_ppl"].min()
 
 
+def test_full_precision_windows_are_tried_and_their_bytes_counted(front_config):
+    """With `window = [0, 4]` and bytes counted at 24 tokens, the uniform baselines and the
+    allocations run once per window; every point's bytes are its cache's exact size at 24 tokens
+    (the window's tokens and the last partial block at 16 bits) per token, so a windowed point
+    costs more than the same bits without the window, and every allocated point fits its budget
+    counted so."""
+    path, _ = front_config
+    path.write_text(
+        path.read_text().replace(
+            "test_windows = 2", "test_windows = 2\nwindow = [0, 4]\ncontext = 24"
+        )
+    )
+    config = StudyConfig.load(path)
+    assert config.precision.windows == (0, 4) and config.byte_context == 24
+    study = Study(config, progress=False)
+    study.run()
+    front = KVFront(study, progress=False)
+    points = front.points(front.base_models())
+    head_dim = study.adapter.head_dim
+    for point in points:
+        if point.model.latent is not None:
+            continue
+        counts = Budget.of(point.model.grouping)
+        plan = point.plan or PrecisionPlan.uniform(front.layers, 16)
+        exact = plan.cache_bytes(counts.k, counts.v, head_dim, 24) / 24
+        assert point.kv_bytes == pytest.approx(exact, rel=1e-12)
+    uniform = {(p.plan.label(), p.plan.window): p.kv_bytes for p in points if p.cache == "uniform"}
+    assert {w for _, w in uniform} == {0, 4}
+    # 8 bits in groups of 4 cost 2 bytes a value, as 16 bits do: there the window is free
+    for (label, window), kv_bytes in uniform.items():
+        if window:
+            without = uniform[label.removesuffix(f" w{window}"), 0]
+            assert kv_bytes > without or (label.startswith("K8/V8 g4") and kv_bytes == without)
+    allocated = [p for p in points if p.cache == "allocated"]
+    assert {p.plan.window for p in allocated} == {0, 4}
+    for point in allocated:  # each was allocated under some budget and fits it as counted
+        assert any(
+            point.kv_bytes <= f * front.source_bytes * (1 + 1e-9) for f in config.precision.budgets
+        )
+    # counted in the steady state the window would be free: here it is not
+    windowed = [p for p in allocated if p.plan.window == 4 and p.model.latent is None]
+    assert windowed
+    for point in windowed:
+        counts = Budget.of(point.model.grouping)
+        assert point.kv_bytes > point.plan.bytes_per_token(counts.k, counts.v, head_dim)
+
+
 def test_a_layer_mix_takes_each_layer_from_the_model_the_allocation_picks(front_config):
     """With the source's layer 0 and the 2-KV winner's layer 1 made prohibitively bad, the joint
     allocation must mix: layer 0 from the winner, layer 1 from the source. The mixed model is
@@ -167,7 +216,7 @@ def test_a_layer_mix_may_make_source_layers_latent(front_config):
         table,
         errors=tuple({k: dict.fromkeys(e, 0.0) for k, e in row.items()} for row in table.errors),
     )
-    front.latent_table = lambda: free
+    front.latent_table = lambda window=None: free
     models = front.base_models()
     winner = next(n for n in models if n.startswith("2kv:"))
     models = {"source": models["source"], winner: models[winner]}
@@ -214,6 +263,9 @@ def test_bad_precision_settings_are_one_line_errors(front_config, tmp_path, caps
         ("bits = [8, 4, 2]", "bits = [8, 5]", "precision.bits: expected a non-empty list from"),
         ("budgets = [1.0", "budgets = [1.5", "precision.budgets: expected fractions"),
         ("test_windows = 2", "test_windows = 2\nscreen = -1", "precision.screen: must be >= 0"),
+        ("test_windows = 2", "test_windows = 2\nwindow = [8, -1]", "precision.window: expected"),
+        ("test_windows = 2", "test_windows = 2\nwindow = []", "precision.window: expected"),
+        ("test_windows = 2", "test_windows = 2\ncontext = -5", "precision.context: must be >= 0"),
         ("latent_ranks = [4, 8, 16]", "latent_ranks = [4, 0]", "precision.latent_ranks: expected"),
     ]:
         bad = tmp_path / "bad.toml"

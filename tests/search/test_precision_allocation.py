@@ -12,6 +12,7 @@ from objectives.calibration import CalibrationConfig, calibrate
 from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
 from search.byte_allocation import (
     ByteBudget,
+    ByteCounting,
     InfeasibleBudget,
     allocate_joint,
     allocate_precision,
@@ -34,12 +35,19 @@ def tiny(smol_tokenizer, tmp_path_factory):
     return gqa.convert(source, grouping), stats
 
 
-def _brute_force(table: QuantErrorTable, budget: float):
+def _per_token(plan: PrecisionPlan, k_heads, v_heads, context: int | None) -> float:
+    """A plan's bytes per token: steady state, or the exact cache of `context` tokens / context."""
+    if context is None:
+        return plan.bytes_per_token(k_heads, v_heads, HEAD_DIM)
+    return plan.cache_bytes(k_heads, v_heads, HEAD_DIM, context) / context
+
+
+def _brute_force(table: QuantErrorTable, budget: float, context: int | None = None):
     best = (float("inf"), None)
     for combo in itertools.product(BITS, repeat=2 * len(table.errors)):
         layers = tuple(LayerPrecision(*combo[i : i + 2]) for i in range(0, len(combo), 2))
         plan = PrecisionPlan(layers, table.group_size, table.window)
-        if plan.bytes_per_token(table.k_heads, table.v_heads, HEAD_DIM) <= budget + 1e-9:
+        if _per_token(plan, table.k_heads, table.v_heads, context) <= budget + 1e-9:
             best = min(best, (table.plan_error(plan), plan), key=lambda t: t[0])
     return best
 
@@ -90,6 +98,45 @@ def test_allocation_equals_brute_force(tiny, fraction):
     assert table.plan_error(plan) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
+def test_byte_counting_at_a_context_counts_the_window_and_the_last_partial_block():
+    """3 heads of 8 values at 4 bits in groups of 8: 24 B/token in the steady state. A cache of
+    64 tokens with a window of 16 quantizes 48 (6 blocks of 8 x 8 values: 32 B of codes and 32 B
+    of float16 scales and zeros each) and keeps 16 at 16 bits (256 B): 3 x 640 B / 64 = 30."""
+    steady, windowed = ByteCounting(8), ByteCounting(8, window=16, context=64)
+    assert steady.per_token(4, 3, HEAD_DIM) == 24.0
+    assert windowed.per_token(4, 3, HEAD_DIM) == 30.0
+    assert windowed.per_token(16, 3, HEAD_DIM) == steady.per_token(16, 3, HEAD_DIM) == 48.0
+    # no window and whole blocks: the two countings agree at every width
+    for bits in BITS:
+        assert ByteCounting(8, 0, 64).per_token(bits, 3, HEAD_DIM) == steady.per_token(
+            bits, 3, HEAD_DIM
+        )
+    # 60 tokens, no window: the last 4 (a partial block) are stored at 16 bits
+    assert ByteCounting(8, 0, 60).per_token(4, 1, HEAD_DIM) == (7 * 64 + 4 * 16) / 60
+    with pytest.raises(ValueError, match="positive token count"):
+        ByteCounting(8, 0, 0)
+
+
+@pytest.mark.parametrize("fraction", [0.6, 0.7, 0.85])
+def test_allocation_at_a_context_counts_the_window_and_equals_brute_force(tiny, fraction):
+    """With a full-precision window of 8 tokens in a cache of 32, a quarter of the tokens cost 16
+    bits whatever the plan: the allocation must count them, and still be the exact optimum."""
+    model, stats = tiny
+    table = kv_quant_errors(model, stats, group_size=8, window=8)
+    full = PrecisionPlan.uniform(2, 16).bytes_per_token(table.k_heads, table.v_heads, HEAD_DIM)
+    budget = fraction * full
+    plan = allocate_precision(table, budget, HEAD_DIM, BITS, context=32)
+    assert plan.window == 8
+    assert _per_token(plan, table.k_heads, table.v_heads, 32) <= budget + 1e-9
+    expected, _ = _brute_force(table, budget, context=32)
+    assert table.plan_error(plan) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # counted in the steady state the window is free, so that plan may not fit at 32 tokens
+    steady = allocate_precision(table, budget, HEAD_DIM, BITS)
+    assert table.plan_error(steady) <= table.plan_error(plan) + 1e-15
+    if fraction == 0.6:
+        assert _per_token(steady, table.k_heads, table.v_heads, 32) > budget
+
+
 def test_an_infeasible_byte_budget_is_refused(tiny):
     model, stats = tiny
     table = kv_quant_errors(model, stats, group_size=4)
@@ -127,7 +174,7 @@ def test_grouping_errors_are_zero_where_the_layer_is_the_sources(pair):
     assert errors[1] == pytest.approx(0.0, abs=1e-12)  # the source's own grouping, merged exactly
 
 
-def _joint_brute_force(tables, errors, budget):
+def _joint_brute_force(tables, errors, budget, context=None):
     """Every (model, K bits, V bits) per layer: the least summed error within the budget."""
     names = list(tables)
     per_layer = []
@@ -136,7 +183,7 @@ def _joint_brute_force(tables, errors, budget):
         for name, kb, vb in itertools.product(names, BITS, BITS):
             t = tables[name]
             plan = PrecisionPlan((LayerPrecision(kb, vb),), t.group_size, t.window)
-            cost = plan.bytes_per_token((t.k_heads[layer],), (t.v_heads[layer],), HEAD_DIM)
+            cost = _per_token(plan, (t.k_heads[layer],), (t.v_heads[layer],), context)
             error = errors[name][layer] + t.errors[layer]["k"][kb] + t.errors[layer]["v"][vb]
             options.append((cost, error, name))
         per_layer.append(options)
@@ -148,24 +195,28 @@ def _joint_brute_force(tables, errors, budget):
     return min(fits)
 
 
-@pytest.mark.parametrize("fraction", [0.32, 0.4, 0.5, 0.65, 0.8])
-def test_joint_allocation_equals_brute_force(pair, fraction):
+@pytest.mark.parametrize(
+    ("fraction", "window", "context"),
+    [(0.32, 0, None), (0.4, 0, None), (0.5, 0, None), (0.65, 0, None), (0.8, 0, None)]
+    + [(0.6, 8, 32), (0.75, 8, 40)],
+)
+def test_joint_allocation_equals_brute_force(pair, fraction, window, context):
     source, stats, converted = pair
     models = {"source": source, "converted": converted}
-    tables = {n: kv_quant_errors(m, stats, group_size=8) for n, m in models.items()}
+    tables = {n: kv_quant_errors(m, stats, group_size=8, window=window) for n, m in models.items()}
     errors = {n: grouping_errors(m, source, stats) for n, m in models.items()}
     full = 2 * 2 * 3 * HEAD_DIM * 2  # 2 layers, K and V, 3 heads, fp16
     budget = fraction * full
-    joint = allocate_joint(tables, errors, budget, HEAD_DIM, BITS)
+    joint = allocate_joint(tables, errors, budget, HEAD_DIM, BITS, context=context)
     k = tuple(tables[n].k_heads[i] for i, n in enumerate(joint.models))
     v = tuple(tables[n].v_heads[i] for i, n in enumerate(joint.models))
-    assert joint.plan.bytes_per_token(k, v, HEAD_DIM) <= budget + 1e-9
-    expected, _ = _joint_brute_force(tables, errors, budget)
+    assert _per_token(joint.plan, k, v, context) <= budget + 1e-9
+    expected, _ = _joint_brute_force(tables, errors, budget, context)
     assert joint.error == pytest.approx(expected, rel=1e-12, abs=1e-15)
     # the source-only allocation is inside the joint search space
     try:
         alone = tables["source"].plan_error(
-            allocate_precision(tables["source"], budget, HEAD_DIM, BITS)
+            allocate_precision(tables["source"], budget, HEAD_DIM, BITS, context)
         )
     except InfeasibleBudget:
         alone = float("inf")
