@@ -12,14 +12,21 @@ long-bucket log-perplexity and the key NLL: whether what the search ranks by, an
 on 256-token windows chooses by, predicts quality where the KV cache matters. No choice is made
 here, so test data are read. Rows are written as they finish and a stopped run resumes.
 
+With `--long-range-windows N`, a score that sees long context joins them: `long_range`, the sum
+over layers of each recovered layer's long-range cost (objectives.long_range: the rise of the
+source's late-bucket NLL with that one layer swapped in) on N *validation* documents of
+`--seq-len` tokens, L + 1 forwards per candidate. A later run with it adds the column to rows
+already measured.
+
     python experiments/benchmarks/bench_long_ranking.py [--budget 2] [--seq-len 2048]
-        [--windows 4] [--trials 1]
+        [--windows 4] [--trials 1] [--long-range-windows 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -33,10 +40,12 @@ import gqa
 from experiments.benchmarks import common
 from gqa.grouping import Grouping, write_text_atomic
 from objectives.long_context import LongContextConfig
+from objectives.long_range import long_range_costs
 from objectives.recovery import LayerwiseConfig, recover
 
 SOURCE = "source"
 SHORT = "valid_ppl"  # the 256-token validation perplexity after recovery (recoverability.csv)
+LONG_RANGE = "long_range"  # summed per-layer long-range cost on validation documents
 TARGETS = ("long_ppl", "key_nll")  # what the scores should predict (both: lower is better)
 
 
@@ -67,11 +76,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048, help="long documents (tokens)")
     parser.add_argument("--windows", type=int, default=4, help="long test documents")
     parser.add_argument("--trials", type=int, default=1, help="passkey prompts per length/depth")
+    parser.add_argument(
+        "--long-range-windows",
+        type=int,
+        default=0,
+        help="validation documents for the long_range score (0: no such score)",
+    )
     parser.add_argument("--candidates", type=Path, default=common.RESULTS / "recoverability.csv")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "long_ranking.csv")
     args = parser.parse_args()
-    if args.seq_len < 256 or args.windows < 1 or args.trials < 1:
-        parser.error("--seq-len must be >= 256, --windows and --trials >= 1")
+    if args.seq_len < 256 or args.windows < 1 or args.trials < 1 or args.long_range_windows < 0:
+        parser.error(
+            "--seq-len must be >= 256, --windows and --trials >= 1, --long-range-windows >= 0"
+        )
     if not args.candidates.is_file():
         parser.error(f"{args.candidates} not found: run bench_recoverability.py first")
     pool = pd.read_csv(args.candidates)
@@ -79,6 +96,8 @@ def main() -> None:
     if pool.empty:
         parser.error(f"{args.candidates} has no candidate at {args.budget:g} KV heads per layer")
     summary_path = args.candidates.with_name("recoverability_summary.json")
+    if not summary_path.is_file():
+        parser.error(f"{summary_path} not found: it records the candidates' recovery")
     recovery = json.loads(summary_path.read_text())["recovery"]
     fit = LayerwiseConfig(steps=recovery["steps"], lr=recovery["lr"])
     scores = [c for c in pool.columns if c.startswith(("fisher", "local_attn", "recoverable"))]
@@ -94,39 +113,51 @@ def main() -> None:
     source, tokenizer = loaded.model, loaded.tokenizer
     table = common.CsvRows(args.out)
     setting = f"{args.seq_len}x{args.windows}/t{args.trials}"
-    done = {(r["candidate"], r["setting"]) for r in table.rows}
+    done = {(r["candidate"], r["setting"]): r for r in table.rows}
     if (SOURCE, setting) not in done:
         table.append(
             {"candidate": SOURCE, "setting": setting, **measure(source, tokenizer, long_config)}
         )
+    range_config = dataclasses.replace(long_config, ppl_windows=max(args.long_range_windows, 1))
+    base = None  # the exact grouped source, the base the long-range costs swap layers into
+    if args.long_range_windows:
+        base = gqa.converted_copy(source, gqa.current_grouping(source))
     for _, row in tqdm(list(pool.iterrows()), desc=f"{args.budget:g} KV heads: recover, measure"):
-        if (row["candidate"], setting) in done:
+        out = done.get((row["candidate"], setting))
+        needs_range = args.long_range_windows > 0 and (out is None or pd.isna(out.get(LONG_RANGE)))
+        if out is not None and not needs_range:
             continue
         grouping = Grouping.from_json(row["grouping"])
         model = gqa.convert(copy.deepcopy(source), grouping, merge="query_aware", stats=stats)
         t0 = time.time()
         recover("layerwise", model, source, None, stats, fit, progress=False, merge="query_aware")
-        out = {"candidate": row["candidate"], "setting": setting, "key": row["key"]}
-        out["recovery_seconds"] = round(time.time() - t0, 1)
-        out.update(measure(model, tokenizer, long_config))
-        out.update({s: row[s] for s in [*scores, SHORT]})
-        table.append(out)
+        if out is None:
+            out = {"candidate": row["candidate"], "setting": setting, "key": row["key"]}
+            out["recovery_seconds"] = round(time.time() - t0, 1)
+            out.update(measure(model, tokenizer, long_config))
+            out.update({s: row[s] for s in [*scores, SHORT]})
+            table.rows.append(out)
+        if needs_range:
+            costs = long_range_costs(base, model, tokenizer, range_config, progress=False)
+            out[LONG_RANGE] = sum(costs.costs)
+        table.write()
     frame = table.frame()
     frame = frame[frame["setting"] == setting]
     grouped = frame[frame["candidate"] != SOURCE].dropna(subset=[SHORT])
     source_row = frame[frame["candidate"] == SOURCE].iloc[0]
+    ranged = [LONG_RANGE] if LONG_RANGE in grouped and grouped[LONG_RANGE].notna().all() else []
     by_long = grouped.sort_values("long_ppl")
     summary = {
         "command": "python experiments/benchmarks/bench_long_ranking.py "
         f"--budget {args.budget:g} --seq-len {args.seq_len} --windows {args.windows} "
-        f"--trials {args.trials}",
+        f"--trials {args.trials} --long-range-windows {args.long_range_windows}",
         "model": "smollm2-135m",
         "recovery": {"method": "layerwise", "merge": "query_aware", **recovery},
         "long": f"test: last bucket of {args.windows} x {args.seq_len} tokens; passkey at "
         f"{list(long_config.lengths)} x {len(long_config.depths)} depths x {args.trials}",
         "candidates": len(grouped),
         "source": {k: float(source_row[k]) for k in ("long_ppl", "passkey", "key_nll")},
-        "rho": rho_table(grouped, [*scores, SHORT]),
+        "rho": rho_table(grouped, [*scores, SHORT, *ranged]),
         "best_by_short_valid": grouped.sort_values(SHORT).iloc[0]["candidate"],
         "best_by_long_test": by_long.iloc[0]["candidate"],
         "long_ppl_range": [
