@@ -189,10 +189,13 @@ class KVFront:
             )
         return self._latent_tables[window]
 
-    def _quant_table(self, model: FrontModel, group_size: int | None = None, window: int = 0):
-        """A model's quantization error table at a group size (by default the allocations') and
-        a full-precision window, kept."""
+    def _quant_table(
+        self, model: FrontModel, group_size: int | None = None, window: int | None = None
+    ):
+        """A model's quantization error table at a group size and a full-precision window (by
+        default the allocations': the config's first of each), kept."""
         group_size = self.config.group_sizes[0] if group_size is None else group_size
+        window = self.config.windows[0] if window is None else window
         key = (model.name, group_size, window)
         if key not in self._quant_errors:
             self._quant_errors[key] = kv_quant_errors(
@@ -380,11 +383,12 @@ class KVFront:
         return out
 
     def _layer_mix(
-        self, models: dict[str, FrontModel], budget: ByteBudget, window: int = 0
+        self, models: dict[str, FrontModel], budget: ByteBudget, window: int | None = None
     ) -> Point | None:
         """Grouping and bits allocated together over layers of the source and every winner (with
-        a full-precision window of `window` tokens); the model is named `mix:<digest>` unless
-        every layer comes from one model."""
+        a full-precision window of `window` tokens, by default the config's first); the model is
+        named `mix:<digest>` unless every layer comes from one model."""
+        window = self.config.windows[0] if window is None else window
         if models[SOURCE].grouping.kv_bytes_per_token(self.head_dim) <= budget.bytes_per_token:
             return None  # the source fits at 16 bits
         latent = self.latent_table(window) if self.config.latent_ranks else None
