@@ -12,14 +12,16 @@ long-bucket log-perplexity and the key NLL: whether what the search ranks by, an
 on 256-token windows chooses by, predicts quality where the KV cache matters. No choice is made
 here, so test data are read. Rows are written as they finish and a stopped run resumes.
 
-With `--long-range-windows N`, a score that sees long context joins them: `long_range`, the sum
-over layers of each recovered layer's long-range cost (objectives.long_range: the rise of the
-source's late-bucket NLL with that one layer swapped in) on N *validation* documents of
-`--seq-len` tokens, L + 1 forwards per candidate. A later run with it adds the column to rows
-already measured.
+Two scores that see long context may join them, each on *validation* documents of `--seq-len`
+tokens (what a selection could read): with `--long-range-windows N`, `long_range`, the sum over
+layers of each recovered layer's long-range cost (objectives.long_range: the rise of the
+source's late-bucket NLL with that one layer swapped in; L + 1 forwards per candidate); with
+`--valid-long-windows N`, `valid_long_ppl`, the recovered model's own late-bucket perplexity
+(N forwards: the `long_ppl` selection objective). A later run with either adds its column to
+the rows already measured.
 
     python experiments/benchmarks/bench_long_ranking.py [--budget 2] [--seq-len 2048]
-        [--windows 4] [--trials 1] [--long-range-windows 0]
+        [--windows 4] [--trials 1] [--long-range-windows 0] [--valid-long-windows 0]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
@@ -39,13 +42,14 @@ from tqdm.auto import tqdm
 import gqa
 from experiments.benchmarks import common
 from gqa.grouping import Grouping, write_text_atomic
-from objectives.long_context import LongContextConfig
-from objectives.long_range import long_range_costs
+from objectives.long_context import LongContextConfig, long_windows
+from objectives.long_range import late_nll, long_range_costs
 from objectives.recovery import LayerwiseConfig, recover
 
 SOURCE = "source"
 SHORT = "valid_ppl"  # the 256-token validation perplexity after recovery (recoverability.csv)
 LONG_RANGE = "long_range"  # summed per-layer long-range cost on validation documents
+VALID_LONG = "valid_long_ppl"  # late-bucket perplexity on validation documents
 TARGETS = ("long_ppl", "key_nll")  # what the scores should predict (both: lower is better)
 
 
@@ -70,6 +74,12 @@ def measure(model, tokenizer, long_config: LongContextConfig) -> dict:
     }
 
 
+def valid_long_ppl(model, tokenizer, config: LongContextConfig) -> float:
+    """Late-bucket perplexity of `config.ppl_windows` validation documents."""
+    windows = long_windows(tokenizer, "valid", config.seq_len, config.ppl_windows)
+    return math.exp(late_nll(model, windows, config))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=2.0, help="KV heads per layer")
@@ -82,13 +92,22 @@ def main() -> None:
         default=0,
         help="validation documents for the long_range score (0: no such score)",
     )
+    parser.add_argument(
+        "--valid-long-windows",
+        type=int,
+        default=0,
+        help="validation documents for the valid_long_ppl score (0: no such score)",
+    )
     parser.add_argument("--candidates", type=Path, default=common.RESULTS / "recoverability.csv")
     parser.add_argument("--out", type=Path, default=common.RESULTS / "long_ranking.csv")
     args = parser.parse_args()
-    if args.seq_len < 256 or args.windows < 1 or args.trials < 1 or args.long_range_windows < 0:
-        parser.error(
-            "--seq-len must be >= 256, --windows and --trials >= 1, --long-range-windows >= 0"
-        )
+    if (
+        min(args.windows, args.trials) < 1
+        or min(args.long_range_windows, args.valid_long_windows) < 0
+    ):
+        parser.error("--windows and --trials must be >= 1, --*-long*-windows >= 0")
+    if args.seq_len < 256:
+        parser.error("--seq-len must be >= 256")
     if not args.candidates.is_file():
         parser.error(f"{args.candidates} not found: run bench_recoverability.py first")
     pool = pd.read_csv(args.candidates)
@@ -118,14 +137,20 @@ def main() -> None:
         table.append(
             {"candidate": SOURCE, "setting": setting, **measure(source, tokenizer, long_config)}
         )
-    range_config = dataclasses.replace(long_config, ppl_windows=max(args.long_range_windows, 1))
-    base = None  # the exact grouped source, the base the long-range costs swap layers into
+    extra = {}  # column -> its score of a recovered model, on validation documents
     if args.long_range_windows:
-        base = gqa.converted_copy(source, gqa.current_grouping(source))
+        config = dataclasses.replace(long_config, ppl_windows=args.long_range_windows)
+        base = gqa.converted_copy(source, gqa.current_grouping(source))  # exact, grouped
+        extra[LONG_RANGE] = lambda model: sum(
+            long_range_costs(base, model, tokenizer, config, progress=False).costs
+        )
+    if args.valid_long_windows:
+        config_v = dataclasses.replace(long_config, ppl_windows=args.valid_long_windows)
+        extra[VALID_LONG] = lambda model: valid_long_ppl(model, tokenizer, config_v)
     for _, row in tqdm(list(pool.iterrows()), desc=f"{args.budget:g} KV heads: recover, measure"):
         out = done.get((row["candidate"], setting))
-        needs_range = args.long_range_windows > 0 and (out is None or pd.isna(out.get(LONG_RANGE)))
-        if out is not None and not needs_range:
+        missing = [c for c in extra if out is None or pd.isna(out.get(c))]
+        if out is not None and not missing:
             continue
         grouping = Grouping.from_json(row["grouping"])
         model = gqa.convert(copy.deepcopy(source), grouping, merge="query_aware", stats=stats)
@@ -137,20 +162,20 @@ def main() -> None:
             out.update(measure(model, tokenizer, long_config))
             out.update({s: row[s] for s in [*scores, SHORT]})
             table.rows.append(out)
-        if needs_range:
-            costs = long_range_costs(base, model, tokenizer, range_config, progress=False)
-            out[LONG_RANGE] = sum(costs.costs)
+        for column in missing:
+            out[column] = extra[column](model)
         table.write()
     frame = table.frame()
     frame = frame[frame["setting"] == setting]
     grouped = frame[frame["candidate"] != SOURCE].dropna(subset=[SHORT])
     source_row = frame[frame["candidate"] == SOURCE].iloc[0]
-    ranged = [LONG_RANGE] if LONG_RANGE in grouped and grouped[LONG_RANGE].notna().all() else []
+    ranged = [c for c in (LONG_RANGE, VALID_LONG) if c in grouped and grouped[c].notna().all()]
     by_long = grouped.sort_values("long_ppl")
     summary = {
         "command": "python experiments/benchmarks/bench_long_ranking.py "
         f"--budget {args.budget:g} --seq-len {args.seq_len} --windows {args.windows} "
-        f"--trials {args.trials} --long-range-windows {args.long_range_windows}",
+        f"--trials {args.trials} --long-range-windows {args.long_range_windows} "
+        f"--valid-long-windows {args.valid_long_windows}",
         "model": "smollm2-135m",
         "recovery": {"method": "layerwise", "merge": "query_aware", **recovery},
         "long": f"test: last bucket of {args.windows} x {args.seq_len} tokens; passkey at "

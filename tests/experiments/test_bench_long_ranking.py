@@ -32,6 +32,7 @@ def test_rho_reads_each_score_against_both_targets():
     ("args", "message"),
     [
         (["--seq-len", "100"], "--seq-len must be >= 256"),
+        (["--valid-long-windows", "-1"], "--*-long*-windows >= 0"),
         (["--candidates", "missing.csv"], "missing.csv not found: run bench_recoverability.py"),
     ],
 )
@@ -75,7 +76,7 @@ def test_a_rerun_measures_nothing_again_and_adds_the_long_range_score(monkeypatc
     )
     pool.to_csv(candidates, index=False)
     (tmp_path / "recoverability_summary.json").write_text('{"recovery": {"steps": 1, "lr": 0.1}}')
-    calls = {"measure": 0, "long_range": 0}
+    calls = {"measure": 0, "long_range": 0, "valid_long": 0}
     long_ppl = {1: 50.0, 2: 90.0, 3: 70.0}
 
     def measure(model, tokenizer, config):
@@ -88,6 +89,11 @@ def test_a_rerun_measures_nothing_again_and_adds_the_long_range_score(monkeypatc
         assert config.ppl_windows == 2
         return LongRangeCosts([0.0, float(model)], 3.0)
 
+    def valid_long(model, tokenizer, config):
+        calls["valid_long"] += 1
+        assert config.ppl_windows == 3
+        return {1: 40.0, 2: 80.0, 3: 60.0}[model]
+
     module = bench_long_ranking
     monkeypatch.setattr(module.common, "calibrated", lambda **_: (_Loaded(), None))
     monkeypatch.setattr(module.Grouping, "from_json", staticmethod(int))
@@ -97,24 +103,33 @@ def test_a_rerun_measures_nothing_again_and_adds_the_long_range_score(monkeypatc
     monkeypatch.setattr(module, "recover", lambda *a, **k: None)
     monkeypatch.setattr(module, "measure", measure)
     monkeypatch.setattr(module, "long_range_costs", costs)
+    monkeypatch.setattr(module, "valid_long_ppl", valid_long)
     out = tmp_path / "long_ranking.csv"
     argv = ["bench_long_ranking.py", "--candidates", str(candidates), "--out", str(out)]
 
     monkeypatch.setattr(sys, "argv", argv)
     module.main()
-    assert calls == {"measure": 4, "long_range": 0}  # the source and a, b, c
+    assert calls == {"measure": 4, "long_range": 0, "valid_long": 0}  # the source and a, b, c
     module.main()
-    assert calls == {"measure": 4, "long_range": 0}
+    assert calls == {"measure": 4, "long_range": 0, "valid_long": 0}
     monkeypatch.setattr(sys, "argv", [*argv, "--long-range-windows", "2"])
     module.main()
-    assert calls == {"measure": 4, "long_range": 3}
+    assert calls == {"measure": 4, "long_range": 3, "valid_long": 0}
+    both = [*argv, "--long-range-windows", "2", "--valid-long-windows", "3"]
+    monkeypatch.setattr(sys, "argv", both)
+    module.main()
+    module.main()
+    assert calls == {"measure": 4, "long_range": 3, "valid_long": 3}
     frame = pd.read_csv(out)
     assert list(frame["candidate"]) == ["source", "a", "b", "c"]
     assert list(frame["long_range"].iloc[1:]) == [1.0, 2.0, 3.0]
+    assert list(frame["valid_long_ppl"].iloc[1:]) == [40.0, 80.0, 60.0]
     summary = json.loads(out.with_suffix(".json").read_text())
-    # long perplexity 50, 90, 70 for a, b, c: the short validation perplexity (10, 30, 20) ranks
-    # them exactly, fisher and the long-range score (1, 2, 3) half right
-    assert summary["rho"]["long_ppl"] == {"fisher": 0.5, "valid_ppl": 1.0, "long_range": 0.5}
+    # long perplexity 50, 90, 70 for a, b, c: the short validation perplexity (10, 30, 20) and
+    # the long validation one (40, 80, 60) rank them exactly, fisher and the long-range score
+    # (1, 2, 3) half right
+    rho = {"fisher": 0.5, "valid_ppl": 1.0, "long_range": 0.5, "valid_long_ppl": 1.0}
+    assert summary["rho"]["long_ppl"] == rho
     assert summary["best_by_long_test"] == "a" and summary["candidates"] == 3
 
 
