@@ -4,8 +4,9 @@ A byte budget is KV-cache bytes per token, configured as a fraction of the sourc
 16-bit cache (`ByteBudget.of_source`); "KV heads per layer" budgets are the 16-bit view of the
 same thing. `ByteCounting` says how a cache's bytes per token are counted: in the steady state
 (the full-precision window excluded), or at a context length, where the window's tokens and the
-last partial block, kept at 16 bits, are counted too (what a cache of that many tokens holds). `allocate_precision` gives every layer's K and V the bits (from the allowed set, 16
-included) that minimise the decomposed quantization error (objectives.kv_quant_error) under
+last partial block, kept at 16 bits, are counted too (what a cache of that many tokens holds).
+`allocate_precision` gives every layer's K and V the bits (from the allowed set, 16 included)
+that minimise the decomposed quantization error (objectives.kv_quant_error) under
 the budget: a multiple-choice knapsack over the 2L (layer, kind) items, solved exactly over
 integer byte costs (search.knapsack). `allocate_joint` does the same with one item per layer
 whose options are (model, K bits, V bits), and `allocate_latent` with one item per (layer, kind)

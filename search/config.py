@@ -140,8 +140,9 @@ class PrecisionConfig:
     # Full-precision windows of recent tokens (KIVI's residual) to try: the uniform baselines
     # try each, and the allocations run once per window. Their bytes count (see `context`).
     windows: tuple[int, ...] = (0,)
-    # Tokens at which cache bytes are counted (search.byte_allocation.ByteCounting: the window and
-    # the last partial block at 16 bits); 0: the selection's context (StudyConfig.selection_context).
+    # Tokens at which cache bytes are counted (search.byte_allocation.ByteCounting: the window
+    # and the last partial block at 16 bits); 0: the selection's context
+    # (StudyConfig.selection_context).
     context: int = 0
     valid_windows: int = 4  # validation windows that choose between points
     test_windows: int = 12  # test windows for the chosen points

@@ -5,7 +5,8 @@ After stage 2, every point is a (model, precision plan) pair: the source, or a s
 and recovery), with its cache at 16 bits, quantized uniformly, or with per-layer bits allocated
 exactly under a byte budget from the KV-quantization proxy (search.byte_allocation). Per byte budget
 (a fraction of the source's 16-bit cache in bytes per token, counted at the study's context:
-search.byte_allocation.ByteCounting, a full-precision window's tokens included) the families compete:
+search.byte_allocation.ByteCounting, a full-precision window's tokens included) the families
+compete:
 
     quantization     the source, uniform K/V bits and group size (what a careful user would pick)
     mixed_precision  the source, per-layer K/V bits allocated under the budget (G fixed)
