@@ -42,20 +42,25 @@ class LongRangeCosts:
 
 
 @contextmanager
+def attention_replaced(model: nn.Module, layer: int, module: nn.Module) -> Iterator[nn.Module]:
+    """`model` with its attention of `layer` replaced by `module`; restored on exit."""
+    adapter = get_adapter(model)
+    owner, attr = adapter.layers()[layer], adapter.attention_attr
+    original = getattr(owner, attr)
+    setattr(owner, attr, module)
+    try:
+        yield model
+    finally:
+        setattr(owner, attr, original)
+
+
+@contextmanager
 def layer_swapped(base: nn.Module, donor: nn.Module, layer: int) -> Iterator[nn.Module]:
     """`base` with its attention of `layer` replaced by the donor's (the donor gets the base's
     meanwhile); both are restored on exit."""
-    base_adapter, donor_adapter = get_adapter(base), get_adapter(donor)
-    attr = base_adapter.attention_attr
-    base_layer, donor_layer = base_adapter.layers()[layer], donor_adapter.layers()[layer]
-    mine, theirs = getattr(base_layer, attr), getattr(donor_layer, attr)
-    setattr(base_layer, attr, theirs)
-    setattr(donor_layer, attr, mine)
-    try:
+    mine, theirs = get_adapter(base).attention(layer), get_adapter(donor).attention(layer)
+    with attention_replaced(base, layer, theirs), attention_replaced(donor, layer, mine):
         yield base
-    finally:
-        setattr(base_layer, attr, mine)
-        setattr(donor_layer, attr, theirs)
 
 
 def late_nll(model: nn.Module, windows, config: LongContextConfig) -> float:

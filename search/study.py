@@ -160,6 +160,8 @@ class Study:
                 self.stats,
                 search.merge,
                 table_budget=None if budget is None else int(budget * 2**30),
+                tokenizer=self.loaded.tokenizer,
+                long_config=self.config.long_context,
             )
         return self._proxy
 
@@ -174,6 +176,8 @@ class Study:
                 self.stats,
                 self.config.search.merge,
                 recovery=self.config.promote.recovery_config.get("layerwise"),
+                tokenizer=self.loaded.tokenizer,
+                long_config=self.config.long_context,
             )
         return self._rank_proxy
 

@@ -1,6 +1,7 @@
 """Proxies: cheap scores of candidate groupings. Importing this package registers them all."""
 
-from objectives.proxies import act_cos, exact, recoverable, weighted  # noqa: F401  (registration)
+# Imported for their registration.
+from objectives.proxies import act_cos, exact, long_range, recoverable, weighted  # noqa: F401
 from objectives.proxies.base import (
     PROXIES,
     GroupTableProxy,

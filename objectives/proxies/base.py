@@ -39,15 +39,26 @@ def make_proxy(
     *,
     recovery: object = None,
     table_budget: int | None = None,
+    tokenizer: object = None,
+    long_config: object = None,
 ) -> Proxy:
     """Proxy `name` for `model`; `recovery` (a layer-wise recovery config or its fields) goes to
     the proxies that fit layers (`uses_recovery`), so they fit the way stage 2 recovers;
-    `table_budget` (bytes) bounds the group tables a table proxy keeps at once."""
+    `tokenizer` and `long_config` (objectives.long_context.LongContextConfig) to the proxies that
+    read long documents (`uses_long_text`); `table_budget` (bytes) bounds the group tables a
+    table proxy keeps at once."""
     cls = get_proxy(name)
+    extra: dict[str, object] = {}
     if cls.uses_recovery:
-        proxy = cls(model, stats, merge=merge, recovery=recovery)
-    else:
-        proxy = cls(model, stats, merge=merge)
+        extra["recovery"] = recovery
+    if cls.uses_long_text:
+        if tokenizer is None or long_config is None:
+            raise ValueError(
+                f"proxy {name!r} reads long documents: it needs a tokenizer and a "
+                "long-context config"
+            )
+        extra.update(tokenizer=tokenizer, long_config=long_config)
+    proxy = cls(model, stats, merge=merge, **extra)
     if table_budget is not None:
         if not isinstance(proxy, GroupTableProxy):
             raise ValueError(f"proxy {name!r} keeps no group tables: a table budget needs one")
@@ -62,6 +73,7 @@ class Proxy(ABC):
     cost: ClassVar[str]  # what scoring one candidate costs, in words
     decomposes: ClassVar[bool] = True  # score == sum of layer scores
     uses_recovery: ClassVar[bool] = False  # takes the study's layer-wise recovery config
+    uses_long_text: ClassVar[bool] = False  # takes a tokenizer and a long-context config
 
     def __init__(self, model: nn.Module, stats: CalibrationStats, merge: str = "mean"):
         self.model = model

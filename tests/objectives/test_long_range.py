@@ -1,5 +1,5 @@
 """Per-layer long-range costs: one-layer swaps equal the model converted in that layer only, and
-both models come back unchanged."""
+both models come back unchanged; the `long_range` proxy built on them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 import gqa
 from gqa.grouping import Grouping
 from objectives import long_context as lc
+from objectives.calibration import CalibrationConfig, calibrate
 from objectives.long_range import late_nll, layer_swapped, long_range_costs
+from objectives.proxies import make_proxy
 from tests.tiny import tiny_model
 
 CONFIG = lc.LongContextConfig(seq_len=64, ppl_windows=2, buckets=(32,), lengths=(64,))
@@ -49,3 +51,64 @@ def test_a_swap_is_undone_when_the_body_fails(smol_tokenizer):
         assert base.model.layers[1].self_attn is not original
         raise RuntimeError("boom")
     assert base.model.layers[1].self_attn is original
+
+
+def _one_layer_changed(source: Grouping, grouping: Grouping, layer: int) -> Grouping:
+    layers = list(source.layers)
+    layers[layer] = grouping.layers[layer]
+    return Grouping(source.num_heads, tuple(layers))
+
+
+def test_long_range_proxy_is_the_late_nll_the_one_converted_layer_adds(smol_tokenizer):
+    model = tiny_model(num_heads=4, num_kv_heads=2, num_layers=3, vocab_size=len(smol_tokenizer))
+    model.eval()
+    source, merged = gqa.current_grouping(model), Grouping.neighbour(4, 3, 1)
+    proxy = make_proxy(
+        "long_range", model, None, "mean", tokenizer=smol_tokenizer, long_config=CONFIG
+    )
+    windows = lc.long_windows(smol_tokenizer, "valid", CONFIG.seq_len, CONFIG.ppl_windows)
+    before = model(input_ids=windows).logits.detach()
+    exact = late_nll(gqa.converted_copy(model, source), windows, CONFIG)
+    assert proxy.layer_score(0, source.layers[0]) == 0.0 and proxy.forwards == 0  # nothing run
+    scores = proxy.layer_scores(merged)
+    for layer in range(3):
+        only = gqa.converted_copy(model, _one_layer_changed(source, merged, layer), "mean")
+        expected = late_nll(only, windows, CONFIG) - exact
+        assert scores[layer] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert any(abs(s) > 1e-4 for s in scores)
+    assert proxy.forwards == 4  # the base once, then one per new layer grouping
+    assert proxy.score(merged) == pytest.approx(sum(scores)) and proxy.forwards == 4  # memoised
+    assert torch.equal(model(input_ids=windows).logits, before)  # the source is untouched
+    assert proxy.base_nll == pytest.approx(exact, rel=1e-6)
+
+
+def test_long_range_proxy_needs_the_long_documents():
+    model = tiny_model(num_heads=4, num_kv_heads=2, num_layers=1)
+    with pytest.raises(ValueError, match="proxy 'long_range' reads long documents: it needs a "):
+        make_proxy("long_range", model, None, "mean")
+
+
+def test_long_range_costs_are_kept_on_disk_and_keyed_by_the_merge(
+    smol_tokenizer, tmp_path, monkeypatch
+):
+    """A second proxy on the same statistics, merge and documents runs no forward; another merge
+    measures again."""
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(num_heads=4, num_kv_heads=2, num_layers=2, vocab_size=len(smol_tokenizer))
+    model.eval()
+    calibration = CalibrationConfig(seq_len=16, num_seqs=4, grad_seqs=1, sample_seqs=4)
+    stats = calibrate(model, smol_tokenizer, calibration, model_name="tiny", progress=False)
+    merged = Grouping.neighbour(4, 2, 1)
+
+    def proxy(merge: str):
+        return make_proxy(
+            "long_range", model, stats, merge, tokenizer=smol_tokenizer, long_config=CONFIG
+        )
+
+    first = proxy("aligned")
+    scores = first.layer_scores(merged)
+    assert first.forwards == 3
+    again = proxy("aligned")
+    assert again.layer_scores(merged) == scores and again.forwards == 0
+    other = proxy("mean")
+    assert other.layer_scores(merged) != scores and other.forwards == 3

@@ -3,6 +3,8 @@
 import pytest
 
 from gqa.grouping import LayerGrouping
+from objectives.long_context import LongContextConfig
+from objectives.proxies import make_proxy
 from search.budget import Budget
 from search.strategies import make_strategy
 from search.strategies.random_partition import stirling2
@@ -77,3 +79,27 @@ def test_reranker_picks_among_the_guides_top_candidates(three_groups):
         assert all(lg.k != r[2] for lg, r in zip(third.layers, ranked, strict=True))
     finally:
         ctx.reranker = None
+
+
+def test_long_range_reranker_keeps_whole_the_heads_whose_merge_costs_most_late(
+    three_groups, smol_tokenizer
+):
+    """Re-ranked by `long_range` over all 3 candidates, each layer merges the pair of source
+    heads whose merge adds the least late-position loss on long documents."""
+    ctx = three_groups
+    model = ctx.adapter.model
+    config = LongContextConfig(seq_len=64, ppl_windows=1, buckets=(32,), lengths=(64,))
+    proxy = make_proxy(
+        "long_range", model, ctx.stats, "mean", tokenizer=smol_tokenizer, long_config=config
+    )
+    strategy = make_strategy("coarsen_source", share_kv=True)
+    ctx.reranker, ctx.rerank_top = proxy, 3
+    try:
+        chosen = strategy.propose(ctx, Budget.uniform(ctx.num_layers, 2))
+    finally:
+        ctx.reranker = None
+    for layer, lg in enumerate(chosen.layers):
+        candidates = strategy.candidate_partitions(ctx, layer, "kv", 2, None)
+        costs = {p: proxy.layer_score(layer, LayerGrouping(p, p)) for p in candidates}
+        assert lg.k == lg.v == min(costs, key=costs.get)
+        assert len(set(costs.values())) == 3  # the three merges do differ

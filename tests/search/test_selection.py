@@ -3,6 +3,7 @@ whose stage 2 and byte front select by long-context perplexity and retrieval."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -158,3 +159,17 @@ def test_protected_layers_stay_the_source_in_joint_layer_mixes(long_study):
             protected = front.long_range(model).most_costly(1)[0]
             assert mixed.layers[protected] == source.layers[protected]
     assert mixes
+
+
+def test_a_long_range_rank_proxy_reads_the_studys_long_documents(long_study):
+    config, _ = long_study
+    config = dataclasses.replace(
+        config, search=dataclasses.replace(config.search, rank_proxy="long_range")
+    )
+    study = Study(config, progress=False)
+    proxy = study.context().reranker
+    assert proxy.name == "long_range" and proxy.long_config == config.long_context
+    assert tuple(proxy.windows.shape) == (LONG.ppl_windows, LONG.seq_len)
+    assert (
+        proxy.windows.tolist() == lc.long_windows(study.loaded.tokenizer, "valid", 96, 1).tolist()
+    )
