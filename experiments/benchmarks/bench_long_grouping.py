@@ -14,15 +14,18 @@ three source KV heads share one (3 candidates). Each arm chooses them by another
               *validation* documents of 2048 tokens; what `[search] rank_proxy = "long_range"`
               chooses with `rerank_top = 3`;
   long_range_worst  per layer the candidate of highest long-range cost: how much the choice can
-              matter at all.
+              matter at all;
+  recoverable_allocated, long_range_allocated  the study's `allocation = true` path under that
+              rank proxy: its error curves spread the same 60 KV heads over the layers (1, 2 or 3
+              per layer), then each layer's coarsening is re-ranked by it.
 
 Every arm is built the same way, as bench_long_recovery.py's best calibration: the `aligned` merge
 and the demo's layer-wise recovery (24 steps of 2 sequences, lr 3e-3), both from 4 x 2048 tokens
 of the `reading` text. Each is measured on test data: late-bucket perplexity (positions 1024-2047
 of 4 documents) and passkey retrieval at 1024, 2048 and 4096 tokens (3 depths, 2 prompts each),
-with paired intervals against the `demo`, `fisher` and `recoverable` arms. With `--finetune N`,
-the `long_range` arm is also fine-tuned N tokens as in bench_long_recovery.py, and the source
-with the same recipe as the control. The candidates' costs go to `long_grouping_costs.csv`, the
+with paired intervals against the `demo`, `fisher`, `recoverable` and `long_range` arms. With
+`--finetune N`, the `--finetune-arm` (`long_range`) is also fine-tuned N tokens as in
+bench_long_recovery.py, and the source with the same recipe as the control. The candidates' costs go to `long_grouping_costs.csv`, the
 arms to `long_grouping.csv`, both as they finish (a stopped run resumes); the summary to
 `long_grouping.json`.
 
@@ -33,6 +36,7 @@ arms to `long_grouping.csv`, both as they finish (a stopped run resumes); the su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -54,12 +58,17 @@ from search.config import StudyConfig
 from search.strategies import SearchContext, make_strategy
 
 DEMO_GROUPING = "results/demo/groupings/2kv_coarsen_source_*.json"
-REFERENCES = (
+# The summary's paired intervals are against these arms.
+REFERENCES = ("demo", "fisher", "recoverable", "long_range")
+ARMS = (
     "demo",
     "fisher",
     "recoverable",
-)  # the summary's paired intervals are against these arms
-ARMS = ("demo", "fisher", "recoverable", "long_range", "long_range_worst")
+    "long_range",
+    "long_range_worst",
+    "recoverable_allocated",
+    "long_range_allocated",
+)
 TEST = LongContextConfig(
     seq_len=2048, ppl_windows=4, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), trials=2
 )
@@ -101,6 +110,13 @@ def reranked(ctx: SearchContext, reranker) -> Grouping:
         )
     finally:
         ctx.reranker = None
+
+
+def allocated(study) -> Grouping:
+    """The study's grouping under `allocation = true` at 2 KV heads per layer: its rank proxy's
+    error curves allocate the KV heads, and its context re-ranks each layer's coarsenings."""
+    budget = study.budget(2.0, allocation=True)
+    return make_strategy("coarsen_source", share_kv=True).propose(study.context(), budget)
 
 
 def chosen(costs: dict, pick) -> Grouping:
@@ -149,9 +165,10 @@ def main() -> None:
         "--finetune",
         type=int,
         default=0,
-        help="also fine-tune the long_range arm this many tokens (bench_long_recovery's recipe: "
-        "distilled, 2 x 2048-token `reading` windows a step)",
+        help="also fine-tune the --finetune-arm this many tokens (bench_long_recovery's recipe: "
+        "distilled, 2 x 2048-token `reading` windows a step), and the source as the control",
     )
+    parser.add_argument("--finetune-arm", default="long_range", help="the arm to fine-tune")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     arms = [a for a in args.arms.split(",") if a]
@@ -163,7 +180,9 @@ def main() -> None:
         parser.error(f"--cost-windows must be >= 1, got {args.cost_windows}")
     if args.finetune < 0:
         parser.error(f"--finetune must be >= 0 tokens, got {args.finetune}")
-    tuned = f"long_range, fine-tuned {args.finetune}"
+    if args.finetune_arm not in ARMS:
+        parser.error(f"--finetune-arm: unknown arm {args.finetune_arm!r} (arms: {', '.join(ARMS)})")
+    tuned = f"{args.finetune_arm}, fine-tuned {args.finetune}"
     control = f"source, fine-tuned {args.finetune}"  # the same recipe, so ratios are fair
     if args.finetune:
         arms += [tuned, control]
@@ -173,16 +192,31 @@ def main() -> None:
     done = {r["arm"]: r for r in table.rows}
     base = StudyConfig.load(common.DEMO_CONFIG)
     calibration = dataclasses.replace(base.calibration, **CALIBRATION)
-    with common.throwaway_study(base, progress=True, calibration=calibration) as study:
+    measured = dataclasses.replace(TEST, ppl_windows=args.cost_windows)  # validation documents
+    ranked_long = {  # the same study with `rank_proxy = "long_range"` on those documents
+        "search": dataclasses.replace(base.search, rank_proxy="long_range"),
+        "selection": dataclasses.replace(base.selection, long_context=measured),
+    }
+    with contextlib.ExitStack() as stack:
+        study = stack.enter_context(
+            common.throwaway_study(base, progress=True, calibration=calibration)
+        )
         tokenizer = study.loaded.tokenizer
         ctx = SearchContext.from_model(study.source, proxy=study.proxy, stats=study.stats)
         groupings = {"demo": lambda: common.saved_grouping(DEMO_GROUPING)}
         groupings["fisher"] = lambda: reranked(ctx, None)
         groupings["recoverable"] = lambda: reranked(ctx, study.rank_proxy)
-        if {"long_range", "long_range_worst", tuned} & set(arms):
+        groupings["recoverable_allocated"] = lambda: allocated(study)
+        groupings["long_range_allocated"] = lambda: allocated(
+            stack.enter_context(
+                common.throwaway_study(base, progress=True, calibration=calibration, **ranked_long)
+            )
+        )
+        if {"long_range", "long_range_worst"} & {*arms, args.finetune_arm}:
             costs = candidate_costs(study, ctx, args.cost_windows, cost_table)
-            groupings["long_range"] = groupings[tuned] = lambda: chosen(costs, min)
+            groupings["long_range"] = lambda: chosen(costs, min)
             groupings["long_range_worst"] = lambda: chosen(costs, max)
+        groupings[tuned] = groupings[args.finetune_arm]
         if "source" not in done:
             table.append({"arm": "source", **measure(study.source, tokenizer)})
             done["source"] = table.rows[-1]
@@ -209,7 +243,8 @@ def main() -> None:
     layers = {a: Grouping.from_json(rows[a]["grouping"]).layers for a in grouped}
     summary = {
         "command": "python experiments/benchmarks/bench_long_grouping.py "
-        f"--arms {args.arms} --cost-windows {args.cost_windows} --finetune {args.finetune}",
+        f"--arms {args.arms} --cost-windows {args.cost_windows} --finetune {args.finetune} "
+        f"--finetune-arm {args.finetune_arm}",
         "model": "smollm2-135m",
         "build": "merge aligned, layer-wise recovery 24 steps x 2 seqs lr 3e-3, calibration reading "
         "4x2048",

@@ -9,7 +9,8 @@ runs on the held-out long documents of `subset` with only layer l's attention co
     score_l(g) = NLL_late(source with layer l under g) - NLL_late(source)    (nats per token)
 
 over the last bucket of the LongContextConfig (positions 1024..2047 by default). An exact layer
-(g equals the source's grouping) scores 0; a score may be slightly negative. The score decomposes
+(every group within one source KV group: the source's grouping or a split of it) scores 0 without
+a forward; a score may be slightly negative. The score decomposes
 over layers: it is the sum of single-layer costs, which compound in a model that converts many
 layers (so it ranks, it does not predict the full model's loss).
 
@@ -101,8 +102,18 @@ class LongRange(Proxy):
             write_text_atomic(path, json.dumps({"nll": value}))
         return value
 
+    def is_exact(self, layer: int, grouping: LayerGrouping) -> bool:
+        """Whether every group lies within one source KV group (K and V): then each group's heads
+        share one source K/V head and the layer computes exactly what the source's does."""
+        source = self.source_grouping.layers[layer]
+        return all(
+            any(set(group) <= set(whole) for whole in wholes)
+            for groups, wholes in ((grouping.k, source.k), (grouping.v, source.v))
+            for group in groups
+        )
+
     def layer_score(self, layer: int, grouping: LayerGrouping) -> float:
-        if grouping == self.source_grouping.layers[layer]:
+        if self.is_exact(layer, grouping):
             return 0.0
         key = (layer, grouping)
         if key not in self._layers:

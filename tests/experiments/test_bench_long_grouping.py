@@ -33,6 +33,7 @@ def test_intervals_are_paired_over_documents_and_prompts():
         (["--arms", "demo,oracle"], "--arms: unknown arm 'oracle' (arms: demo, fisher"),
         (["--arms", ","], "--arms: unknown arm '(none)'"),
         (["--cost-windows", "0"], "--cost-windows must be >= 1, got 0"),
+        (["--finetune-arm", "best"], "--finetune-arm: unknown arm 'best' (arms: demo, fisher"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(args, message, monkeypatch, capsys):

@@ -131,8 +131,9 @@ def test_wse_is_the_frobenius_weight_error(model, stats):
 
 @pytest.mark.parametrize("name", sorted(PROXIES))
 def test_every_proxy_is_zero_on_the_source_layout_and_positive_when_merging(
-    model, stats, name, smol_tokenizer
+    model, stats, name, smol_tokenizer, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))  # where proxies keep what they measure
     long_text = {}
     if PROXIES[name].uses_long_text:  # long_range: late-position loss of real long documents
         long_text = {"tokenizer": smol_tokenizer, "long_config": LONG}

@@ -70,6 +70,10 @@ def test_long_range_proxy_is_the_late_nll_the_one_converted_layer_adds(smol_toke
     before = model(input_ids=windows).logits.detach()
     exact = late_nll(gqa.converted_copy(model, source), windows, CONFIG)
     assert proxy.layer_score(0, source.layers[0]) == 0.0 and proxy.forwards == 0  # nothing run
+    split = Grouping.neighbour(4, 3, 4).layers[0]  # each source KV group split: still exact
+    assert proxy.layer_score(0, split) == 0.0 and proxy.forwards == 0
+    only = gqa.converted_copy(model, Grouping(4, (split, *source.layers[1:])), "mean")
+    assert late_nll(only, windows, CONFIG) == pytest.approx(exact, rel=1e-5)
     scores = proxy.layer_scores(merged)
     for layer in range(3):
         only = gqa.converted_copy(model, _one_layer_changed(source, merged, layer), "mean")

@@ -82,10 +82,11 @@ def test_reranker_picks_among_the_guides_top_candidates(three_groups):
 
 
 def test_long_range_reranker_keeps_whole_the_heads_whose_merge_costs_most_late(
-    three_groups, smol_tokenizer
+    three_groups, smol_tokenizer, tmp_path, monkeypatch
 ):
     """Re-ranked by `long_range` over all 3 candidates, each layer merges the pair of source
     heads whose merge adds the least late-position loss on long documents."""
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))  # the proxy keeps its costs there
     ctx = three_groups
     model = ctx.adapter.model
     config = LongContextConfig(seq_len=64, ppl_windows=1, buckets=(32,), lengths=(64,))
