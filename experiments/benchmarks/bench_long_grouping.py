@@ -76,10 +76,9 @@ CALIBRATION = {"split": "reading", "seq_len": 2048, "num_seqs": 4, "grad_seqs": 
                "sample_seqs": 4, "batch_size": 1}  # fmt: skip
 
 
-def candidate_costs(study, ctx, windows: int, table: common.CsvRows) -> dict:
+def candidate_costs(study, ctx, valid: LongContextConfig, table: common.CsvRows) -> dict:
     """Per layer, each coarsening's long-range cost {layer: {partition: cost}}: from the table
     where an earlier run measured it, else measured now (and appended)."""
-    valid = dataclasses.replace(TEST, ppl_windows=windows)
     tokenizer = study.loaded.tokenizer
     merge = study.config.search.merge
     proxy = make_proxy(
@@ -213,7 +212,7 @@ def main() -> None:
             )
         )
         if {"long_range", "long_range_worst"} & {*arms, args.finetune_arm}:
-            costs = candidate_costs(study, ctx, args.cost_windows, cost_table)
+            costs = candidate_costs(study, ctx, measured, cost_table)
             groupings["long_range"] = lambda: chosen(costs, min)
             groupings["long_range_worst"] = lambda: chosen(costs, max)
         groupings[tuned] = groupings[args.finetune_arm]
@@ -232,7 +231,7 @@ def main() -> None:
             if arm in (tuned, control):
                 recipe = long_recipe(args.finetune)
                 recover("finetune", model, study.source, tokenizer, study.stats, recipe)
-            row = {"arm": arm, "grouping": grouping.to_json(), "build_seconds": 0.0}
+            row = {"arm": arm, "grouping": grouping.to_json()}
             row["build_seconds"] = round(time.time() - t0, 1)
             row.update(measure(model, tokenizer))
             table.append(row)
