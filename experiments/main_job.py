@@ -41,6 +41,10 @@ def write_groupings(stage2: pd.DataFrame, folder: Path) -> list[Path]:
     return paths
 
 
+_ALLOCATION_TEXT = {  # a winner's [search] allocation, as findings name it
+    True: ", budget allocated across layers)",
+    "kv": ", budget allocated across layers and between K and V)",
+}
 LONG_TASKS = {"long_ppl": "late-position perplexity {:.1f}", "passkey": "passkey {:.2f}"}
 
 
@@ -81,7 +85,7 @@ def findings(stage2: pd.DataFrame) -> list[str]:
             continue
         best = searched.iloc[0]  # chosen on validation perplexity; test numbers reported
         text = f"At {budget:g} KV heads per layer the searched winner on validation ({best['strategy']}"
-        text += ", budget allocated across layers)" if best.get("allocation") else ")"
+        text += _ALLOCATION_TEXT.get(best.get("allocation"), ")")
         text += f" reached test perplexity {best['ppl']:.1f}{_long_text(best)}"
         if pd.notna(best.get("valid_ppl_merged")):
             text += f" (validation {best['valid_ppl_merged']:.0f} merged, {best['valid_ppl']:.1f} recovered)"

@@ -2,6 +2,9 @@
 
 `Budget` is the per-layer group counts a strategy must meet; `allocate` splits a total over layers
 so that the summed per-layer error is minimal (exactly: search.knapsack over the error curves).
+`allocate_kv_together` also chooses how one total divides between K and V: at long range merging
+keys costs far more than merging values (docs/long_context.md), so a layer may keep its keys and
+share its values.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from search.knapsack import least_error
 
@@ -172,6 +176,19 @@ def allocate(
     return Budget(_allocate(curves_k, total_k, "K"), _allocate(curves_v, total_v, "V"))
 
 
+def allocate_kv_together(
+    curves_k: Sequence[Sequence[float]], curves_v: Sequence[Sequence[float]], total: int
+) -> Budget:
+    """The per-layer K and V counts that minimise the summed K and V error for one `total` of
+    cached heads (K and V counted apart, as `Budget.total` does): one knapsack over 2L items, so
+    the curves decide how many of the heads are keys. The K and V errors must be in one unit
+    (e.g. the late-position loss that each kind's merge adds, as `long_range` measures)."""
+    if len(curves_k) != len(curves_v):
+        raise ValueError(f"{len(curves_k)} K error curves but {len(curves_v)} V error curves")
+    counts = _allocate([*curves_k, *curves_v], total, "K+V")
+    return Budget(counts[: len(curves_k)], counts[len(curves_k) :])
+
+
 def _allocate(curves: Sequence[Sequence[float]], total: int, kind: str) -> tuple[int, ...]:
     curves = [np.asarray(c, dtype=float) for c in curves]
     if not curves:
@@ -194,7 +211,7 @@ def _allocate(curves: Sequence[Sequence[float]], total: int, kind: str) -> tuple
     return tuple(options[j][0] for options, j in zip(items, picks, strict=True))
 
 
-def error_curves(strategy, ctx, kind: str, score=None) -> list[list[float]]:
+def error_curves(strategy, ctx, kind: str, score=None, progress: bool = False) -> list[list[float]]:
     """curves[l][G-1] = the proxy error of `strategy`'s partition of layer l into G groups, or
     `score(layer, partition)` of it when given (e.g. a recoverability score).
 
@@ -209,10 +226,11 @@ def error_curves(strategy, ctx, kind: str, score=None) -> list[list[float]]:
     ctx.table_proxy("error_curves")
     if score is None:
         score = lambda layer, partition: ctx.partition_error(layer, kind, partition)  # noqa: E731
+    layers = tqdm(range(ctx.num_layers), desc=f"{kind} error curves", disable=not progress)
     return [
         [
             score(layer, strategy.layer_partition(ctx, layer, kind, g))
             for g in range(1, ctx.num_heads + 1)
         ]
-        for layer in range(ctx.num_layers)
+        for layer in layers
     ]

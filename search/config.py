@@ -4,7 +4,8 @@
     [model]        name (registered name, saved folder, or HF id)
     [calibration]  fields of objectives.calibration.CalibrationConfig
     [search]       budgets (average KV heads per layer, K and V each), proxy, merge, trials,
-                   allocation (list of booleans searched over), objective ("constrained"|"pareto"),
+                   allocation (false, true, "kv" or a list searched over), objective
+                   ("constrained"|"pareto"),
                    [search.strategies.NAME] with hyper-parameter ranges:
                        key = value            fixed
                        key = [a, b, c]        categorical
@@ -39,6 +40,8 @@ from gqa.precision import QUANTIZED_BITS
 from objectives.calibration import CalibrationConfig
 from objectives.long_context import LongContextConfig
 from objectives.selection import SelectionObjective
+
+KV_TOGETHER = "kv"  # a [search] allocation: one total of cached heads, divided between K and V too
 
 
 class ConfigError(ValueError):
@@ -99,7 +102,9 @@ class SearchConfig:
     proxy: str = "fisher"
     merge: str = "aligned"
     trials: int = 60
-    allocation: tuple[bool, ...] = (False, True)
+    # Searched over: False spreads each budget evenly over the layers, True allocates it by error
+    # curves, KV_TOGETHER also lets the curves divide it between K and V (search.Study.budget).
+    allocation: tuple[bool | str, ...] = (False, True)
     objective: str = "constrained"
     strategies: dict[str, tuple[ParamSpace, ...]] = field(default_factory=dict)
     # A second proxy that ranks what the guide `proxy` found: it is the trials' objective and the
@@ -354,14 +359,17 @@ def _search(table: dict) -> SearchConfig:
     if trials < 1:
         raise ConfigError("search.trials: must be at least 1")
     allocation = table.get("allocation", [False, True])
-    if isinstance(allocation, bool):
+    if isinstance(allocation, bool | str):
         allocation = [allocation]
     if (
         not isinstance(allocation, list)
         or not allocation
-        or not all(isinstance(a, bool) for a in allocation)
+        or not all(isinstance(a, bool) or a == KV_TOGETHER for a in allocation)
     ):
-        raise ConfigError("search.allocation: expected a boolean or a list of booleans")
+        raise ConfigError(
+            f"search.allocation: expected true, false or {KV_TOGETHER!r}, or a list of them, "
+            f"got {allocation!r}"
+        )
     objective = _get(table, "search.objective", str, "constrained")
     if objective not in ("constrained", "pareto"):
         raise ConfigError("search.objective: expected 'constrained' or 'pareto'")

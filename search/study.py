@@ -36,18 +36,18 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 import gqa
-from gqa.grouping import Grouping, LayerGrouping
+from gqa.grouping import Grouping
 from gqa.models import LoadedModel, load_model
 from objectives.calibration import calibrate
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.evaluate import SCORED_TASKS, evaluate
 from objectives.proxies import make_proxy
 from objectives.recovery import recover, recovery_config
-from search.budget import Budget, allocate, error_curves
-from search.config import StudyConfig
+from search.budget import Budget, allocate, allocate_kv_together, error_curves
+from search.config import KV_TOGETHER, StudyConfig
 from search.pruning import make_pruner
 from search.storage import make_storage
-from search.strategies import SearchContext, make_strategy
+from search.strategies import SearchContext, make_strategy, with_partition
 
 log = logging.getLogger(__name__)
 STAGE2_SUFFIX = ":stage2"
@@ -133,7 +133,7 @@ class Study:
         self._rank_proxy = None
         self._ctx = None
         self._valid_windows = None
-        self._curves: dict[str, tuple[list, list]] = {}
+        self._curves: dict[str, dict[str, list[list[float]]]] = {}
 
     # -- shared state ------------------------------------------------------------------------
 
@@ -188,26 +188,56 @@ class Study:
             self._ctx.rerank_top = self.config.search.rerank_top
         return self._ctx
 
-    def budget(self, average: float, allocation: bool) -> Budget:
+    def budget(self, average: float, allocation: bool | str) -> Budget:
+        """The per-layer group counts of a trial: `average` spread evenly (allocation False), or
+        allocated by error curves: True gives each layer its K and V counts from totals of
+        average * L each; "kv" (search.config.KV_TOGETHER) lets the curves also choose how the
+        2 * average * L cached heads divide between K and V."""
         layers = self.adapter.num_layers
         spread = Budget.from_average(layers, average)
         if not allocation:
             return spread
-        if not self._curves:
-            ctx = self.context()
-            rank = self.rank_proxy
-            if rank is None:  # the guide proxy's curves of greedy partitions, K and V apart
-                strategy = make_strategy("greedy", start="neighbour_kv")
-                self._curves = {kind: error_curves(strategy, ctx, kind) for kind in ("k", "v")}
-            else:  # what recovery leaves of each layer's best coarsening, weighted end to end
-                curves = error_curves(
-                    make_strategy("coarsen_source"),
+        apart = allocation == KV_TOGETHER
+        curves = self._error_curves(apart)
+        if apart:
+            return allocate_kv_together(curves["k"], curves["v"], spread.total)
+        return allocate(curves["k"], curves["v"], sum(spread.k), sum(spread.v))
+
+    def _error_curves(self, apart: bool) -> dict[str, list[list[float]]]:
+        """Per-layer error curves for K and for V, computed once per study and kind of curve.
+
+        Without a rank proxy: the guide proxy's curves of greedy partitions, K and V apart. With
+        one: what its score leaves of each layer's best coarsening of the source (end to end),
+        for a partition shared by K and V, or (`apart`) for K alone and V alone, the other kind
+        as in the source."""
+        rank = self.rank_proxy
+        key = "apart" if apart and rank is not None else "shared"
+        if key in self._curves:
+            return self._curves[key]
+        ctx = self.context()
+        if rank is None:
+            strategy = make_strategy("greedy", start="neighbour_kv")
+            curves = {
+                kind: error_curves(strategy, ctx, kind, progress=self.progress)
+                for kind in ("k", "v")
+            }
+        else:
+            strategy, source = make_strategy("coarsen_source"), self.source_grouping.layers
+            measured = {
+                kind: error_curves(
+                    strategy,
                     ctx,
-                    "kv",
-                    score=lambda layer, p: rank.layer_score(layer, LayerGrouping(p, p)),
+                    kind,
+                    score=lambda layer, p, kind=kind: rank.layer_score(
+                        layer, with_partition(source[layer], kind, p)
+                    ),
+                    progress=self.progress,
                 )
-                self._curves = {"k": curves, "v": curves}
-        return allocate(self._curves["k"], self._curves["v"], sum(spread.k), sum(spread.v))
+                for kind in (("k", "v") if apart else ("kv",))
+            }
+            curves = {kind: measured[kind if apart else "kv"] for kind in ("k", "v")}
+        self._curves[key] = curves
+        return curves
 
     def kv_bytes(self, grouping: Grouping) -> int:
         return grouping.kv_bytes_per_token(self.adapter.head_dim, 2)

@@ -17,13 +17,17 @@ three source KV heads share one (3 candidates). Each arm chooses them by another
               matter at all;
   recoverable_allocated, long_range_allocated  the study's `allocation = true` path under that
               rank proxy: its error curves spread the same 60 KV heads over the layers (1, 2 or 3
-              per layer), then each layer's coarsening is re-ranked by it.
+              per layer), then each layer's coarsening is re-ranked by it;
+  long_range_kv_allocated  `allocation = "kv"`: `long_range` curves of K merged alone and of V
+              merged alone divide the same 120 cached heads (60 K + 60 V in the arms above) over
+              the layers *and* between keys and values.
 
 Every arm is built the same way, as bench_long_recovery.py's best calibration: the `aligned` merge
 and the demo's layer-wise recovery (24 steps of 2 sequences, lr 3e-3), both from 4 x 2048 tokens
 of the `reading` text. Each is measured on test data: late-bucket perplexity (positions 1024-2047
 of 4 documents) and passkey retrieval at 1024, 2048 and 4096 tokens (3 depths, 2 prompts each),
-with paired intervals against the `demo`, `fisher`, `recoverable` and `long_range` arms. With
+with paired intervals against the `demo`, `fisher`, `recoverable`, `long_range` and
+`long_range_allocated` arms. With
 `--finetune N`, the `--finetune-arm` (`long_range`) is also fine-tuned N tokens as in
 bench_long_recovery.py, and the source with the same recipe as the control. The candidates' costs go to `long_grouping_costs.csv`, the
 arms to `long_grouping.csv`, both as they finish (a stopped run resumes); the summary to
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -54,12 +59,12 @@ from objectives.proxies import make_proxy
 from objectives.recovery import recover
 from objectives.significance import paired_accuracy, paired_bootstrap
 from search.budget import Budget
-from search.config import StudyConfig
+from search.config import KV_TOGETHER, StudyConfig
 from search.strategies import SearchContext, make_strategy
 
 DEMO_GROUPING = "results/demo/groupings/2kv_coarsen_source_*.json"
 # The summary's paired intervals are against these arms.
-REFERENCES = ("demo", "fisher", "recoverable", "long_range")
+REFERENCES = ("demo", "fisher", "recoverable", "long_range", "long_range_allocated")
 ARMS = (
     "demo",
     "fisher",
@@ -68,6 +73,7 @@ ARMS = (
     "long_range_worst",
     "recoverable_allocated",
     "long_range_allocated",
+    "long_range_kv_allocated",
 )
 TEST = LongContextConfig(
     seq_len=2048, ppl_windows=4, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), trials=2
@@ -111,10 +117,11 @@ def reranked(ctx: SearchContext, reranker) -> Grouping:
         ctx.reranker = None
 
 
-def allocated(study) -> Grouping:
-    """The study's grouping under `allocation = true` at 2 KV heads per layer: its rank proxy's
-    error curves allocate the KV heads, and its context re-ranks each layer's coarsenings."""
-    budget = study.budget(2.0, allocation=True)
+def allocated(study, allocation: bool | str = True) -> Grouping:
+    """The study's grouping under `allocation` (true or "kv") at 2 KV heads per layer: its rank
+    proxy's error curves allocate the cached heads, and its context re-ranks each layer's
+    coarsenings (K and V apart where their counts differ)."""
+    budget = study.budget(2.0, allocation=allocation)
     return make_strategy("coarsen_source", share_kv=True).propose(study.context(), budget)
 
 
@@ -206,11 +213,13 @@ def main() -> None:
         groupings["fisher"] = lambda: reranked(ctx, None)
         groupings["recoverable"] = lambda: reranked(ctx, study.rank_proxy)
         groupings["recoverable_allocated"] = lambda: allocated(study)
-        groupings["long_range_allocated"] = lambda: allocated(
-            stack.enter_context(
+        long_study = functools.cache(
+            lambda: stack.enter_context(
                 common.throwaway_study(base, progress=True, calibration=calibration, **ranked_long)
             )
         )
+        groupings["long_range_allocated"] = lambda: allocated(long_study())
+        groupings["long_range_kv_allocated"] = lambda: allocated(long_study(), KV_TOGETHER)
         if {"long_range", "long_range_worst"} & {*arms, args.finetune_arm}:
             costs = candidate_costs(study, ctx, measured, cost_table)
             groupings["long_range"] = lambda: chosen(costs, min)

@@ -19,6 +19,7 @@ from search.strategies.base import (
     get_strategy,
     make_strategy,
     register_strategy,
+    with_partition,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "get_strategy",
     "make_strategy",
     "register_strategy",
+    "with_partition",
 ]

@@ -185,14 +185,19 @@ def _rerank(ctx: SearchContext, layer: int, kind: str, candidates: list[Partitio
     if ctx.reranker is None:
         return candidates[0]
     source = ctx.source.layers[layer]
-
-    def layer_grouping(p: Partition) -> LayerGrouping:
-        if kind == "kv":
-            return LayerGrouping(p, p)
-        return LayerGrouping(p, source.v) if kind == "k" else LayerGrouping(source.k, p)
-
     top = candidates[: max(1, ctx.rerank_top)]
-    return min(top, key=lambda p: ctx.reranker.layer_score(layer, layer_grouping(p)))
+    return min(top, key=lambda p: ctx.reranker.layer_score(layer, with_partition(source, kind, p)))
+
+
+def with_partition(source: LayerGrouping, kind: str, partition: Partition) -> LayerGrouping:
+    """The layer grouping `source` with `partition` as its K ("k"), V ("v") or both ("kv")."""
+    if kind == "kv":
+        return LayerGrouping(partition, partition)
+    if kind == "k":
+        return LayerGrouping(partition, source.v)
+    if kind == "v":
+        return LayerGrouping(source.k, partition)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
 @dataclass

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from search.budget import Budget, allocate
+from search.budget import Budget, allocate, allocate_kv_together
 
 
 def test_budget_counts_and_totals():
@@ -126,3 +126,30 @@ def test_allocate_refuses_bad_curves():
         allocate([[1.0], [1.0]], [[1.0], [float("nan")]], 2, 2)
     with pytest.raises(ValueError, match="K error curves are empty"):
         allocate([], [[1.0]], 1, 1)
+
+
+def test_allocate_kv_together_matches_brute_force_over_both_kinds():
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        curves_k = rng.random((3, 4)).tolist()
+        curves_v = rng.random((3, 4)).tolist()
+        for total in range(6, 25):
+            b = allocate_kv_together(curves_k, curves_v, total)
+            assert b.total == total
+            cost = sum(c[g - 1] for c, g in zip(curves_k + curves_v, b.k + b.v, strict=True))
+            assert cost == pytest.approx(_brute(curves_k + curves_v, total))
+
+
+def test_allocate_kv_together_keeps_the_kind_whose_merge_costs_more():
+    # merging keys costs 10x what merging values does: every merge falls on V
+    keys = [[10.0, 5.0, 0.0]] * 2
+    values = [[1.0, 0.5, 0.0]] * 2
+    assert allocate_kv_together(keys, values, 8) == Budget((3, 3), (1, 1))
+    assert allocate_kv_together(values, keys, 8) == Budget((1, 1), (3, 3))
+
+
+def test_allocate_kv_together_refuses_mismatched_curves_and_infeasible_totals():
+    with pytest.raises(ValueError, match="2 K error curves but 1 V error curves"):
+        allocate_kv_together([[1.0], [1.0]], [[1.0]], 3)
+    with pytest.raises(ValueError, match=r"K\+V total of 3 groups is infeasible .* 4\.\.8"):
+        allocate_kv_together([[1.0, 0.0]] * 2, [[1.0, 0.0]] * 2, 3)

@@ -58,6 +58,8 @@ def test_valid_config_parses_ranges():
             "search.strategies.kmeans.n_init: range needs numbers with low <= high",
         ),
         ("search.colour", "red", "search.colour: unknown key"),
+        ("search.allocation", "layers", "search.allocation: expected true, false or 'kv'"),
+        ("search.allocation", [False, 2], "search.allocation: expected true, false or 'kv'"),
         ("promote.recovery", "prayer", "promote.recovery: unknown method 'prayer'"),
         (
             "promote.recovery_config",
@@ -140,3 +142,10 @@ def test_bad_finetune_recipes_are_one_line_errors_and_exit_2(setting, message, t
     assert main(["study", "--config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.parametrize(
+    "value, parsed", [(True, (True,)), ("kv", ("kv",)), ([False, True, "kv"], (False, True, "kv"))]
+)
+def test_allocation_takes_booleans_and_kv(value, parsed):
+    assert StudyConfig.from_dict(with_("search.allocation", value)).search.allocation == parsed

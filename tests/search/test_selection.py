@@ -173,3 +173,41 @@ def test_a_long_range_rank_proxy_reads_the_studys_long_documents(long_study):
     assert (
         proxy.windows.tolist() == lc.long_windows(study.loaded.tokenizer, "valid", 96, 1).tolist()
     )
+
+
+def test_kv_allocation_divides_the_heads_between_k_and_v_by_long_range_curves(long_study):
+    from search.budget import Budget, allocate_kv_together
+    from search.strategies import make_strategy, with_partition
+
+    config, _ = long_study
+    config = dataclasses.replace(
+        config, search=dataclasses.replace(config.search, rank_proxy="long_range")
+    )
+    study = Study(config, progress=False)
+    rank, source = study.rank_proxy, study.source_grouping.layers
+    budget = study.budget(1.5, allocation="kv")
+    spread = Budget.from_average(study.adapter.num_layers, 1.5)
+    assert budget.total == spread.total
+    # the curves: per layer and kind, the long-range cost of merging that kind alone to G groups
+    # (coarsen_source's candidates re-ranked by the proxy), the other kind kept as in the source
+    ctx = study.context()
+    curves = {}
+    for kind in ("k", "v"):
+        strategy = make_strategy("coarsen_source")
+        curves[kind] = [
+            [
+                rank.layer_score(
+                    layer,
+                    with_partition(
+                        source[layer], kind, strategy.layer_partition(ctx, layer, kind, g)
+                    ),
+                )
+                for g in range(1, study.adapter.num_heads + 1)
+            ]
+            for layer in range(study.adapter.num_layers)
+        ]
+    assert budget == allocate_kv_together(curves["k"], curves["v"], spread.total)
+    for kind in ("k", "v"):  # merging one kind alone changes the late loss of that layer
+        assert any(curve[0] != 0 for curve in curves[kind])
+    shared = study.budget(1.5, allocation=True)
+    assert shared.k == shared.v and shared.total == spread.total

@@ -189,3 +189,30 @@ def test_candidates_own_the_projections_their_recovery_trains():
     assert trained([("layerwise", LayerwiseConfig(train=("q", "k", "v")))]) == ("q",)
     assert trained([layerwise, ("finetune", FinetuneConfig(trainable=("o", "v")))]) == ("o",)
     assert trained([layerwise, ("finetune", FinetuneConfig(trainable="all"))]) == "all"
+
+
+def test_kv_allocation_trials_spend_the_budget_on_k_and_v_as_the_curves_divide_it(tiny, tmp_path):
+    from search.budget import Budget, allocate_kv_together, error_curves
+    from search.strategies import make_strategy
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    path = write_config(tmp_path / "s.toml", tiny, storage, trials=8)  # 4 are the baselines
+    path.write_text(
+        path.read_text().replace("allocation = [false, true]", 'allocation = [false, "kv"]')
+    )
+    study = Study(StudyConfig.load(path), progress=False)
+    stage1 = study.stage1()
+    kv_trials = [
+        t
+        for t in stage1.get_trials(states=(TrialState.COMPLETE,))
+        if t.params["allocation"] == "kv"
+    ]
+    assert kv_trials
+    greedy, ctx = make_strategy("greedy", start="neighbour_kv"), study.context()
+    curves = {kind: error_curves(greedy, ctx, kind) for kind in ("k", "v")}
+    for t in kv_trials:
+        budget = t.params["budget"]
+        expected = allocate_kv_together(
+            curves["k"], curves["v"], Budget.from_average(2, budget).total
+        )
+        assert Budget.of(Grouping.from_json(t.user_attrs["grouping"])) == expected
