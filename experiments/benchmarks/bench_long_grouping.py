@@ -27,11 +27,10 @@ and the demo's layer-wise recovery (24 steps of 2 sequences, lr 3e-3), both from
 of the `reading` text. Each is measured on test data: late-bucket perplexity (positions 1024-2047
 of 4 documents) and passkey retrieval at 1024, 2048 and 4096 tokens (3 depths, 2 prompts each),
 with paired intervals against the `demo`, `fisher`, `recoverable`, `long_range` and
-`long_range_allocated` arms. With
-`--finetune N`, the `--finetune-arm` (`long_range`) is also fine-tuned N tokens as in
-bench_long_recovery.py, and the source with the same recipe as the control. The candidates' costs go to `long_grouping_costs.csv`, the
-arms to `long_grouping.csv`, both as they finish (a stopped run resumes); the summary to
-`long_grouping.json`.
+`long_range_allocated` arms. With `--finetune N`, the `--finetune-arm` (`long_range`) is also
+fine-tuned N tokens as in bench_long_recovery.py, and the source with the same recipe as the
+control. The candidates' costs go to `long_grouping_costs.csv`, the arms to `long_grouping.csv`,
+both as they finish (a stopped run resumes); the summary to `long_grouping.json`.
 
     python experiments/benchmarks/bench_long_grouping.py [--arms demo,fisher,long_range,...]
         [--cost-windows 2] [--finetune 24576]
