@@ -124,6 +124,15 @@ def allocated(study, allocation: bool | str = True) -> Grouping:
     return make_strategy("coarsen_source", share_kv=True).propose(study.context(), budget)
 
 
+def long_range_changes(base: StudyConfig, valid: LongContextConfig) -> dict:
+    """The changes that make `base` rank by `rank_proxy = "long_range"`, measured on the
+    validation documents of `valid` (throwaway_study's keyword arguments)."""
+    return {
+        "search": dataclasses.replace(base.search, rank_proxy="long_range"),
+        "selection": dataclasses.replace(base.selection, long_context=valid),
+    }
+
+
 def chosen(costs: dict, pick) -> Grouping:
     """Per layer the partition `pick` (min or max) of the costs, shared by K and V."""
     partitions = [pick(c, key=c.get) for _, c in sorted(costs.items())]
@@ -198,10 +207,7 @@ def main() -> None:
     base = StudyConfig.load(common.DEMO_CONFIG)
     calibration = dataclasses.replace(base.calibration, **CALIBRATION)
     measured = dataclasses.replace(TEST, ppl_windows=args.cost_windows)  # validation documents
-    ranked_long = {  # the same study with `rank_proxy = "long_range"` on those documents
-        "search": dataclasses.replace(base.search, rank_proxy="long_range"),
-        "selection": dataclasses.replace(base.selection, long_context=measured),
-    }
+    ranked_long = long_range_changes(base, measured)
     with contextlib.ExitStack() as stack:
         study = stack.enter_context(
             common.throwaway_study(base, progress=True, calibration=calibration)

@@ -1,7 +1,6 @@
 """bench_long_grouping: each arm's choice from the measured costs, paired intervals, bad input."""
 
 import json
-import sys
 
 import pytest
 
@@ -36,9 +35,5 @@ def test_intervals_are_paired_over_documents_and_prompts():
         (["--finetune-arm", "best"], "--finetune-arm: unknown arm 'best' (arms: demo, fisher"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(args, message, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench_long_grouping.py", *args])
-    with pytest.raises(SystemExit) as exc:
-        bench_long_grouping.main()
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_arguments_are_one_line_errors(args, message, usage_error):
+    assert message in usage_error(bench_long_grouping.main, *args)

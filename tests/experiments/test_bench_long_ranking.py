@@ -36,24 +36,16 @@ def test_rho_reads_each_score_against_both_targets():
         (["--candidates", "missing.csv"], "missing.csv not found: run bench_recoverability.py"),
     ],
 )
-def test_bad_arguments_are_one_line_errors(args, message, monkeypatch, capsys, tmp_path):
+def test_bad_arguments_are_one_line_errors(args, message, usage_error, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["bench_long_ranking.py", *args])
-    with pytest.raises(SystemExit) as exc:
-        bench_long_ranking.main()
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in usage_error(bench_long_ranking.main, *args)
 
 
-def test_a_budget_with_no_candidate_is_refused(monkeypatch, capsys, tmp_path):
+def test_a_budget_with_no_candidate_is_refused(usage_error, tmp_path):
     path = tmp_path / "recoverability.csv"
     pd.DataFrame({"budget": [2.0], "candidate": ["neighbour"]}).to_csv(path, index=False)
-    argv = ["bench_long_ranking.py", "--candidates", str(path), "--budget", "1.5"]
-    monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(SystemExit) as exc:
-        bench_long_ranking.main()
-    assert exc.value.code == 2
-    assert "no candidate at 1.5 KV heads per layer" in capsys.readouterr().err
+    err = usage_error(bench_long_ranking.main, "--candidates", str(path), "--budget", "1.5")
+    assert "no candidate at 1.5 KV heads per layer" in err
 
 
 def test_a_rerun_measures_nothing_again_and_adds_the_long_range_score(monkeypatch, tmp_path):
