@@ -18,7 +18,8 @@ recipe of `--recipes` with the same token budget. Each tuned model is scored
 The recipe of least validation objective is chosen, and the source tuned with it is the control
 (test only). A recipe is LR/BATCH, or LR/BATCH/all to train every weight instead of Q/K/V/O:
 steps = tokens / (BATCH x 2048). Rows go to `long_finetune.csv` as they finish (a stopped run
-resumes; the grouped model is rebuilt); the summary to `long_finetune.json`.
+resumes; the grouped model is rebuilt); the summary to `long_finetune.json` (another `--tokens`:
+`long_finetune_<tokens>.json`).
 
     python experiments/benchmarks/bench_long_finetune.py [--recipes 1e-4/2,3e-4/2,1e-3/2,3e-4/1]
         [--tokens 24576]
@@ -54,6 +55,7 @@ VALIDATION = SelectionObjective.of(
     {"long_ppl": 1.0, "passkey": 1.0}, dataclasses.replace(TEST, ppl_windows=2)
 )  # long_2kv.toml's [selection] and [long_context]
 DEFAULT_RECIPES = "1e-4/2,3e-4/2,1e-3/2,3e-4/1"
+DEFAULT_TOKENS = 24576  # another budget's summary goes to long_finetune_<tokens>.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +132,9 @@ def main() -> None:
     parser.add_argument(
         "--recipes", default=DEFAULT_RECIPES, help="LR/BATCH[/all], comma-separated"
     )
-    parser.add_argument("--tokens", type=int, default=24576, help="fine-tuning tokens per recipe")
+    parser.add_argument(
+        "--tokens", type=int, default=DEFAULT_TOKENS, help="fine-tuning tokens per recipe"
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     try:
@@ -200,7 +204,8 @@ def main() -> None:
         ),
         "seconds_this_run": round(time.time() - start, 1),
     }
-    write_text_atomic(args.out / "long_finetune.json", json.dumps(summary, indent=2) + "\n")
+    name = "long_finetune" + ("" if args.tokens == DEFAULT_TOKENS else f"_{args.tokens}")
+    write_text_atomic(args.out / f"{name}.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 

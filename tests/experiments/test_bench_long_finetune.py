@@ -139,3 +139,13 @@ def test_a_rerun_tunes_nothing_again_and_the_control_takes_the_validation_choice
     assert calls["tuned"][4:] == [("grouped", 3e-4, 1), ("source", 3e-4, 1)]
     summary = json.loads((tmp_path / "long_finetune.json").read_text())
     assert summary["chosen_on_validation"] == "3e-4/1" and "source, 3e-4/1" in summary["arms"]
+
+    before = (tmp_path / "long_finetune.json").read_text()
+    monkeypatch.setattr(sys, "argv", [*argv, "1e-4/2", "--tokens", "8192"])
+    bench_long_finetune.main()  # another budget: tuned anew, summarised apart
+    assert calls["tuned"][6:] == [("grouped", 1e-4, 2), ("source", 1e-4, 2)]
+    assert json.loads((tmp_path / "long_finetune_8192.json").read_text())["arms"].keys() == {
+        "1e-4/2",
+        "source, 1e-4/2",
+    }
+    assert (tmp_path / "long_finetune.json").read_text() == before
