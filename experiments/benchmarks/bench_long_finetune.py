@@ -137,12 +137,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
-    try:
-        recipes = {spec: Recipe.parse(spec) for spec in args.recipes.split(",") if spec}
-    except ValueError as error:
-        parser.error(f"--recipes: {error}")
-    if not recipes:
-        parser.error("--recipes: no recipe given")
+    recipes = common.parsed_specs(parser, "--recipes", args.recipes, Recipe.parse, "recipe")
     if args.tokens < 2048:
         parser.error(f"--tokens must be >= 2048 (one window), got {args.tokens}")
     start = time.time()

@@ -68,6 +68,18 @@ def calibrated(model: str = "smollm2-135m", **calibration) -> tuple[LoadedModel,
     return loaded, calibrate(loaded.model, loaded.tokenizer, config, model)
 
 
+def parsed_specs(parser, option: str, text: str, parse, noun: str) -> dict:
+    """{spec: parse(spec)} for the comma-separated specs an option gave; a bad spec (`parse`
+    raises a ValueError naming it) or none at all is a one-line usage error (exit 2)."""
+    try:
+        specs = {spec: parse(spec) for spec in text.split(",") if spec}
+    except ValueError as error:
+        parser.error(f"{option}: {error}")
+    if not specs:
+        parser.error(f"{option}: no {noun} given")
+    return specs
+
+
 class CsvRows:
     """The rows of a benchmark's CSV file: those of an earlier run when the file exists (a stopped
     run resumes), and the file rewritten atomically (gqa.grouping.write_text_atomic) on `append`

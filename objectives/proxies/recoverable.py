@@ -15,13 +15,15 @@ calibration sequences before and after a fit of the configured `layerwise` recov
 
 An exact layer (g equals the source) scores 0. The score decomposes over layers. Fits are stored
 per (layer, grouping) in `LayerFitCache`, which stage-2 recovery reads too, so no layer grouping is
-fitted twice and a promoted candidate's layer-wise recovery costs nothing new.
+fitted twice and a promoted candidate's layer-wise recovery costs nothing new. (A recovery that fits
+on the converted model's inputs, `inputs = "converted"`, is predicted by fits on the source's.)
 `experiments/benchmarks/bench_recoverability.py` compares the weightings against post-recovery
 perplexity.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -63,7 +65,10 @@ class Recoverable(Proxy):
             raise ValueError(
                 f"recoverable weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}"
             )
-        self.config: LayerwiseConfig = recovery_config("layerwise", recovery)
+        # A layer's fit on the source's inputs: what it keeps depends on its grouping alone. With
+        # `inputs = "converted"` recovery fits in order instead, so the proxy's fits are not its.
+        config = recovery_config("layerwise", recovery)
+        self.config: LayerwiseConfig = dataclasses.replace(config, inputs="source")
         self.mode = weighting
         self.fisher = make_proxy("fisher", model, stats, merge)
         self._layer_weights: dict[int, float] = {}

@@ -1,10 +1,17 @@
 """`layerwise` recovery: fit each converted attention layer alone to the source layer's output.
 
-Layer l trains on the source model's attention inputs of layer l (calibration statistics), not on
-what the converted layers below it produce, so its fit depends only on (layer, its grouping, the
-merge, the statistics, the config). Fits are therefore independent across layers, seeded per
-layer, and stored by `LayerFitCache`: no layer grouping is fitted twice, whether by the
-`recoverable` proxy in stage 1 or by stage-2 recovery.
+By default (`inputs = "source"`) layer l trains on the source model's attention inputs of layer l
+(calibration statistics), not on what the converted layers below it produce, so its fit depends
+only on (layer, its grouping, the merge, the statistics, the config). Fits are therefore
+independent across layers, seeded per layer, and stored by `LayerFitCache`: no layer grouping is
+fitted twice, whether by the `recoverable` proxy in stage 1 or by stage-2 recovery.
+
+With `inputs = "converted"` the layers are fitted in order, each on the attention inputs that the
+converted model, its lower layers already fitted, produces on the calibration sequences, and still
+to the source's outputs on the source's inputs (block reconstruction as in BRECQ, arXiv
+2102.05426): a layer also learns to undo what the layers below it changed, so errors compound
+less. Every layer is then fitted, including those whose grouping is the source's, and a fit
+depends on the groupings below it too (the cache keys it by them).
 
 Per layer, with y the converted attention output and y_src the source's on the same inputs:
   e(W) = ||y - y_src||^2 / ||y_src||^2    (the `local_attn` proxy's error)
@@ -19,6 +26,7 @@ Per layer, with y the converted attention output and y_src the source's on the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -53,6 +61,8 @@ from objectives.recovery.base import (
     snapshot,
 )
 
+INPUTS = ("source", "converted")
+
 
 @dataclass(frozen=True)
 class LayerwiseConfig:
@@ -71,6 +81,9 @@ class LayerwiseConfig:
     # and keys fixed the output is linear in V's parameters, so this is least squares for V,
     # solved on all fitted sequences at once; needs "v" in `train`.
     v_solve: int = 0
+    # Whose attention inputs each layer is fitted on: "source" (the calibration statistics) or
+    # "converted" (the converted model's, its lower layers fitted first; see the module docstring).
+    inputs: str = "source"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "train", tuple(self.train))
@@ -88,14 +101,20 @@ class LayerwiseConfig:
             raise ValueError(f"layerwise v_solve must be an integer >= 0, got {self.v_solve!r}")
         if self.v_solve and "v" not in self.train:
             raise ValueError("layerwise v_solve needs 'v' in train (the solved V is the fit's)")
+        if self.inputs not in INPUTS:
+            raise ValueError(
+                f"layerwise inputs must be one of {', '.join(INPUTS)}, got {self.inputs!r}"
+            )
 
     def fit_key(self) -> dict[str, Any]:
-        """The fields that change a fit (`cache` does not; `v_solve` only when used, so fits
-        cached before it existed stay valid)."""
+        """The fields that change a fit (`cache` does not; `v_solve` and `inputs` only when not
+        their defaults, so fits cached before they existed stay valid)."""
         data = asdict(self)
         data.pop("cache")
         if not data["v_solve"]:
             data.pop("v_solve")
+        if data["inputs"] == "source":
+            data.pop("inputs")
         return data
 
 
@@ -138,6 +157,38 @@ def source_outputs(
     return torch.cat(
         [adapter.attend(module, _module_input(module, x)).float() for x in inputs.split(batch_size)]
     )
+
+
+class _Reached(Exception):
+    """Raised by `converted_inputs`' hook: the layer's inputs are captured, stop the forward."""
+
+
+@torch.no_grad()
+def converted_inputs(
+    model: nn.Module, adapter: ModelAdapter, layer: int, token_ids: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """The attention inputs of `layer` when `model`, as it is now, runs on `token_ids` (n, T):
+    (n, T, d) float32 on the CPU, like the calibration statistics' inputs. Each forward stops at
+    the layer, so layer l costs l / L of a forward."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        captured.append(x.detach().float().cpu())
+        raise _Reached
+
+    device = next(model.parameters()).device
+    handle = adapter.attention(layer).register_forward_pre_hook(hook, with_kwargs=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in token_ids.split(batch_size):
+            with contextlib.suppress(_Reached):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured)
 
 
 @torch.no_grad()
@@ -355,14 +406,22 @@ class LayerFitCache:
         self.folder = (root or cache_dir() / "layer_fits") / digest
         self.hits = self.misses = 0
 
-    def path(self, layer: int, grouping: LayerGrouping) -> Path:
+    def path(
+        self, layer: int, grouping: LayerGrouping, below: list[LayerGrouping] | None = None
+    ) -> Path:
+        """The fit's file; `below` (the groupings of the layers under it) is part of the key
+        for fits on the converted model's inputs, which depend on them."""
         text = json.dumps([grouping.k, grouping.v])
+        if below is not None:
+            text += json.dumps([[g.k, g.v] for g in below])
         return (
             self.folder / f"{layer:03d}-{hashlib.sha1(text.encode()).hexdigest()[:16]}.safetensors"
         )
 
-    def get(self, layer: int, grouping: LayerGrouping) -> LayerFit | None:
-        path = self.path(layer, grouping)
+    def get(
+        self, layer: int, grouping: LayerGrouping, below: list[LayerGrouping] | None = None
+    ) -> LayerFit | None:
+        path = self.path(layer, grouping, below)
         if not path.is_file():
             self.misses += 1
             return None
@@ -378,8 +437,14 @@ class LayerFitCache:
             weights,
         )
 
-    def put(self, layer: int, grouping: LayerGrouping, fit: LayerFit) -> None:
-        path = self.path(layer, grouping)
+    def put(
+        self,
+        layer: int,
+        grouping: LayerGrouping,
+        fit: LayerFit,
+        below: list[LayerGrouping] | None = None,
+    ) -> None:
+        path = self.path(layer, grouping, below)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -454,16 +519,22 @@ def layerwise(
     try:
         for layer in bar:
             module, lg = a.attention(layer), grouping.layers[layer]
-            fit = cache.get(layer, lg) if cache else None
+            below = grouping.layers[:layer] if config.inputs == "converted" else None
+            fit = cache.get(layer, lg, below) if cache else None
             if fit is not None:
                 load_fit(module, a, fit)
             else:
-                inputs = stats.layers[layer].inputs
-                target = source_outputs(s, layer, inputs, config.batch_size)
+                source_inputs = stats.layers[layer].inputs
+                target = source_outputs(s, layer, source_inputs, config.batch_size)
+                inputs = (
+                    converted_inputs(converted, a, layer, stats.token_ids, config.batch_size)
+                    if config.inputs == "converted"
+                    else source_inputs
+                )
                 with only_trainable(converted, []):  # fit_layer enables only its own params
                     fit = fit_layer(module, a, inputs, target, config, layer)
                 if cache:
-                    cache.put(layer, lg, fit)
+                    cache.put(layer, lg, fit, below)
             layer_losses.append((fit.initial, fit.final))
             history += fit.history
             steps += fit.steps

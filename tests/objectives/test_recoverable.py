@@ -72,3 +72,15 @@ def test_fits_are_cached_and_shared_with_layerwise_recovery(setup):
     other = make_proxy("recoverable", model, stats, "query_aware", recovery={"steps": 2})
     other.score(MERGED)
     assert other.fitted == 2  # the two merged layers (w_l needs no fit)
+
+
+def test_a_recovery_on_converted_inputs_is_predicted_by_fits_on_the_source_inputs(setup):
+    """Recovery that fits layers in order on the converted model's inputs has no per-layer fit to
+    share; the proxy fits each layer on the source's inputs and keys its fits as such."""
+    model, stats = setup
+    ordered = make_proxy(
+        "recoverable", model, stats, "mean", recovery={**vars(FIT), "inputs": "converted"}
+    )
+    plain = make_proxy("recoverable", model, stats, "mean", recovery=FIT)
+    assert ordered.config == plain.config and ordered.config.inputs == "source"
+    assert ordered.cache.folder == plain.cache.folder

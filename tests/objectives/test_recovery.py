@@ -69,6 +69,17 @@ def _assert_grouping_and_cache(model: nn.Module, grouping: Grouping) -> None:
         assert layer.values.shape[1] == lg.num_v_groups
 
 
+def _counted_fits(monkeypatch) -> list:
+    """A list that gets an item each time a layer is fitted (not read from the cache)."""
+    layerwise_module = importlib.import_module("objectives.recovery.layerwise")
+    calls = []
+    real_fit = layerwise_module.fit_layer
+    monkeypatch.setattr(
+        layerwise_module, "fit_layer", lambda *a, **k: calls.append(1) or real_fit(*a, **k)
+    )
+    return calls
+
+
 # -- layerwise ---------------------------------------------------------------------------------
 
 
@@ -136,17 +147,12 @@ def test_layerwise_never_ends_worse_than_it_started(model, stats):
 
 
 def test_layerwise_fits_are_cached_per_layer(model, stats, tmp_path, monkeypatch):
-    layerwise_module = importlib.import_module("objectives.recovery.layerwise")
     monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))
     config = LayerwiseConfig(steps=4, lr=1e-2, batch_size=3, check_every=2)
     first = gqa.convert(copy.deepcopy(model), MERGED)
     r1 = recover("layerwise", first, model, None, stats, config, progress=False, merge="mean")
     assert r1.steps == 8
-    calls = []
-    real_fit = layerwise_module.fit_layer
-    monkeypatch.setattr(
-        layerwise_module, "fit_layer", lambda *a, **k: calls.append(1) or real_fit(*a, **k)
-    )
+    calls = _counted_fits(monkeypatch)
     second = gqa.convert(copy.deepcopy(model), MERGED)
     r2 = recover("layerwise", second, model, None, stats, config, progress=False, merge="mean")
     assert calls == []  # a second run fits nothing
@@ -492,3 +498,89 @@ def test_finetune_trains_latent_factors(model, stats, smol_tokenizer):
         for i in range(2)
         for name in ("k_proj.down.weight", "k_proj.up.weight", "v_proj.weight")
     }
+
+
+# -- layerwise on the converted model's inputs -------------------------------------------------
+
+LOWER_MERGED = Grouping.neighbour(6, 2, [1, 6])  # layer 0 merged to one head, layer 1 exact
+
+
+def test_converted_inputs_of_the_source_are_its_calibration_inputs(model, stats):
+    from objectives.recovery.layerwise import converted_inputs
+
+    adapter = get_adapter(model)
+    for layer in range(adapter.num_layers):
+        # Another batch size than the calibration's: float32 sums in another order (hidden
+        # states of order 1, a few ulps of float32 after two layers).
+        got = converted_inputs(model, adapter, layer, stats.token_ids, batch_size=4)
+        torch.testing.assert_close(got, stats.layers[layer].inputs, rtol=1e-5, atol=1e-5)
+
+
+def test_layerwise_on_converted_inputs_trains_an_exact_layer_to_undo_the_drift_below(
+    model, stats, tmp_path, monkeypatch
+):
+    """Layer 0 sees the source's inputs either way, so its fit is the same. Layer 1 keeps the
+    source's grouping: fitted on the source's inputs it is exact and left alone; fitted on what
+    the merged layer 0 feeds it, it starts off the source's outputs and is trained toward them."""
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))
+    fits = {}
+    for inputs in ("source", "converted"):
+        converted = gqa.convert(copy.deepcopy(model), LOWER_MERGED)
+        before = _state(converted)
+        config = LayerwiseConfig(steps=6, lr=1e-2, batch_size=3, inputs=inputs, holdout=0.0)
+        result = recover("layerwise", converted, model, None, stats, config, progress=False)
+        changed = _changed(before, converted)
+        fits[inputs] = result, converted, {n for n in changed if ".layers.1." in n}
+    (source_fit, source_model, source_l1), (conv_fit, conv_model, conv_l1) = fits.values()
+    assert conv_fit.layer_losses[0] == source_fit.layer_losses[0]
+    for name, p in source_model.named_parameters():
+        if ".layers.0." in name:
+            assert torch.equal(p, dict(conv_model.named_parameters())[name])
+    assert source_fit.layer_losses[1] == (pytest.approx(0.0, abs=1e-10),) * 2 and not source_l1
+    initial, final = conv_fit.layer_losses[1]
+    assert initial > 1e-6 and final < initial
+    assert conv_l1 == _projection_names(conv_model, ("k", "v")) & {
+        n for n, _ in conv_model.named_parameters() if ".layers.1." in n
+    }
+
+
+def test_layerwise_fits_on_converted_inputs_are_cached_by_the_groupings_below(
+    model, stats, tmp_path, monkeypatch
+):
+    from objectives.recovery.layerwise import LayerFitCache
+
+    monkeypatch.setenv("HEADGROUP_CACHE", str(tmp_path))
+    config = LayerwiseConfig(steps=2, lr=1e-2, batch_size=3, inputs="converted")
+    first = gqa.convert(copy.deepcopy(model), LOWER_MERGED)
+    r1 = recover("layerwise", first, model, None, stats, config, progress=False, merge="mean")
+    calls = _counted_fits(monkeypatch)
+    again = gqa.convert(copy.deepcopy(model), LOWER_MERGED)
+    r2 = recover("layerwise", again, model, None, stats, config, progress=False, merge="mean")
+    assert calls == [] and r2.layer_losses == r1.layer_losses
+    # Another layer 0 below the same layer 1: layer 1 is fitted anew (layer 0 too).
+    other = Grouping.neighbour(6, 2, [2, 6])
+    recover(
+        "layerwise",
+        gqa.convert(copy.deepcopy(model), other),
+        model,
+        None,
+        stats,
+        config,
+        progress=False,
+        merge="mean",
+    )
+    assert len(calls) == 2
+    cache = LayerFitCache(stats, "mean", config)
+    layer1 = LOWER_MERGED.layers[1]
+    assert cache.path(1, layer1, [LOWER_MERGED.layers[0]]) != cache.path(
+        1, layer1, [other.layers[0]]
+    )
+    assert cache.folder != LayerFitCache(stats, "mean", LayerwiseConfig(steps=2)).folder
+    assert "inputs" not in LayerwiseConfig().fit_key()  # fits cached before it stay valid
+
+
+def test_layerwise_inputs_must_be_source_or_converted():
+    with pytest.raises(
+        ValueError, match="layerwise inputs must be one of source, converted, got 'x'"
+    ):
+        LayerwiseConfig(inputs="x")
