@@ -177,7 +177,12 @@ def main() -> None:
                 table.append(row)
                 done[arm] = row
     rows = {arm: r for arm, r in done.items() if measured(r)}
-    tuned_first = rows.get(f"{first}, tuned {args.finetune}")
+
+    def reference(row: dict) -> dict:
+        """What a row is paired with: the first fit, tuned with the row's tokens if it was."""
+        tokens = int(row["tokens"])
+        return rows.get(f"{first}, tuned {tokens}", {}) if tokens else done[first]
+
     summary = {
         "command": "python experiments/benchmarks/bench_long_layerwise.py "
         f"--fits {args.fits} --finetune {args.finetune}",
@@ -187,7 +192,7 @@ def main() -> None:
         "chosen_on_validation": best,
         "arms": {
             arm: {
-                **summarised(r, tuned_first if tuned_first and int(r["tokens"]) else done[first]),
+                **summarised(r, reference(r)),
                 **({"fit_seconds": r["fit_seconds"]} if not int(r["tokens"]) else {}),
             }
             for arm, r in rows.items()

@@ -133,3 +133,9 @@ def test_a_run_fits_each_spec_once_tunes_the_choice_and_the_first_and_resumes(
 
     bench_long_layerwise.main()  # everything is in the CSV: nothing is fitted or tuned again
     assert len(calls["fitted"]) == 2 and len(calls["tuned"]) == 2
+
+    monkeypatch.setattr(sys, "argv", argv)  # no tuning this time: tuned rows keep their pairs
+    bench_long_layerwise.main()
+    assert len(calls["tuned"]) == 2
+    arms = json.loads((tmp_path / "long_layerwise.json").read_text())["arms"]
+    assert arms["24/kv/converted, tuned 4096"]["vs_first"]["long_ppl"] == tuned_pair
