@@ -21,6 +21,7 @@ the source's at 16 bits, so that grouping and precision can be allocated togethe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -54,6 +55,18 @@ class QuantErrorTable:
             self.errors[layer]["k"][p.k_bits] + self.errors[layer]["v"][p.v_bits]
             for layer, p in enumerate(plan.layers)
         )
+
+    def scaled(self, factor: float) -> QuantErrorTable:
+        """The same table with every error multiplied by `factor` (other units)."""
+        return dataclasses.replace(self, errors=scaled_rows(self.errors, factor))
+
+
+def scaled_rows(rows: Sequence[dict[str, dict]], factor: float) -> tuple[dict[str, dict], ...]:
+    """Per-layer error rows (row[kind][setting] -> error) with every error times `factor`."""
+    return tuple(
+        {kind: {key: factor * e for key, e in errors.items()} for kind, errors in row.items()}
+        for row in rows
+    )
 
 
 def _weighted(delta: torch.Tensor, fisher: torch.Tensor | None) -> float:

@@ -17,6 +17,7 @@ A rank at the projection's full width costs 0 in both (the layer is exact).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from gqa.adapters import get_adapter
 from gqa.kv_quant import LayerQuantizer
 from gqa.latent import LatentLayer, check_family, convert_module, whitened_svd
 from objectives.calibration import CalibrationStats
-from objectives.kv_quant_error import KINDS, _grouped, _weighted
+from objectives.kv_quant_error import KINDS, _grouped, _weighted, scaled_rows
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,15 @@ class LatentErrorTable:
         if self.quantized:
             out += [(r, b, e) for (r, b), e in sorted(self.quantized[layer][kind].items())]
         return out
+
+    def scaled(self, factor: float) -> LatentErrorTable:
+        """The same table with every allocation error multiplied by `factor` (other units);
+        the relative projection errors (`closed`) stay."""
+        return dataclasses.replace(
+            self,
+            errors=scaled_rows(self.errors, factor),
+            quantized=scaled_rows(self.quantized, factor),
+        )
 
 
 def quantizable(kind: str, rank: int, group_size: int) -> bool:

@@ -13,11 +13,16 @@ over the positions of the last bucket of LongContextConfig (by default 1024..204
 of the long windows per layer: L forwards in all. Layers are swapped in place (the two models'
 attention modules trade places and are put back), which needs both to run headgroup's grouped
 attention (gqa.converted_copy of the source is the exact base).
+
+To weigh these costs against a short-window proxy's errors (the byte front's joint allocation,
+search.kv_front with `layer_costs = "long_range"`), `precision_rises` measures the same late-bucket
+NLL rise for whole-model cache precision plans, and `nats_per_unit` fits how many nats at long
+range one unit of the proxy is worth (least squares through the origin over those plans).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -25,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gqa.adapters import get_adapter
+from gqa.precision import PrecisionPlan, precision_applied
 from objectives.long_context import LongContextConfig, late_window_nlls, long_windows
 
 
@@ -89,3 +95,39 @@ def long_range_costs(
         with layer_swapped(base, donor, layer):
             costs.append(late_nll(base, windows, config) - base_nll)
     return LongRangeCosts(costs, base_nll)
+
+
+def precision_rises(
+    model: nn.Module,
+    tokenizer,
+    plans: Sequence[PrecisionPlan],
+    config: LongContextConfig | None = None,
+    subset: str = "valid",
+    progress: bool = True,
+) -> list[float]:
+    """Per plan, the late-bucket NLL (nats per token) that `model`'s cache at that precision adds
+    to its 16-bit cache, on the long_ppl windows of `subset`: one forward per plan."""
+    config = config or LongContextConfig()
+    windows = long_windows(tokenizer, subset, config.seq_len, config.ppl_windows)
+    base = late_nll(model, windows, config)
+    rises = []
+    for plan in tqdm(plans, desc="long-range cost per precision", disable=not progress):
+        with precision_applied(model, plan) as quantized:
+            rises.append(late_nll(quantized, windows, config) - base)
+    return rises
+
+
+def nats_per_unit(errors: Sequence[float], rises: Sequence[float]) -> float:
+    """The least-squares slope through the origin of measured long-range rises (nats per late
+    token) on the proxy errors of the same settings: what one unit of the proxy is worth at long
+    range. A ValueError when the pairs cannot give a positive slope."""
+    if len(errors) != len(rises) or not errors:
+        raise ValueError("nats_per_unit needs one rise per proxy error, and at least one")
+    norm = sum(e * e for e in errors)
+    slope = sum(e * r for e, r in zip(errors, rises, strict=True)) / norm if norm > 0 else 0.0
+    if not slope > 0:
+        raise ValueError(
+            f"the measured long-range rises {[round(r, 4) for r in rises]} do not grow with the "
+            f"proxy errors {[round(e, 4) for e in errors]}: no positive nats per proxy unit"
+        )
+    return slope

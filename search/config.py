@@ -117,6 +117,8 @@ class SearchConfig:
 
 
 PRUNERS = ("successive_halving", "median", "none")
+# The units of the byte front's joint allocation errors (PrecisionConfig.layer_costs).
+LAYER_COSTS = ("proxy", "long_range")
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,12 @@ class PrecisionConfig:
     # Per stage-2 winner, the layers of highest long-range cost (objectives.long_range, measured
     # on validation at [long_context] settings) that the joint layer mixes keep from the source.
     protect: int = 0
+    # The units of the joint allocation's per-layer errors (LAYER_COSTS): "proxy", the
+    # short-window Fisher-weighted output changes; "long_range", nats of late-bucket NLL: each
+    # winner's layers cost what they cost at long range (objectives.long_range), and the
+    # quantization (and latent) errors are converted at a rate measured on the source's uniform
+    # settings (objectives.long_range.nats_per_unit).
+    layer_costs: str = "proxy"
     # Latent K/V ranks (gqa.latent) the byte front may give the source's layers: a `latent`
     # family (ranks allocated per layer, 16-bit cache) and latent options in the joint layer mixes;
     # () = none.
@@ -451,6 +459,12 @@ def _precision(table: dict) -> PrecisionConfig:
             raise ConfigError(f"precision.{name}: must be >= {least}")
         numbers[name] = value
     numbers["layer_mix"] = _get(table, "precision.layer_mix", bool, defaults.layer_mix)
+    layer_costs = _get(table, "precision.layer_costs", str, defaults.layer_costs)
+    if layer_costs not in LAYER_COSTS:
+        raise ConfigError(
+            f"precision.layer_costs: expected one of {', '.join(LAYER_COSTS)}, got {layer_costs!r}"
+        )
+    numbers["layer_costs"] = layer_costs
     ranks = _get(table, "precision.latent_ranks", list, list(defaults.latent_ranks))
     if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
         raise ConfigError(f"precision.latent_ranks: expected positive integers, got {ranks}")

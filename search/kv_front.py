@@ -19,7 +19,9 @@ compete:
                      with `latent_ranks`, a layer of the source may also be made latent there,
                      each latent at 16 bits or quantized (Palu's low rank with bits);
                      with `protect = k`, each winner's k layers of highest long-range cost
-                     (objectives.long_range) stay the source's in those mixes
+                     (objectives.long_range) stay the source's in those mixes; with
+                     `layer_costs = "long_range"` the allocations weigh each winner's layers by
+                     their long-range cost and the bits by a measured nats-per-unit rate
 Latent layers get no recovery here: their factors are the whitened SVD's (0 training tokens).
 
 Each family's choice at a budget is its point of least *validation* perplexity that fits (or of
@@ -59,7 +61,12 @@ from gqa.precision import PrecisionPlan
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.kv_quant_error import grouping_errors, kv_quant_errors
 from objectives.latent_error import LatentErrorTable, latent_errors
-from objectives.long_range import LongRangeCosts, long_range_costs
+from objectives.long_range import (
+    LongRangeCosts,
+    long_range_costs,
+    nats_per_unit,
+    precision_rises,
+)
 from search.budget import Budget
 from search.byte_allocation import (
     ByteBudget,
@@ -110,6 +117,8 @@ class KVFront:
         self._layer_errors: dict[str, tuple[float, ...]] = {}
         self._windows: dict[str, object] = {}
         self._latent_tables: dict[int, LatentErrorTable] = {}  # per window
+        self._nats_per_unit: float | None = None
+        self.long_units = self.config.layer_costs == "long_range"
 
     # -- models and measurements ---------------------------------------------------------------
 
@@ -188,13 +197,24 @@ class KVFront:
                 group_size=self.config.group_sizes[0],
                 window=window,
             )
+            if self.long_units:
+                table = self._latent_tables[window].scaled(self.nats_per_unit())
+                self._latent_tables[window] = table
         return self._latent_tables[window]
 
     def _quant_table(
         self, model: FrontModel, group_size: int | None = None, window: int | None = None
     ):
         """A model's quantization error table at a group size and a full-precision window (by
-        default the allocations': the config's first of each), kept."""
+        default the allocations': the config's first of each), in the allocations' units (see
+        `layer_costs`)."""
+        table = self._proxy_table(model, group_size, window)
+        return table.scaled(self.nats_per_unit()) if self.long_units else table
+
+    def _proxy_table(
+        self, model: FrontModel, group_size: int | None = None, window: int | None = None
+    ):
+        """`_quant_table` in the proxy's own units (objectives.kv_quant_error), kept."""
         group_size = self.config.group_sizes[0] if group_size is None else group_size
         window = self.config.windows[0] if window is None else window
         key = (model.name, group_size, window)
@@ -218,15 +238,22 @@ class KVFront:
 
     def layer_errors(self, model: FrontModel) -> tuple[float, ...]:
         """Per layer, what a model's layer costs against the source's at 16 bits, in the
-        allocation's units (objectives.kv_quant_error.grouping_errors; 0 for the source)."""
+        allocation's units (objectives.kv_quant_error.grouping_errors, or with `layer_costs =
+        "long_range"` its long-range costs, a cost below 0 read as 0; 0 for the source)."""
         if model.name not in self._layer_errors:
             if model.is_source:
                 self._layer_errors[model.name] = (0.0,) * self.layers
+            elif self.long_units:
+                costs = self.long_range(model).costs
+                self._layer_errors[model.name] = tuple(max(c, 0.0) for c in costs)
             else:
-                self._layer_errors[model.name] = grouping_errors(
-                    self.module(model), self.study.source, self.study.stats
-                )
+                self._layer_errors[model.name] = self.short_layer_errors(model)
         return self._layer_errors[model.name]
+
+    def short_layer_errors(self, model: FrontModel) -> tuple[float, ...]:
+        """Per layer, the short-window grouping error of a model's layer against the source's
+        (objectives.kv_quant_error.grouping_errors, the proxy's units)."""
+        return grouping_errors(self.module(model), self.study.source, self.study.stats)
 
     def _mix_errors(self, model: FrontModel) -> tuple[float, ...]:
         """A model's per-layer grouping errors for the layer mixes: infinite (not allowed) at the
@@ -256,6 +283,34 @@ class KVFront:
             stored = {"costs": costs.costs, "base_nll": costs.base_nll}
             self.storage_study.set_user_attr(key, stored)
         return LongRangeCosts(stored["costs"], stored["base_nll"])
+
+    def nats_per_unit(self) -> float:
+        """Nats of late-bucket NLL per unit of the quantization proxy (`layer_costs =
+        "long_range"`): the source's cache under each uniform setting at the allocations' group
+        size and window, measured on the long-range costs' validation documents
+        (objectives.long_range.precision_rises) and fitted on the settings' proxy errors
+        (objectives.long_range.nats_per_unit); the rises are kept in the front's storage."""
+        if self._nats_per_unit is None:
+            long_config = self.study.config.long_context
+            group, window = self.config.group_sizes[0], self.config.windows[0]
+            settings = uniform_settings(self.config.bits, [group])
+            plans = [PrecisionPlan.uniform(self.layers, k, v, g, window) for k, v, g in settings]
+            key = f"long_range_scale:{long_config.seq_len}x{long_config.ppl_windows}"
+            key += ":" + ",".join(f"K{k}V{v}g{g}w{window}" for k, v, g in settings)
+            source = FrontModel(SOURCE, self.study.source_grouping)
+            rises = self.storage_study.user_attrs.get(key)
+            if rises is None:
+                rises = precision_rises(
+                    self.module(source),
+                    self.study.loaded.tokenizer,
+                    plans,
+                    long_config,
+                    progress=self.progress,
+                )
+                self.storage_study.set_user_attr(key, rises)
+            table = self._proxy_table(source, group, window)
+            self._nats_per_unit = nats_per_unit([table.plan_error(p) for p in plans], rises)
+        return self._nats_per_unit
 
     def text_windows(self, split: str, count: int):
         """`count` windows of the study's sequence length from a split (kept)."""

@@ -10,6 +10,7 @@ perplexity by position bucket and passkey retrieval by length.
 
     python experiments/benchmarks/bench_long_context.py [--config experiments/configs/demo.toml]
         [--budgets 1.0,0.2,0.17,0.14] [--seq-len 2048] [--windows 4] [--trials 2] [--protect K]
+        [--layer-costs proxy|long_range]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pandas as pd
 from experiments.benchmarks import common
 from gqa.grouping import write_text_atomic
 from objectives.long_context import LongContextConfig
-from search.config import StudyConfig
+from search.config import LAYER_COSTS, StudyConfig
 from search.kv_front import KVFront
 from search.study import Study
 
@@ -65,6 +66,12 @@ def main() -> None:
     parser.add_argument(
         "--protect", type=int, default=None, help="replace the config's precision.protect"
     )
+    parser.add_argument(
+        "--layer-costs",
+        choices=LAYER_COSTS,
+        default=None,
+        help="replace the config's precision.layer_costs",
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args()
     long_config = LongContextConfig(
@@ -76,13 +83,16 @@ def main() -> None:
     )
     table = common.CsvRows(args.out / "long_context.csv")
     config = StudyConfig.load(args.config)
-    if args.protect is not None:
-        precision = dataclasses.replace(config.precision, protect=args.protect)
-        config = dataclasses.replace(config, precision=precision)
+    for name in ("protect", "layer_costs"):
+        if getattr(args, name) is not None:
+            precision = dataclasses.replace(config.precision, **{name: getattr(args, name)})
+            config = dataclasses.replace(config, precision=precision)
     study = Study(config, progress=False)
     selection = study.config.selection.describe()
     if study.config.precision.protect:
         selection += f", protect {study.config.precision.protect}"
+    if study.config.precision.layer_costs != "proxy":
+        selection += f", {study.config.precision.layer_costs} layer costs"
     done = {(r["study"], r["selection"], r["point"], r["task"]) for r in table.rows}
     which = (study.config.name, selection)
     front = KVFront(study, progress=False)
@@ -120,6 +130,8 @@ def main() -> None:
             print(f"{label:60s} {task:9s} {fields['score']:.3f}", flush=True)
     if study.config.precision.protect:
         write_layer_costs(front, args.out / "long_range_vs_proxy.csv")
+    if front.long_units:
+        print(f"layer costs in nats: {front.nats_per_unit():.4g} nats per proxy unit")
     frame = table.frame()
     plot(
         frame[(frame["study"] == which[0]) & (frame["selection"] == which[1])],
@@ -135,7 +147,7 @@ def write_layer_costs(front: KVFront, path: Path) -> None:
     for name, model in front.base_models().items():
         if model.is_source:
             continue
-        short, costs = front.layer_errors(model), front.long_range(model).costs
+        short, costs = front.short_layer_errors(model), front.long_range(model).costs
         rho = pd.Series(short).corr(pd.Series(costs), method="spearman")
         protected = set(front.long_range(model).most_costly(front.config.protect))
         for layer, (error, cost) in enumerate(zip(short, costs, strict=True)):

@@ -8,9 +8,16 @@ import torch
 
 import gqa
 from gqa.grouping import Grouping
+from gqa.precision import PrecisionPlan
 from objectives import long_context as lc
 from objectives.calibration import CalibrationConfig, calibrate
-from objectives.long_range import late_nll, layer_swapped, long_range_costs
+from objectives.long_range import (
+    late_nll,
+    layer_swapped,
+    long_range_costs,
+    nats_per_unit,
+    precision_rises,
+)
 from objectives.proxies import make_proxy
 from tests.tiny import tiny_model
 
@@ -116,3 +123,30 @@ def test_long_range_costs_are_kept_on_disk_and_keyed_by_the_merge(
     assert again.layer_scores(merged) == scores and again.forwards == 0
     other = proxy("mean")
     assert other.layer_scores(merged) != scores and other.forwards == 3
+
+
+def test_precision_rises_are_the_late_nll_each_plan_adds_and_the_cache_comes_back(smol_tokenizer):
+    model = tiny_model(num_heads=4, num_kv_heads=2, num_layers=2, vocab_size=len(smol_tokenizer))
+    model = gqa.converted_copy(model.eval(), Grouping.neighbour(4, 2, 2))
+    windows = lc.long_windows(smol_tokenizer, "valid", CONFIG.seq_len, CONFIG.ppl_windows)
+    base = late_nll(model, windows, CONFIG)
+    plans = [PrecisionPlan.uniform(2, k, v, 8) for k, v in ((4, 4), (2, 2))]
+    rises = precision_rises(model, smol_tokenizer, plans, CONFIG, progress=False)
+    for plan, rise in zip(plans, rises, strict=True):
+        with gqa.precision_applied(model, plan) as quantized:
+            expected = late_nll(quantized, windows, CONFIG) - base
+        assert rise == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert rises[1] > rises[0] > 0  # 2 bits cost more than 4 at long range too
+    assert late_nll(model, windows, CONFIG) == pytest.approx(base, rel=1e-12)  # 16 bits again
+
+
+def test_nats_per_unit_is_the_slope_through_the_origin():
+    assert nats_per_unit([1.0, 2.0, 4.0], [0.5, 1.0, 2.0]) == pytest.approx(0.5, rel=1e-12)
+    # least squares: sum(e r) / sum(e^2)
+    assert nats_per_unit([1.0, 3.0], [1.0, 1.0]) == pytest.approx(4 / 10, rel=1e-12)
+    with pytest.raises(ValueError, match="do not grow with the proxy errors"):
+        nats_per_unit([1.0, 2.0], [-0.1, -0.2])
+    with pytest.raises(ValueError, match="do not grow with the proxy errors"):
+        nats_per_unit([0.0], [0.3])
+    with pytest.raises(ValueError, match="one rise per proxy error"):
+        nats_per_unit([1.0], [])

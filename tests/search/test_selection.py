@@ -11,6 +11,7 @@ import torch
 
 from objectives import long_context as lc
 from objectives.evaluate import perplexity
+from objectives.long_range import nats_per_unit
 from objectives.selection import SelectionObjective
 from search.config import ConfigError, StudyConfig
 from search.kv_front import KVFront, front_frame
@@ -71,6 +72,10 @@ def test_bad_objectives_are_one_line_config_errors(tmp_path):
         ("[selection]\nobjective = {}", "selection.objective: the selection objective needs"),
         ("[long_context]\nbuckets = [4000]", "long_context: long_context buckets must increase"),
         ("[long_context]\nwindows = 3", "long_context.windows: unknown key"),
+        (
+            "[precision]\nbudgets = [0.5]\nlayer_costs = 'nats'",
+            "precision.layer_costs: expected one of proxy, long_range, got 'nats'",
+        ),
     ):
         path = tmp_path / "c.toml"
         path.write_text(base + extra)
@@ -159,6 +164,63 @@ def test_protected_layers_stay_the_source_in_joint_layer_mixes(long_study):
             protected = front.long_range(model).most_costly(1)[0]
             assert mixed.layers[protected] == source.layers[protected]
     assert mixes
+
+
+def test_long_range_units_weigh_layers_by_their_cost_and_bits_at_a_measured_rate(
+    long_study, monkeypatch
+):
+    from gqa.precision import PrecisionPlan
+    from search import kv_front
+    from search.byte_allocation import ByteBudget, allocate_joint, uniform_settings
+
+    config, storage = long_study
+    precision = dataclasses.replace(config.precision, layer_costs="long_range")
+    config = dataclasses.replace(config, precision=precision)
+    study = Study(config, progress=False)
+    study.run()
+    front = KVFront(study, progress=False)
+    models = front.base_models()
+    source = models["source"]
+    winners = [model for name, model in models.items() if name != "source"]
+    assert winners
+    for model in winners:  # a layer costs its long-range cost, never below 0
+        costs = front.long_range(model).costs
+        assert front.layer_errors(model) == tuple(max(c, 0.0) for c in costs)
+        assert any(c > 0 for c in front.layer_errors(model))
+    # the rate: the source's uniform settings, their late-NLL rises on their proxy errors
+    group = precision.group_sizes[0]
+    settings = uniform_settings(precision.bits, [group])
+    plans = [PrecisionPlan.uniform(front.layers, k, v, g, 0) for k, v, g in settings]
+    raw = front._proxy_table(source)
+    rises = kv_front.precision_rises(
+        front.module(source), study.loaded.tokenizer, plans, config.long_context, progress=False
+    )
+    rate = nats_per_unit([raw.plan_error(p) for p in plans], rises)
+    assert front.nats_per_unit() == pytest.approx(rate, rel=1e-9)
+    scaled = front._quant_table(source)
+    assert scaled.errors[0]["k"][2] == pytest.approx(rate * raw.errors[0]["k"][2], rel=1e-12)
+    # the mixes minimise nats: the joint allocation over those units
+    budget = ByteBudget.of_source(min(precision.budgets), front.source_bytes)
+    point = front._layer_mix(models, budget)
+    expected = allocate_joint(
+        {name: front._quant_table(m) for name, m in models.items()},
+        {name: front.layer_errors(m) for name, m in models.items()},
+        budget.bytes_per_token,
+        front.head_dim,
+        (*precision.bits, 16),
+        context=front.context,
+    )
+    assert point.proxy == pytest.approx(expected.error, rel=1e-12)
+    # kept in the storage: a new front measures nothing again
+    monkeypatch.setattr(kv_front, "precision_rises", _must_not_run)
+    monkeypatch.setattr(kv_front, "long_range_costs", _must_not_run)
+    again = KVFront(Study(config, progress=False), progress=False)
+    assert again.nats_per_unit() == pytest.approx(rate, rel=1e-12)
+    assert again.layer_errors(winners[0]) == front.layer_errors(winners[0])
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("measured again")
 
 
 def test_a_long_range_rank_proxy_reads_the_studys_long_documents(long_study):
