@@ -37,14 +37,23 @@ from objectives.long_context import LongContextConfig, late_window_nlls, long_wi
 @dataclass
 class LongRangeCosts:
     """Per layer, the late-bucket NLL the donor's layer adds to the base; `base_nll` is the
-    base's own late-bucket NLL."""
+    base's own late-bucket NLL, `whole` what the donor itself (every layer) adds (None: not
+    measured)."""
 
     costs: list[float]
     base_nll: float
+    whole: float | None = None
 
     def most_costly(self, k: int) -> list[int]:
         """The k layers of highest cost, highest first."""
         return sorted(range(len(self.costs)), key=lambda i: -self.costs[i])[:k]
+
+    def compounding(self) -> float:
+        """How much the whole donor costs against the sum of its layers' costs (each read as at
+        least 0): the single-layer costs times this add up to the measured whole. 1 where
+        nothing is known (no whole, or no layer costs anything)."""
+        total = sum(max(c, 0.0) for c in self.costs)
+        return self.whole / total if self.whole is not None and total > 0 else 1.0
 
 
 @contextmanager
@@ -82,8 +91,8 @@ def long_range_costs(
     subset: str = "valid",
     progress: bool = True,
 ) -> LongRangeCosts:
-    """Per-layer long-range cost of the donor's layers (see the module docstring), on the
-    long_ppl windows of `subset` (selection reads "valid")."""
+    """Per-layer long-range cost of the donor's layers (see the module docstring), and the
+    whole donor's, on the long_ppl windows of `subset` (selection reads "valid")."""
     config = config or LongContextConfig()
     layers = get_adapter(base).num_layers
     if get_adapter(donor).num_layers != layers:
@@ -94,7 +103,7 @@ def long_range_costs(
     for layer in tqdm(range(layers), desc="long-range cost per layer", disable=not progress):
         with layer_swapped(base, donor, layer):
             costs.append(late_nll(base, windows, config) - base_nll)
-    return LongRangeCosts(costs, base_nll)
+    return LongRangeCosts(costs, base_nll, late_nll(donor, windows, config) - base_nll)
 
 
 def precision_rises(

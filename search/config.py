@@ -162,9 +162,9 @@ class PrecisionConfig:
     protect: int = 0
     # The units of the joint allocation's per-layer errors (LAYER_COSTS): "proxy", the
     # short-window Fisher-weighted output changes; "long_range", nats of late-bucket NLL: each
-    # winner's layers cost what they cost at long range (objectives.long_range), and the
-    # quantization (and latent) errors are converted at a rate measured on the source's uniform
-    # settings (objectives.long_range.nats_per_unit).
+    # winner's layers cost what they cost at long range (objectives.long_range, scaled to add up
+    # to the whole winner's cost), and the quantization (and latent) errors are converted at a
+    # rate measured on the source's uniform settings (objectives.long_range.nats_per_unit).
     layer_costs: str = "proxy"
     # Latent K/V ranks (gqa.latent) the byte front may give the source's layers: a `latent`
     # family (ranks allocated per layer, 16-bit cache) and latent options in the joint layer mixes;

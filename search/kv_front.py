@@ -61,8 +61,10 @@ from gqa.precision import PrecisionPlan
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.kv_quant_error import grouping_errors, kv_quant_errors
 from objectives.latent_error import LatentErrorTable, latent_errors
+from objectives.long_context import long_windows
 from objectives.long_range import (
     LongRangeCosts,
+    late_nll,
     long_range_costs,
     nats_per_unit,
     precision_rises,
@@ -239,13 +241,15 @@ class KVFront:
     def layer_errors(self, model: FrontModel) -> tuple[float, ...]:
         """Per layer, what a model's layer costs against the source's at 16 bits, in the
         allocation's units (objectives.kv_quant_error.grouping_errors, or with `layer_costs =
-        "long_range"` its long-range costs, a cost below 0 read as 0; 0 for the source)."""
+        "long_range"` its long-range costs, a cost below 0 read as 0, scaled so that they sum to
+        the whole model's: LongRangeCosts.compounding; 0 for the source)."""
         if model.name not in self._layer_errors:
             if model.is_source:
                 self._layer_errors[model.name] = (0.0,) * self.layers
             elif self.long_units:
-                costs = self.long_range(model).costs
-                self._layer_errors[model.name] = tuple(max(c, 0.0) for c in costs)
+                costs = self.long_range(model)
+                factor = costs.compounding()
+                self._layer_errors[model.name] = tuple(factor * max(c, 0.0) for c in costs.costs)
             else:
                 self._layer_errors[model.name] = self.short_layer_errors(model)
         return self._layer_errors[model.name]
@@ -280,9 +284,16 @@ class KVFront:
                 long_config,
                 progress=self.progress,
             )
-            stored = {"costs": costs.costs, "base_nll": costs.base_nll}
+            stored = {"costs": costs.costs, "base_nll": costs.base_nll, "whole": costs.whole}
             self.storage_study.set_user_attr(key, stored)
-        return LongRangeCosts(stored["costs"], stored["base_nll"])
+        elif stored.get("whole") is None:  # stored before the whole model's cost was measured
+            windows = long_windows(
+                self.study.loaded.tokenizer, "valid", long_config.seq_len, long_config.ppl_windows
+            )
+            whole = late_nll(self.module(model), windows, long_config) - stored["base_nll"]
+            stored = {**stored, "whole": whole}
+            self.storage_study.set_user_attr(key, stored)
+        return LongRangeCosts(stored["costs"], stored["base_nll"], stored["whole"])
 
     def nats_per_unit(self) -> float:
         """Nats of late-bucket NLL per unit of the quantization proxy (`layer_costs =

@@ -12,6 +12,7 @@ from gqa.precision import PrecisionPlan
 from objectives import long_context as lc
 from objectives.calibration import CalibrationConfig, calibrate
 from objectives.long_range import (
+    LongRangeCosts,
     late_nll,
     layer_swapped,
     long_range_costs,
@@ -43,6 +44,11 @@ def test_each_cost_is_the_model_converted_in_that_layer_only(smol_tokenizer):
         expected = late_nll(only, windows, CONFIG) - result.base_nll
         assert result.costs[layer] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert any(abs(c) > 1e-4 for c in result.costs)  # the swaps changed something
+    whole = late_nll(donor, windows, CONFIG) - result.base_nll
+    assert result.whole == pytest.approx(whole, rel=1e-4, abs=1e-6)
+    positive = sum(max(c, 0.0) for c in result.costs)
+    expected = whole / positive if positive > 0 else 1.0  # a random model may gain everywhere
+    assert result.compounding() == pytest.approx(expected, rel=1e-4)
     assert result.most_costly(1) == [max(range(3), key=result.costs.__getitem__)]
     with torch.no_grad():  # both models are back as they were
         assert torch.equal(base(input_ids=windows).logits, before[0])
@@ -138,6 +144,13 @@ def test_precision_rises_are_the_late_nll_each_plan_adds_and_the_cache_comes_bac
         assert rise == pytest.approx(expected, rel=1e-9, abs=1e-12)
     assert rises[1] > rises[0] > 0  # 2 bits cost more than 4 at long range too
     assert late_nll(model, windows, CONFIG) == pytest.approx(base, rel=1e-12)  # 16 bits again
+
+
+def test_compounding_scales_single_layer_costs_to_the_whole():
+    costs = LongRangeCosts([0.1, -0.05, 0.3], base_nll=2.0, whole=0.8)
+    assert costs.compounding() == pytest.approx(2.0, rel=1e-12)  # 0.8 / (0.1 + 0 + 0.3)
+    assert LongRangeCosts([0.1], 2.0).compounding() == 1.0  # the whole not measured
+    assert LongRangeCosts([-0.1, 0.0], 2.0, whole=0.5).compounding() == 1.0  # nothing costs
 
 
 def test_nats_per_unit_is_the_slope_through_the_origin():

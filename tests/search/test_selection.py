@@ -11,7 +11,7 @@ import torch
 
 from objectives import long_context as lc
 from objectives.evaluate import perplexity
-from objectives.long_range import nats_per_unit
+from objectives.long_range import late_nll, nats_per_unit
 from objectives.selection import SelectionObjective
 from search.config import ConfigError, StudyConfig
 from search.kv_front import KVFront, front_frame
@@ -183,10 +183,16 @@ def test_long_range_units_weigh_layers_by_their_cost_and_bits_at_a_measured_rate
     source = models["source"]
     winners = [model for name, model in models.items() if name != "source"]
     assert winners
-    for model in winners:  # a layer costs its long-range cost, never below 0
-        costs = front.long_range(model).costs
-        assert front.layer_errors(model) == tuple(max(c, 0.0) for c in costs)
-        assert any(c > 0 for c in front.layer_errors(model))
+    for model in winners:  # a layer costs its long-range cost (never below 0), compounded
+        costs = front.long_range(model)
+        errors = front.layer_errors(model)
+        assert errors == tuple(costs.compounding() * max(c, 0.0) for c in costs.costs)
+        if any(c > 0 for c in costs.costs):  # they add up to the whole model's cost
+            assert sum(errors) == pytest.approx(costs.whole, rel=1e-9)
+        whole = front.module(model)
+        windows = lc.long_windows(study.loaded.tokenizer, "valid", LONG.seq_len, LONG.ppl_windows)
+        expected = late_nll(whole, windows, LONG) - costs.base_nll
+        assert costs.whole == pytest.approx(expected, rel=1e-6, abs=1e-9)
     # the rate: the source's uniform settings, their late-NLL rises on their proxy errors
     group = precision.group_sizes[0]
     settings = uniform_settings(precision.bits, [group])
@@ -211,6 +217,14 @@ def test_long_range_units_weigh_layers_by_their_cost_and_bits_at_a_measured_rate
         context=front.context,
     )
     assert point.proxy == pytest.approx(expected.error, rel=1e-12)
+    # a cost stored without the whole model's (an older storage) gets it measured once
+    key = next(k for k in front.storage_study.user_attrs if k.startswith("long_range:"))
+    stored = front.storage_study.user_attrs[key]
+    front.storage_study.set_user_attr(key, {**stored, "whole": None})
+    older = KVFront(Study(config, progress=False), progress=False)
+    named = next(m for m in winners if key.startswith(f"long_range:{m.name}:"))
+    assert older.long_range(named).whole == pytest.approx(stored["whole"], rel=1e-9)
+    assert older.storage_study.user_attrs[key]["whole"] == pytest.approx(stored["whole"])
     # kept in the storage: a new front measures nothing again
     monkeypatch.setattr(kv_front, "precision_rises", _must_not_run)
     monkeypatch.setattr(kv_front, "long_range_costs", _must_not_run)
