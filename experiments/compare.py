@@ -58,10 +58,12 @@ def finalists(stage2: pd.DataFrame, budget: float) -> dict[str, dict]:
     searched = rows[rows["kind"] == "searched"].copy()
     if searched.empty:
         raise ValueError(f"budget {budget:g}: the study has no searched candidate")
-    last_rung = rung_columns(searched)[:-1][-1]  # the deepest recovery rung
-    searched["selection"] = searched["valid_ppl"].fillna(searched[last_rung])
+    rungs = searched[rung_columns(searched)[:-1]]  # merged, then after each recovery method
+    searched["depth"] = rungs.notna().sum(axis=1)  # the rungs a pruned candidate got through
+    searched["selection"] = searched["valid_ppl"].fillna(rungs.ffill(axis=1).iloc[:, -1])
     searched["pruned"] = searched["state"] != "complete"
-    best = searched.sort_values(["pruned", "selection"]).iloc[0].to_dict()
+    order = ["pruned", "depth", "selection"]
+    best = searched.sort_values(order, ascending=[True, False, True]).iloc[0].to_dict()
     best["valid_ppl"] = best["selection"]
     out = {"searched": best}
     rows = rows[rows["state"] == "complete"]

@@ -6,6 +6,7 @@ regenerated from it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,9 +17,26 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from search.results import rung_columns, stage1_frame, stage2_frame  # noqa: E402
+from search.results import rung_columns, stage1_frame, stage2_frame, test_columns  # noqa: E402
 
 MARKERS = "os^Dv<>pPXh*"
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorePanel:
+    """A test score pareto.png plots against cache size when the study measured it."""
+
+    column: str
+    label: str
+    title: str
+    minimise: bool
+
+
+SCORE_PANELS = (
+    ScorePanel("long_ppl", "late-position perplexity, long test documents", "long context", True),
+    ScorePanel("passkey", "passkey retrieval, test prompts (higher is better)", "retrieval", False),
+    ScorePanel("mean_acc", "mean accuracy, test questions (higher is better)", "accuracy", False),
+)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -103,14 +121,16 @@ def _panel(ax, frame, y, label, source_bytes, styles, minimise=True, log=False):
 
 
 def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
-    """pareto.png (proxy stage, perplexity, mean accuracy vs KV size) and pareto.csv."""
+    """pareto.png (the proxy, the validation objective after recovery and the test scores of
+    SCORE_PANELS the study measured, against KV size) and pareto.csv (their fronts)."""
     stage1, stage2 = stage1_frame(name, storage), stage2_frame(name, storage)
     if stage1.empty:
         raise ValueError(f"study {name!r} has no completed trials in this storage")
     out.mkdir(parents=True, exist_ok=True)
     source_bytes = _source_bytes(stage2) if len(stage2) else None
     complete = stage2[stage2["state"] == "complete"] if len(stage2) else stage2
-    panels = 1 + (len(complete) > 0) * (1 + ("mean_acc" in complete))
+    tests = [t for t in SCORE_PANELS if t.column in complete and complete[t.column].notna().any()]
+    panels = 1 + (len(complete) > 0) * (1 + len(tests))
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.8), squeeze=False)
     scored = stage1[stage1["duplicate_of"].isna()]
     styles = _styles(stage1, stage2)
@@ -120,37 +140,30 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
     axes[0, 0].set_title(f"stage 1: {len(scored)} groupings scored by proxy")
     fronts = [pareto_front(scored, "kv_bytes", "proxy").assign(stage="proxy", metric="proxy")]
     if len(complete):
-        # Selection reads validation data only, so the perplexity panel and its front do too.
+        # Selection reads validation data only, so the selection panel and its front do too.
         _panel(
             axes[0, 1],
             complete,
             "valid_ppl",
-            "validation perplexity after recovery",
+            "validation objective after recovery (lower is better)",
             source_bytes,
             styles,
             log=True,
         )
         axes[0, 1].set_title("stage 2: recovered (validation)")
+        candidates = complete[complete["kind"] != "source"]
         fronts.append(
-            pareto_front(complete[complete["kind"] != "source"], "kv_bytes", "valid_ppl").assign(
+            pareto_front(candidates, "kv_bytes", "valid_ppl").assign(
                 stage="recovered", metric="valid_ppl"
             )
         )
-        if "mean_acc" in complete:
-            _panel(
-                axes[0, 2],
-                complete,
-                "mean_acc",
-                "mean accuracy, test questions (higher is better)",
-                source_bytes,
-                styles,
-                minimise=False,
-            )
-            axes[0, 2].set_title("stage 2: accuracy (test)")
+        for ax, test in zip(axes[0, 2:], tests, strict=True):
+            _panel(ax, complete, test.column, test.label, source_bytes, styles, test.minimise)
+            ax.set_title(f"stage 2: {test.title} (test)")
             fronts.append(
-                pareto_front(
-                    complete[complete["kind"] != "source"], "kv_bytes", "mean_acc", minimise=False
-                ).assign(stage="recovered", metric="mean_acc")
+                pareto_front(candidates, "kv_bytes", test.column, test.minimise).assign(
+                    stage="recovered", metric=test.column
+                )
             )
     handles, labels = {}, []
     for ax in axes[0]:
@@ -165,7 +178,7 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
         ncol=min(len(labels), 6),
         frameon=False,
     )
-    fig.suptitle(f"study {name}: accuracy against KV-cache size")
+    fig.suptitle(f"study {name}: quality against KV-cache size")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     png = out / "pareto.png"
     tmp = out / ".pareto.png.tmp.png"
@@ -187,7 +200,7 @@ def pareto_report(name: str, storage, out: Path) -> dict[str, Path]:
             "rank",
             "valid_ppl",
             "ppl",
-            "mean_acc",
+            *(t.column for t in SCORE_PANELS),
             "key",
         )
         if c in front
@@ -279,8 +292,7 @@ def ablation_report(names: list[str], storage, out: Path) -> dict[str, Path]:
             s2["kv_pct"] = 100 * s2["kv_bytes"] / source_bytes
         # The recovery ablation: validation perplexity at each rung (merged, after each method).
         metrics = [c for c in ("proxy", "rank", "kv_pct", *rung_columns(s2)) if c in s2]
-        metrics += [c for c in ("ppl", "mean_acc") if c in s2]
-        metrics += sorted(c for c in s2 if c.startswith("acc_"))
+        metrics += test_columns(s2)
         done = s2[s2["state"] == "complete"]
         best = (  # per strategy the candidate best on validation data; its test numbers shown
             done.sort_values("valid_ppl", na_position="first")
@@ -290,7 +302,7 @@ def ablation_report(names: list[str], storage, out: Path) -> dict[str, Path]:
         sections.append(
             (
                 "Recovered candidates (stage 2): strategy x budget, best on validation "
-                "(valid_ppl*: validation; ppl, acc: test)",
+                "(valid_ppl*: validation; ppl, acc, long tasks: test)",
                 _mean_std(best, ["budget", "strategy", "kind"], metrics),
             )
         )

@@ -11,6 +11,10 @@ from optuna.trial import TrialState
 
 from search.study import STAGE2_SUFFIX, make_storage
 
+# The test scores a complete stage-2 candidate may carry (promote.tasks decides which), in the
+# order reports show them; `acc_*` (one per multiple-choice task) follow.
+TEST_SCORES = ("ppl", "mean_acc", "long_ppl", "passkey", "mdqa")
+
 
 def load_study(name: str, storage) -> optuna.Study | None:
     """The Optuna study `name` in `storage` (a URL or a storage object), or None when the storage
@@ -99,9 +103,21 @@ def stage2_frame(name: str, storage) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def test_columns(stage2: pd.DataFrame) -> list[str]:
+    """The test-score columns `stage2` has: TEST_SCORES, then the accuracies per task."""
+    return [c for c in TEST_SCORES if c in stage2] + sorted(
+        c for c in stage2 if c.startswith("acc_")
+    )
+
+
 def rung_columns(stage2: pd.DataFrame) -> list[str]:
-    """The validation-perplexity columns in rung order: merged, after each method, final."""
-    after = [c for c in stage2 if c.startswith("valid_ppl_after_")]
+    """The validation-perplexity columns in rung order: merged, after each recovery method in the
+    order the candidates' `rungs` record ran them (the storage returns attributes sorted by name),
+    final."""
+    order = {}
+    for record in stage2["rungs"].dropna() if "rungs" in stage2 else ():
+        order.update({f"valid_ppl_after_{r['after']}": None for r in json.loads(record)[1:]})
+    after = [*order, *(c for c in stage2 if c.startswith("valid_ppl_after_") and c not in order)]
     return [c for c in ("valid_ppl_merged", *after, "valid_ppl") if c in stage2]
 
 
@@ -128,9 +144,7 @@ def summary_table(name: str, storage) -> str:
     s2 = stage2_frame(name, storage)
     if not s2.empty:
         wanted = ("kind", "budget", "strategy", "proxy", "rank", "kv_heads", "state")
-        wanted += (*rung_columns(s2), "ppl", "mean_acc", "long_ppl", "passkey", "mdqa")
-        cols = [c for c in wanted if c in s2]
-        cols += sorted(c for c in s2.columns if c.startswith("acc_"))
+        cols = [c for c in (*wanted, *rung_columns(s2)) if c in s2] + test_columns(s2)
         lines += [
             "stage 2: candidates (valid_ppl*: the selection objective on validation at each rung,"
             " what selects; ppl, acc_* and long tasks: test data, complete candidates only)",

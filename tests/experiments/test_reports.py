@@ -1,5 +1,6 @@
 """Reports built from a tiny study's storage, and the main job's results folder."""
 
+import json
 import re
 
 import pandas as pd
@@ -9,7 +10,7 @@ from experiments.cli import main
 from experiments.main_job import run_main_job
 from experiments.reports import pareto_front
 from gqa.grouping import Grouping
-from search.results import stage1_frame, stage2_frame
+from search.results import rung_columns, stage1_frame, stage2_frame
 from tests.search.study_fixtures import save_tiny_model, write_config
 
 
@@ -97,6 +98,82 @@ def test_ablation_tables_cover_strategies_and_budgets(finished):
     assert "## Recovered candidates (stage 2)" in md and re.search(r"\|\s+budget\s+\|", md)
     assert "## Stage-2 pruning" in md
     assert "\\begin{tabular}" in (out / "ablation.tex").read_text()
+
+
+def test_long_task_scores_reach_the_ablation_and_the_pareto_fronts(finished, tmp_path, monkeypatch):
+    """A study that measured long tasks shows them: ablation columns and pareto.csv fronts."""
+    import experiments.reports as reports
+
+    _, storage, _ = finished
+    stage2 = stage2_frame("tiny", storage)
+    done = stage2["state"] == "complete"
+    stage2.loc[done, "long_ppl"] = [30.0 + i for i in range(done.sum())]
+    stage2.loc[done, "passkey"] = [i % 3 / 2 for i in range(done.sum())]
+    monkeypatch.setattr(reports, "stage2_frame", lambda name, storage: stage2)
+    table = pd.read_csv(reports.ablation_report(["tiny"], storage, tmp_path)["csv"])
+    best = table[table["table"].str.startswith("Recovered candidates")]
+    assert {"long_ppl", "passkey"} <= set(best.columns)
+    by_strategy = stage2[done].assign(strategy=stage2["strategy"].fillna("source"))
+    for _, row in best.iterrows():  # each shown score is that strategy's complete candidate's
+        rows = by_strategy[
+            (by_strategy["strategy"] == row["strategy"]) & (by_strategy["kind"] == row["kind"])
+        ]
+        assert float(row["long_ppl"]) in set(rows["long_ppl"])
+    reports.pareto_report("tiny", storage, tmp_path)
+    front = pd.read_csv(tmp_path / "pareto.csv")
+    candidates = stage2[done & (stage2["kind"] != "source")]
+    for metric, better in (("long_ppl", -1), ("passkey", 1)):
+        points = front[front["metric"] == metric]
+        assert len(points)
+        for _, point in points.iterrows():  # nothing recovered dominates a front point
+            beaten = candidates[
+                (candidates["kv_bytes"] <= point["kv_bytes"])
+                & (better * (candidates[metric] - point[metric]) > 1e-12)
+            ]
+            assert beaten.empty, metric
+
+
+def _rungs(*steps):
+    return json.dumps([{"after": "merge", "valid_ppl": 9.0}, *({"after": a} for a in steps)])
+
+
+def test_rung_columns_follow_the_recovery_order_not_the_alphabet():
+    frame = pd.DataFrame(  # the storage returns attributes sorted by name: finetune first
+        {
+            "valid_ppl_after_finetune": [3.0],
+            "valid_ppl_after_layerwise": [5.0],
+            "valid_ppl_merged": [9.0],
+            "valid_ppl": [3.0],
+            "rungs": [_rungs("layerwise", "finetune")],
+        }
+    )
+    assert rung_columns(frame) == [
+        "valid_ppl_merged",
+        "valid_ppl_after_layerwise",
+        "valid_ppl_after_finetune",
+        "valid_ppl",
+    ]
+
+
+def test_compare_prefers_the_searched_candidate_that_went_deepest_when_all_were_pruned():
+    from experiments.compare import finalists
+
+    frame = pd.DataFrame(
+        {
+            "budget": [2.0, 2.0, 2.0],
+            "kind": ["searched", "searched", "baseline"],
+            "strategy": ["a", "b", "neighbour"],
+            "state": ["pruned", "pruned", "complete"],
+            "valid_ppl_merged": [50.0, 40.0, 60.0],
+            "valid_ppl_after_finetune": [30.0, None, 20.0],
+            "valid_ppl_after_layerwise": [35.0, 10.0, 25.0],  # b: best there, pruned before tuning
+            "valid_ppl": [None, None, 20.0],
+            "rungs": [_rungs("layerwise", "finetune"), _rungs("layerwise"), None],
+        }
+    )
+    chosen = finalists(frame, 2.0)
+    assert chosen["searched"]["strategy"] == "a" and chosen["searched"]["valid_ppl"] == 30.0
+    assert chosen["neighbour"]["valid_ppl"] == 20.0
 
 
 def test_pareto_front_brute_force():
