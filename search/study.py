@@ -44,6 +44,7 @@ from objectives.evaluate import SCORED_TASKS, evaluate
 from objectives.proxies import make_proxy
 from objectives.recovery import recover, recovery_config
 from search.budget import Budget, allocate, allocate_kv_together, error_curves
+from search.candidate_cache import CandidateCache
 from search.config import KV_TOGETHER, StudyConfig
 from search.pruning import make_pruner
 from search.storage import make_storage
@@ -535,10 +536,18 @@ class Study:
     ) -> torch.nn.Module:
         """A copy of the source converted to `grouping` with the study's merge and statistics,
         then recovered by the study's chain. `on_rung(model, after)` is called on the merged
-        model ("merge") and after each method; it may raise optuna.TrialPruned to stop."""
+        model ("merge") and after each method; it may raise optuna.TrialPruned to stop. A chain
+        with a step that caches nothing itself is kept whole (search.candidate_cache): a rebuild
+        without `on_rung` loads it instead of training again."""
         merge = self.config.search.merge
         chain = self.recovery_chain(recovery_seed)
         model = gqa.converted_copy(self.source, grouping, merge, self.stats, own=trained(chain))
+        # Kept on disk when a step of the chain keeps nothing itself (distillation does not; the
+        # layer-wise fits have their own cache). Stage 2 (on_rung) always runs its rungs.
+        cache = None if all(getattr(c, "cache", False) for _, c in chain) else CandidateCache()
+        digest = self.candidate_digest(grouping, recovery_seed)
+        if cache and on_rung is None and cache.load(digest, model, self.source):
+            return model
         if on_rung:
             on_rung(model, "merge")
         for method, config in chain:
@@ -554,6 +563,8 @@ class Study:
             )
             if on_rung:
                 on_rung(model, method)
+        if cache:
+            cache.store(digest, model, self.source)
         return model
 
     def validation_ppl(self, model: torch.nn.Module) -> float:
