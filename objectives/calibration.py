@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 
 from gqa.adapters import get_adapter
 from gqa.assets import cache_dir
+from gqa.grouping import write_atomic
 from objectives.data import TextSpec, token_windows
 
 log = logging.getLogger(__name__)
@@ -81,25 +80,15 @@ class CalibrationStats:
     model: str
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(
-                {
-                    "version": STATS_VERSION,
-                    "layers": [asdict(layer) for layer in self.layers],
-                    "token_ids": self.token_ids,
-                    "tokens": self.tokens,
-                    "config": asdict(self.config),
-                    "model": self.model,
-                },
-                tmp,
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        state = {
+            "version": STATS_VERSION,
+            "layers": [asdict(layer) for layer in self.layers],
+            "token_ids": self.token_ids,
+            "tokens": self.tokens,
+            "config": asdict(self.config),
+            "model": self.model,
+        }
+        write_atomic(path, lambda tmp: torch.save(state, tmp))
 
     @classmethod
     def load(cls, path: Path) -> CalibrationStats:

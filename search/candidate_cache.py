@@ -16,14 +16,13 @@ size of the model's attention weights. A file that does not fit the model it is 
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gqa.assets import cache_dir
+from gqa.grouping import write_atomic
 
 
 def _storage(tensor: torch.Tensor) -> int:
@@ -78,13 +77,5 @@ class CandidateCache:
         """Write the tensors of `model` that it does not share with `source`."""
         own = {key: value.detach().cpu() for key, value in _own(model, source).items()}
         path = self.path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(own, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, lambda tmp: torch.save(own, tmp))
         return path

@@ -30,8 +30,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +43,7 @@ from tqdm.auto import tqdm
 
 from gqa.adapters import ModelAdapter, get_adapter
 from gqa.assets import cache_dir
-from gqa.grouping import LayerGrouping
+from gqa.grouping import LayerGrouping, write_atomic
 from gqa.latent_model import model_latent
 from gqa.precision import model_precision
 from gqa.surgery import current_grouping
@@ -444,22 +442,16 @@ class LayerFitCache:
         fit: LayerFit,
         below: list[LayerGrouping] | None = None,
     ) -> None:
-        path = self.path(layer, grouping, below)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
         meta = {
             "initial": repr(fit.initial),
             "final": repr(fit.final),
             "steps": str(fit.steps),
             "seconds": repr(fit.seconds),
         }
-        try:
-            save_file({k: v.contiguous() for k, v in fit.weights.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        weights = {k: v.contiguous() for k, v in fit.weights.items()}
+        write_atomic(
+            self.path(layer, grouping, below), lambda tmp: save_file(weights, tmp, metadata=meta)
+        )
 
 
 # --------------------------------------------------------------------------------------------
