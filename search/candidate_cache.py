@@ -5,10 +5,11 @@ distillation). The byte front, `headgroup compare` and `headgroup export` rebuil
 layer-wise fits come back from their own cache, but distillation would run again: about 5 min
 per winner at 2048 tokens on 2 cores, and again on every resumption of a stopped front. This cache
 keeps, after the whole chain, the tensors a candidate does not share with the source (its
-attention projections). They are stored under `Study.candidate_digest`, which covers the model,
-calibration, grouping, merge, chain and seed. A rebuild then costs a merge and a load.
+attention projections). They are stored under `Study.candidate_digest` (model, calibration,
+grouping, merge, chain and seed) and the calibration statistics' fingerprint (which follows the
+source's weights). A rebuild then costs a merge and a load.
 
-Files are `$HEADGROUP_CACHE/candidates/<digest>.pt`. Each is written atomically and is about the
+Files are `$HEADGROUP_CACHE/candidates/<key>.pt`. Each is written atomically and is about the
 size of the model's attention weights. A file that does not fit the model it is loaded into
 (other code, another layout) is ignored, and the candidate is rebuilt.
 """

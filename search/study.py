@@ -43,6 +43,7 @@ from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
 from objectives.evaluate import SCORED_TASKS, evaluate
 from objectives.proxies import make_proxy
 from objectives.recovery import recover, recovery_config
+from objectives.recovery.layerwise import stats_fingerprint
 from search.budget import Budget, allocate, allocate_kv_together, error_curves
 from search.candidate_cache import CandidateCache
 from search.config import KV_TOGETHER, StudyConfig
@@ -545,7 +546,8 @@ class Study:
         # Kept on disk when a step of the chain keeps nothing itself (distillation does not; the
         # layer-wise fits have their own cache). Stage 2 (on_rung) always runs its rungs.
         cache = None if all(getattr(c, "cache", False) for _, c in chain) else CandidateCache()
-        digest = self.candidate_digest(grouping, recovery_seed)
+        # The statistics' fingerprint follows the source's weights, which the digest names only.
+        digest = f"{self.candidate_digest(grouping, recovery_seed)}-{stats_fingerprint(self.stats)}"
         if cache and on_rung is None and cache.load(digest, model, self.source):
             return model
         if on_rung:
