@@ -60,11 +60,54 @@ class QuantErrorTable:
         """The same table with every error multiplied by `factor` (other units)."""
         return dataclasses.replace(self, errors=scaled_rows(self.errors, factor))
 
+    def to_json(self) -> dict:
+        """The table as JSON values (`from_json` reads it back exactly)."""
+        return {
+            "errors": rows_to_json(self.errors),
+            "k_heads": list(self.k_heads),
+            "v_heads": list(self.v_heads),
+            "group_size": self.group_size,
+            "window": self.window,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> QuantErrorTable:
+        return cls(
+            errors=rows_from_json(data["errors"]),
+            k_heads=tuple(data["k_heads"]),
+            v_heads=tuple(data["v_heads"]),
+            group_size=int(data["group_size"]),
+            window=int(data["window"]),
+        )
+
 
 def scaled_rows(rows: Sequence[dict[str, dict]], factor: float) -> tuple[dict[str, dict], ...]:
     """Per-layer error rows (row[kind][setting] -> error) with every error times `factor`."""
     return tuple(
         {kind: {key: factor * e for key, e in errors.items()} for kind, errors in row.items()}
+        for row in rows
+    )
+
+
+def rows_to_json(rows: Sequence[dict[str, dict]]) -> list[dict[str, list]]:
+    """Per-layer error rows as JSON values: each kind's settings as [setting, error] pairs, a
+    tuple setting (rank, bits) as a list (JSON objects key by strings only)."""
+    return [
+        {
+            kind: [[list(key) if isinstance(key, tuple) else key, e] for key, e in errors.items()]
+            for kind, errors in row.items()
+        }
+        for row in rows
+    ]
+
+
+def rows_from_json(rows: Sequence[dict[str, list]]) -> tuple[dict[str, dict], ...]:
+    """`rows_to_json` read back: list settings become tuples again."""
+    return tuple(
+        {
+            kind: {tuple(key) if isinstance(key, list) else key: float(e) for key, e in pairs}
+            for kind, pairs in row.items()
+        }
         for row in rows
     )
 

@@ -29,7 +29,14 @@ from gqa.adapters import get_adapter
 from gqa.kv_quant import LayerQuantizer
 from gqa.latent import LatentLayer, check_family, convert_module, whitened_svd
 from objectives.calibration import CalibrationStats
-from objectives.kv_quant_error import KINDS, _grouped, _weighted, scaled_rows
+from objectives.kv_quant_error import (
+    KINDS,
+    _grouped,
+    _weighted,
+    rows_from_json,
+    rows_to_json,
+    scaled_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,28 @@ class LatentErrorTable:
             self,
             errors=scaled_rows(self.errors, factor),
             quantized=scaled_rows(self.quantized, factor),
+        )
+
+    def to_json(self) -> dict:
+        """The table as JSON values (`from_json` reads it back exactly)."""
+        return {
+            "errors": rows_to_json(self.errors),
+            "closed": rows_to_json(self.closed),
+            "widths": [dict(row) for row in self.widths],
+            "quantized": rows_to_json(self.quantized),
+            "group_size": self.group_size,
+            "window": self.window,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatentErrorTable:
+        return cls(
+            errors=rows_from_json(data["errors"]),
+            closed=rows_from_json(data["closed"]),
+            widths=tuple({kind: int(w) for kind, w in row.items()} for row in data["widths"]),
+            quantized=rows_from_json(data["quantized"]),
+            group_size=int(data["group_size"]),
+            window=int(data["window"]),
         )
 
 

@@ -59,7 +59,7 @@ from gqa.grouping import Grouping
 from gqa.latent_model import apply_latent
 from gqa.precision import PrecisionPlan
 from objectives.data import TEST_SPLIT, VALID_SPLIT, TextSpec, token_windows
-from objectives.kv_quant_error import grouping_errors, kv_quant_errors
+from objectives.kv_quant_error import QuantErrorTable, grouping_errors, kv_quant_errors
 from objectives.latent_error import LatentErrorTable, latent_errors
 from objectives.long_context import long_windows
 from objectives.long_range import (
@@ -69,6 +69,7 @@ from objectives.long_range import (
     nats_per_unit,
     precision_rises,
 )
+from objectives.recovery.layerwise import stats_fingerprint
 from search.budget import Budget
 from search.byte_allocation import (
     ByteBudget,
@@ -120,6 +121,7 @@ class KVFront:
         self._windows: dict[str, object] = {}
         self._latent_tables: dict[int, LatentErrorTable] = {}  # per window
         self._nats_per_unit: float | None = None
+        self._stats_fingerprint: str | None = None
         self.long_units = self.config.layer_costs == "long_range"
 
     # -- models and measurements ---------------------------------------------------------------
@@ -190,14 +192,20 @@ class KVFront:
         window = self.config.windows[0] if window is None else window
         if window not in self._latent_tables:
             source = FrontModel(SOURCE, self.study.source_grouping)
-            self._latent_tables[window] = latent_errors(
-                self.module(source),
-                self.study.stats,
-                self.config.latent_ranks,
-                self.progress,
-                bits=self.config.bits,
-                group_size=self.config.group_sizes[0],
-                window=window,
+            group_size = self.config.group_sizes[0]
+            settings = f"r{list(self.config.latent_ranks)}b{list(self.config.bits)}"
+            self._latent_tables[window] = self._kept(
+                self._table_key("latent_table", source, f"{settings}g{group_size}w{window}"),
+                LatentErrorTable,
+                lambda: latent_errors(
+                    self.module(source),
+                    self.study.stats,
+                    self.config.latent_ranks,
+                    self.progress,
+                    bits=self.config.bits,
+                    group_size=group_size,
+                    window=window,
+                ),
             )
             if self.long_units:
                 table = self._latent_tables[window].scaled(self.nats_per_unit())
@@ -221,14 +229,39 @@ class KVFront:
         window = self.config.windows[0] if window is None else window
         key = (model.name, group_size, window)
         if key not in self._quant_errors:
-            self._quant_errors[key] = kv_quant_errors(
-                self.module(model),
-                self.study.stats,
-                bits=self.config.bits,
-                group_size=group_size,
-                window=window,
+            settings = f"b{list(self.config.bits)}g{group_size}w{window}"
+            self._quant_errors[key] = self._kept(
+                self._table_key("quant_table", model, settings),
+                QuantErrorTable,
+                lambda: kv_quant_errors(
+                    self.module(model),
+                    self.study.stats,
+                    bits=self.config.bits,
+                    group_size=group_size,
+                    window=window,
+                ),
             )
         return self._quant_errors[key]
+
+    def _table_key(self, table: str, model: FrontModel, settings: str) -> str:
+        """Where a model's error table at `settings` is kept in the front's storage: named by
+        the model, the recipe that builds it (Study.candidate_digest) and the calibration
+        statistics that measure it (their fingerprint follows the source's weights)."""
+        if self._stats_fingerprint is None:
+            self._stats_fingerprint = stats_fingerprint(self.study.stats)
+        digest = self.study.candidate_digest(model.grouping)
+        return f"{table}:{model.name}:{digest}-{self._stats_fingerprint}:{settings}"
+
+    def _kept(self, key: str, table_type, measure):
+        """The error table kept in the front's storage under `key`, else `measure()`d and kept
+        there, so that a resumed front reads the tables it already measured (the latent table
+        alone takes minutes at SmolLM2's size)."""
+        stored = self.storage_study.user_attrs.get(key)
+        if stored is not None:
+            return table_type.from_json(stored)
+        table = measure()
+        self.storage_study.set_user_attr(key, table.to_json())
+        return table
 
     def _proxy(self, model: FrontModel, plan: PrecisionPlan | None) -> float:
         """The decomposed error estimate of a whole-model point: its grouping's layer errors

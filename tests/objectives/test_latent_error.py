@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -189,3 +190,14 @@ def test_joint_allocation_over_quantized_latents_is_the_brute_force_best(tiny, q
             {"source": quant}, zeros, budget, 8, bits, latent=table, latent_model="source"
         )
         assert joint.error <= unquantized.error + 1e-12
+
+
+def test_error_tables_round_trip_through_json(tiny, quantized_table):
+    """Both tables survive JSON (how the byte front keeps them in its storage) exactly: integer
+    settings, (rank, bits) settings, widths, group size and window."""
+    source, stats, _ = tiny
+    quant = kv_quant_errors(source, stats, bits=(2, 4), group_size=4, window=2)
+    for table in (quant, quantized_table):
+        text = json.dumps(table.to_json())
+        assert type(table).from_json(json.loads(text)) == table
+    assert any(isinstance(key, tuple) for key in quantized_table.quantized[0]["k"])

@@ -45,7 +45,7 @@ def _count(storage: str) -> int:
     return len(study.get_trials())
 
 
-def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
+def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path, monkeypatch):
     path, storage = front_config
     config = StudyConfig.load(path)
     study = Study(config, progress=False)
@@ -72,9 +72,17 @@ def test_byte_front_chooses_on_validation_and_resumes(front_config, tmp_path):
     assert points["valid_ppl"].notna().all()
     measured = _count(storage)
 
-    again = KVFront(
-        Study(config, progress=False), progress=False
-    ).run()  # resumes, measures nothing
+    # resumes, measures nothing: no point, and no error table (they are kept in the storage)
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a resumed front measured an error table again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("search.kv_front.kv_quant_errors", measured_again)
+        patched.setattr("search.kv_front.latent_errors", measured_again)
+        resumed = KVFront(Study(config, progress=False), progress=False)
+        again = resumed.run()
+        kept = resumed.latent_table()
+    assert kept == KVFront(study, progress=False).latent_table()
     assert _count(storage) == measured
     assert again[["family", "model", "precision", "test_ppl"]].equals(
         chosen[["family", "model", "precision", "test_ppl"]]
