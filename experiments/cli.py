@@ -478,7 +478,11 @@ def _numbers(kind: type, what: str):
 def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="the finished study's TOML file")
     p.add_argument(
-        "--budgets", type=_numbers(float, "numbers"), default=None, help="e.g. 2,1.5 (default: all)"
+        "--budgets",
+        type=_numbers(float, "numbers"),
+        default=None,
+        help="compare: KV heads per layer, e.g. 2,1.5; compare-bytes: fractions of the source's "
+        "cache, e.g. 0.2,0.17 (default: all)",
     )
     p.add_argument(
         "--seeds",
@@ -526,7 +530,9 @@ def run_compare_bytes_command(args: argparse.Namespace) -> None:
 
     _check_compare_args(args)
     torch.set_grad_enabled(True)  # recovery trains
-    options = ByteCompareConfig(args.seeds, args.windows, args.limit, context=args.context)
+    options = ByteCompareConfig(
+        args.budgets, args.seeds, args.windows, args.limit, context=args.context
+    )
     print(run_compare_bytes(args.config, options, args.out).read_text())
 
 

@@ -15,7 +15,8 @@ position bucket of `windows` held-out long test documents of `context` tokens
 (objectives.long_context), and where the two choices differ, passkey retrieval on the test prompts
 (the study's [long_context] lengths up to `context`) gets a paired interval over prompts.
 
-    headgroup compare-bytes --config F [--seeds 0,1] [--windows 48] [--limit 300] [--context 2048]
+    headgroup compare-bytes --config F [--budgets 0.2,0.17] [--seeds 0,1] [--windows 48]
+        [--limit 300] [--context 2048]
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ PER_ITEM = (
 
 @dataclass(frozen=True)
 class ByteCompareConfig:
+    budgets: tuple[float, ...] | None = None  # byte fractions of the study's; None: every one
     seeds: tuple[int, ...] = (0, 1)
     windows: int = 48
     limit: int = 300
@@ -58,10 +60,23 @@ class ByteCompareConfig:
 
 def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path | None = None):
     config = StudyConfig.load(config_path)
+    budgets = config.precision.budgets
+    if options.budgets is not None:
+        unknown = [b for b in options.budgets if not any(math.isclose(b, k) for k in budgets)]
+        if unknown:
+            raise ValueError(
+                f"--budgets {','.join(f'{b:g}' for b in unknown)} not among the study's byte "
+                f"budgets {','.join(f'{b:g}' for b in budgets)} (fractions of the source's cache)"
+            )
     out = out or Path("results") / config.name
     study = Study(config, progress=False)
     front = KVFront(study, progress=False)
     chosen = front.run()
+    if options.budgets is not None:
+        asked = chosen["budget_fraction"].map(
+            lambda f: any(math.isclose(f, b) for b in options.budgets)
+        )
+        chosen = chosen[asked]
     scoring = HeldOutScoring.of(config, study.loaded.tokenizer, options.windows, options.context)
     context = scoring.suffix
     tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []

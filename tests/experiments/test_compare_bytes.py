@@ -101,7 +101,7 @@ def test_compare_bytes_measures_accuracy_where_the_choices_differ(finished_front
 
 
 def test_compare_bytes_at_long_context_pairs_late_positions_and_passkeys(
-    finished_front, monkeypatch
+    finished_front, monkeypatch, capsys
 ):
     out = finished_front.parent / "out_long"
     _contest_the_middle_budget(monkeypatch)
@@ -128,4 +128,10 @@ def test_compare_bytes_at_long_context_pairs_late_positions_and_passkeys(
     monkeypatch.setattr(held_out, "passkey", fail)
     assert main(argv) == 0
     assert json.loads((out / "byte_answer.json").read_text())["budgets"] == report["budgets"]
+    # --budgets: only the byte budgets asked for (read back, measured once above)
+    assert main([*argv, "--budgets", "0.6"]) == 0
+    answer = json.loads((out / "byte_answer.json").read_text())["budgets"]
+    assert answer == {"0.6": report["budgets"]["0.6"]}
+    assert main([*argv, "--budgets", "0.6,0.5"]) == 2  # not a budget of the study
+    assert "--budgets 0.5 not among the study's byte budgets 1,0.6,0.3" in capsys.readouterr().err
     assert main([*argv[:-4], "--context", "10", "--out", str(out)]) == 2
