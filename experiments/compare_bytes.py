@@ -58,25 +58,29 @@ class ByteCompareConfig:
     context: int = 0  # 0: the study's short windows; else long documents of this many tokens
 
 
+def _study_budgets(asked: tuple[float, ...] | None, budgets) -> list[float] | None:
+    """The study's byte budgets that `asked` names (None: all of them, unfiltered); a fraction
+    that is none of them is an error, raised before any work."""
+    if asked is None:
+        return None
+    unknown = [b for b in asked if not any(math.isclose(b, k) for k in budgets)]
+    if unknown:
+        raise ValueError(
+            f"--budgets {','.join(f'{b:g}' for b in unknown)} not among the study's byte "
+            f"budgets {','.join(f'{b:g}' for b in budgets)} (fractions of the source's cache)"
+        )
+    return [k for k in budgets if any(math.isclose(b, k) for b in asked)]
+
+
 def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path | None = None):
     config = StudyConfig.load(config_path)
-    budgets = config.precision.budgets
-    if options.budgets is not None:
-        unknown = [b for b in options.budgets if not any(math.isclose(b, k) for k in budgets)]
-        if unknown:
-            raise ValueError(
-                f"--budgets {','.join(f'{b:g}' for b in unknown)} not among the study's byte "
-                f"budgets {','.join(f'{b:g}' for b in budgets)} (fractions of the source's cache)"
-            )
+    asked = _study_budgets(options.budgets, config.precision.budgets)
     out = out or Path("results") / config.name
     study = Study(config, progress=False)
     front = KVFront(study, progress=False)
     chosen = front.run()
-    if options.budgets is not None:
-        asked = chosen["budget_fraction"].map(
-            lambda f: any(math.isclose(f, b) for b in options.budgets)
-        )
-        chosen = chosen[asked]
+    if asked is not None:
+        chosen = chosen[chosen["budget_fraction"].isin(asked)]
     scoring = HeldOutScoring.of(config, study.loaded.tokenizer, options.windows, options.context)
     context = scoring.suffix
     tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
