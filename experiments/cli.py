@@ -523,7 +523,17 @@ def run_compare_command(args: argparse.Namespace) -> None:
     print(path.read_text())
 
 
-@command("compare-bytes", _compare_args)
+def _compare_bytes_args(p: argparse.ArgumentParser) -> None:
+    _compare_args(p)
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="also compare the joint winner with the best single-axis point rebuilt on the source "
+        "recovered by the study's chain (the same recipe and text as every recovered point)",
+    )
+
+
+@command("compare-bytes", _compare_bytes_args)
 def run_compare_bytes_command(args: argparse.Namespace) -> None:
     """Per byte budget, the joint winner vs the best single-axis point on test data, with CIs."""
     from experiments.compare_bytes import ByteCompareConfig, run_compare_bytes
@@ -531,7 +541,12 @@ def run_compare_bytes_command(args: argparse.Namespace) -> None:
     _check_compare_args(args)
     torch.set_grad_enabled(True)  # recovery trains
     options = ByteCompareConfig(
-        args.budgets, args.seeds, args.windows, args.limit, context=args.context
+        args.budgets,
+        args.seeds,
+        args.windows,
+        args.limit,
+        context=args.context,
+        control=args.control,
     )
     print(run_compare_bytes(args.config, options, args.out).read_text())
 

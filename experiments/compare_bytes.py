@@ -15,8 +15,14 @@ position bucket of `windows` held-out long test documents of `context` tokens
 (objectives.long_context), and where the two choices differ, passkey retrieval on the test prompts
 (the study's [long_context] lengths up to `context`) gets a paired interval over prompts.
 
+With `control`, where the two differ and the single-axis point is on the source (quantization,
+mixed precision, latent), the joint point is also compared with that point rebuilt on the control:
+the source recovered by the study's chain, under each seed, with the recipe and text every
+candidate gets. A joint mix's recovery trains its source layers too; the control separates that
+training from where the mix puts its heads and bits.
+
     headgroup compare-bytes --config F [--budgets 0.2,0.17] [--seeds 0,1] [--windows 48]
-        [--limit 300] [--context 2048]
+        [--limit 300] [--context 2048] [--control]
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ class ByteCompareConfig:
     limit: int = 300
     resamples: int = 2000
     context: int = 0  # 0: the study's short windows; else long documents of this many tokens
+    control: bool = False  # also the single-axis point on the source recovered like candidates
 
 
 def _study_budgets(asked: tuple[float, ...] | None, budgets) -> list[float] | None:
@@ -94,23 +101,25 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         "budgets": {},
     }
 
-    def model_of(point, seed):
-        model = front.module(point.model, seed)
+    def model_of(point, seed, control=False):
+        model = front.module(point.model, seed, control)
         return gqa.apply_precision(model, point.plan)
 
-    def measure(point, with_accuracy: bool) -> dict:
-        seeds = options.seeds[:1] if point.model.is_source else options.seeds
+    def measure(point, with_accuracy: bool, control: bool = False) -> dict:
+        recovered = control or not point.model.is_source
+        seeds = options.seeds if recovered else options.seeds[:1]
 
         def digest(seed: int) -> str:  # the point and how its model is built
             model = point.model
-            recipe = "" if model.is_source else study.candidate_digest(model.grouping, seed)
-            return hashlib.sha1((point.key + recipe).encode()).hexdigest()[:12]
+            recipe = study.candidate_digest(model.grouping, seed) if recovered else ""
+            name = ("control:" if control else "") + point.key + recipe
+            return hashlib.sha1(name.encode()).hexdigest()[:12]
 
         per_seed = []
         for seed in seeds:
 
             def nlls(seed=seed) -> dict:
-                nll = scoring.nlls(model_of(point, seed))
+                nll = scoring.nlls(model_of(point, seed, control))
                 return {"nll": nll.tolist(), "ppl": math.exp(float(nll.mean()))}
 
             path = folder / f"{digest(seed)}_w{options.windows}{context}_seed{seed}.json"
@@ -126,7 +135,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         if tasks and with_accuracy:
 
             def outcomes() -> dict:  # per task, whether each question was answered right
-                model = model_of(point, options.seeds[0])
+                model = model_of(point, options.seeds[0], control)
                 return {
                     task: question_outcomes(
                         model,
@@ -146,7 +155,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         if options.context and with_accuracy:
 
             def retrieved() -> dict:  # per test prompt, whether the key was retrieved
-                return {"passkey": scoring.retrieved(model_of(point, options.seeds[0]))}
+                return {"passkey": scoring.retrieved(model_of(point, options.seeds[0], control))}
 
             path = folder / f"{digest(options.seeds[0])}_passkey{context}.json"
             result["retrieved"] = {"passkey": cached_json(path, retrieved)["passkey"]}
@@ -164,53 +173,81 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         a = measure(joint["point"], contested)
         if single is None:  # below every single axis's floor: only stacking reaches this budget
             report["budgets"][f"{fraction:g}"] = {
-                "joint": {
-                    "family": "joint",
-                    **{k: v for k, v in a.items() if k not in PER_ITEM},
-                    "test_ppl_mean": statistics.fmean(a["test_ppl"]),
-                },
+                "joint": _summary(a, "joint"),
                 "best single-axis": None,
             }
             _write(report, out, start)
             continue
         b = measure(single["point"], contested)
-        diff = paired_bootstrap(a["nll"], b["nll"], options.resamples) if not same else None
-        entry = {}
-        for label, family, result in (
-            ("joint", "joint", a),
-            ("best single-axis", single["family"], b),
-        ):
-            entry[label] = {
-                "family": family,
-                **{k: v for k, v in result.items() if k not in PER_ITEM},
-                "test_ppl_mean": statistics.fmean(result["test_ppl"]),
-            }
-        entry["joint - single"] = (
-            {"ppl": 0.0, "ci95": [0.0, 0.0], "excludes_zero": False, "same_point": True}
-            if same
-            else {
-                "ppl": diff.difference,
-                "ci95": [diff.low, diff.high],
-                "excludes_zero": diff.excludes_zero,
-            }
-        )
-        for key, outcomes in (("mean_acc", "correct"), ("passkey", "retrieved")):
-            if contested and outcomes in a:
-                acc = paired_accuracy(a[outcomes], b[outcomes], options.resamples)
-                entry["joint - single"][key] = {
-                    "difference": acc.difference,
-                    "ci95": [acc.low, acc.high],
-                    "excludes_zero": acc.excludes_zero,
-                }
+        entry = {
+            "joint": _summary(a, "joint"),
+            "best single-axis": _summary(b, single["family"]),
+            "joint - single": _difference(a, b, same, options.resamples),
+        }
+        # The control: the single-axis point on the source recovered like every candidate, so
+        # that the joint mix's recovery is not what puts it ahead.
+        if options.control and contested and single["point"].model.is_source:
+            c = measure(single["point"], contested, control=True)
+            entry["control"] = _summary(c, single["family"])
+            entry["joint - control"] = _difference(a, c, False, options.resamples)
         report["budgets"][f"{fraction:g}"] = entry
         _write(report, out, start)
     return _write(report, out, start)
+
+
+def _summary(result: dict, family: str) -> dict:
+    """What the report keeps of a measured point (not the per-item outcomes)."""
+    return {
+        "family": family,
+        **{k: v for k, v in result.items() if k not in PER_ITEM},
+        "test_ppl_mean": statistics.fmean(result["test_ppl"]),
+    }
+
+
+def _difference(a: dict, b: dict, same: bool, resamples: int) -> dict:
+    """A - B with paired bootstrap intervals: perplexity over windows, and accuracy over
+    questions and retrieval over prompts where both were measured; exactly 0 for one point."""
+    if same:
+        return {"ppl": 0.0, "ci95": [0.0, 0.0], "excludes_zero": False, "same_point": True}
+    diff = paired_bootstrap(a["nll"], b["nll"], resamples)
+    out = {
+        "ppl": diff.difference,
+        "ci95": [diff.low, diff.high],
+        "excludes_zero": diff.excludes_zero,
+    }
+    for key, outcomes in (("mean_acc", "correct"), ("passkey", "retrieved")):
+        if outcomes in a and outcomes in b:
+            acc = paired_accuracy(a[outcomes], b[outcomes], resamples)
+            out[key] = {
+                "difference": acc.difference,
+                "ci95": [acc.low, acc.high],
+                "excludes_zero": acc.excludes_zero,
+            }
+    return out
 
 
 def _named(entry: dict) -> str:
     """A point's model, with the layers each model gives when it is a layer mix."""
     layers = entry.get("layers")
     return f"{entry['model']} ({layers})" if layers else entry["model"]
+
+
+def _difference_text(d: dict, a: dict, b: dict) -> str:
+    """A - B in a report cell: perplexity, then accuracy and retrieval where measured."""
+    if d.get("same_point"):
+        return "same point"
+    text = f"{d['ppl']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" + (
+        " **excludes 0**" if d["excludes_zero"] else ""
+    )
+    for key, name in (("mean_acc", "mean acc"), ("passkey", "passkey")):
+        if key in d:
+            x = d[key]
+            text += (
+                f" ({name} {a[key]:.3f} vs {b[key]:.3f}: "
+                f"{x['difference']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
+                + (" **excludes 0**)" if x["excludes_zero"] else ")")
+            )
+    return text
 
 
 def _write(report: dict, out: Path, start: float) -> Path:
@@ -225,7 +262,8 @@ def _write(report: dict, out: Path, start: float) -> Path:
         "chosen on validation data. Differences: paired bootstrap 95% interval over windows "
         f"({opts['resamples']} resamples); where the two points differ, mean accuracy on "
         f"{opts['limit']} test questions per task (first seed) with a paired bootstrap interval "
-        "over questions.",
+        "over questions"
+        + (", and passkey retrieval paired over test prompts." if opts["context"] else "."),
         "",
         "| budget | joint (model, cache) | test ppl | best single axis | test ppl | joint - single, 95% CI |",
         "|---|---|---|---|---|---|",
@@ -239,28 +277,34 @@ def _write(report: dict, out: Path, start: float) -> Path:
                 "point fits | - | - |"
             )
             continue
-        d = e["joint - single"]
-        diff = (
-            "same point"
-            if d.get("same_point")
-            else f"{d['ppl']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
-            + (" **excludes 0**" if d["excludes_zero"] else "")
-        )
-        acc = ""
-        for key, name in (("mean_acc", "mean acc"), ("passkey", "passkey")):
-            if key in d:
-                a = d[key]
-                acc += (
-                    f" ({name} {j[key]:.3f} vs {s[key]:.3f}: "
-                    f"{a['difference']:+.3f} [{a['ci95'][0]:+.3f}, {a['ci95'][1]:+.3f}]"
-                    + (" **excludes 0**)" if a["excludes_zero"] else ")")
-                )
         lines.append(
             f"| {100 * float(budget):.1f}% | {_named(j)}, {j['precision']} "
             f"({100 * j['kv_fraction']:.1f}%) | {j['test_ppl_mean']:.2f} | {s['family']}: "
             f"{_named(s)}, {s['precision']} ({100 * s['kv_fraction']:.1f}%) | "
-            f"{s['test_ppl_mean']:.2f} | {diff}{acc} |"
+            f"{s['test_ppl_mean']:.2f} | {_difference_text(e['joint - single'], j, s)} |"
         )
+    controls = {b: e for b, e in report["budgets"].items() if "control" in e}
+    if controls:
+        lines += [
+            "",
+            "## Against the control",
+            "",
+            "The joint points are recovered (fine-tuned) after conversion; the single-axis points "
+            "on the source are not. The control rebuilds each of them on the source recovered by "
+            "the study's chain, with the same recipe and text, so that what puts the joint point "
+            "ahead is where its heads and bits go, not the training its mix received.",
+            "",
+            "| budget | joint test ppl | control (single-axis point on the recovered source) "
+            "| test ppl | joint - control, 95% CI |",
+            "|---|---|---|---|---|",
+        ]
+        for budget, e in controls.items():
+            j, c = e["joint"], e["control"]
+            lines.append(
+                f"| {100 * float(budget):.1f}% | {j['test_ppl_mean']:.2f} | {c['family']}: "
+                f"{c['precision']} | {c['test_ppl_mean']:.2f} | "
+                f"{_difference_text(e['joint - control'], j, c)} |"
+            )
     path = out / "byte_answer.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

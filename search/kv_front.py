@@ -167,13 +167,22 @@ class KVFront:
         value = row.get(column) if same else None
         return None if value is None or pd.isna(value) else float(value)
 
-    def module(self, model: FrontModel, recovery_seed: int | None = None):
+    def module(self, model: FrontModel, recovery_seed: int | None = None, control: bool = False):
         """The 16-bit network of a point's model (kept: a candidate shares all but its attention
         with the source); `recovery_seed` replaces the study's recovery seeds (the source has
-        none)."""
-        seed = None if model.is_source else recovery_seed
-        if (model.name, seed) not in self._modules:
-            if model.is_source or model.grouping == self.study.source_grouping:
+        none). `control`: a point on the source rebuilt on the control, the source recovered by
+        the study's chain like every candidate (the same recipe and text), so that a recovered
+        point is compared with a source that saw the same training."""
+        if control and not model.is_source:
+            raise ValueError(f"the control is the source recovered; {model.name} is not on it")
+        seed = None if model.is_source and not control else recovery_seed
+        key = (f"control:{model.name}" if control else model.name, seed)
+        if key not in self._modules:
+            if control:
+                module = self.study.build_candidate(
+                    self.study.source_grouping, recovery_seed=seed, progress=self.progress
+                )
+            elif model.is_source or model.grouping == self.study.source_grouping:
                 module = gqa.converted_copy(self.study.source, model.grouping)  # exact, shared
             else:
                 module = self.study.build_candidate(
@@ -182,8 +191,8 @@ class KVFront:
             if model.latent is not None:
                 grams = [layer.gram for layer in self.study.stats.layers]
                 module = apply_latent(module, model.latent, grams)
-            self._modules[model.name, seed] = module
-        return self._modules[model.name, seed]
+            self._modules[key] = module
+        return self._modules[key]
 
     def latent_table(self, window: int | None = None) -> LatentErrorTable:
         """The source's latent error table at the config's `latent_ranks`, each latent also

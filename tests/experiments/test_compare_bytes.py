@@ -135,3 +135,60 @@ def test_compare_bytes_at_long_context_pairs_late_positions_and_passkeys(
     assert main([*argv, "--budgets", "0.6,0.5"]) == 2  # not a budget of the study
     assert "--budgets 0.5 not among the study's byte budgets 1,0.6,0.3" in capsys.readouterr().err
     assert main([*argv[:-4], "--context", "10", "--out", str(out)]) == 2
+
+
+def test_compare_bytes_control_rebuilds_the_single_axis_point_on_the_recovered_source(
+    finished_front, monkeypatch
+):
+    out = finished_front.parent / "out_control"
+    run = KVFront.run
+
+    def single_on_the_source(self):  # at 60%: the joint takes a grouped point, a source one wins
+        chosen = run(self)
+        rows = chosen[chosen["budget_fraction"] == 0.6]
+        singles = rows[rows["family"] != "joint"]
+        on_source = singles.index[[p.model.is_source for p in singles["point"]]][0]
+        chosen.at[on_source, "valid_ppl"] = 0.0
+        joint = rows.index[rows["family"] == "joint"][0]
+        chosen.at[joint, "point"] = next(p for p in rows["point"] if not p.model.is_source)
+        return chosen
+
+    monkeypatch.setattr(KVFront, "run", single_on_the_source)
+    built = []
+    build = Study.build_candidate
+
+    def recorded(self, grouping, **kwargs):
+        built.append((grouping == self.source_grouping, kwargs.get("recovery_seed")))
+        return build(self, grouping, **kwargs)
+
+    monkeypatch.setattr(Study, "build_candidate", recorded)
+    argv = ["compare-bytes", "--config", str(finished_front), "--seeds", "0"]
+    argv += ["--windows", "3", "--limit", "0", "--control", "--out", str(out)]
+    assert main(argv) == 0
+    answer = json.loads((out / "byte_answer.json").read_text())["budgets"]
+    assert [b for b, e in answer.items() if "control" in e] == ["0.6"]  # the contested budget
+    entry = answer["0.6"]
+    single, control = entry["best single-axis"], entry["control"]
+    assert single["model"] == "source"
+    assert control["precision"] == single["precision"] and control["family"] == single["family"]
+    assert (True, 0) in built  # the source, recovered by the study's chain under seed 0
+    # The tiny study's chain is layer-wise fits, which fit the source's own outputs: its
+    # control is the source up to float rounding, so the two comparisons agree.
+    assert control["test_ppl_mean"] == pytest.approx(single["test_ppl_mean"], rel=1e-4)
+    diff = entry["joint - control"]
+    assert diff["ppl"] == pytest.approx(entry["joint - single"]["ppl"], rel=1e-3, abs=1e-4)
+    assert diff["ci95"][0] <= diff["ppl"] <= diff["ci95"][1]
+    assert "## Against the control" in (out / "byte_answer.md").read_text()
+
+    monkeypatch.setattr(held_out, "window_nlls", lambda *a, **k: pytest.fail("measured again"))
+    assert main(argv) == 0
+    assert json.loads((out / "byte_answer.json").read_text())["budgets"] == answer
+
+
+def test_the_control_exists_only_for_points_on_the_source(finished_front):
+    study = Study(StudyConfig.load(finished_front), progress=False)
+    front = KVFront(study, progress=False)
+    chosen = front.run()
+    grouped = next(p for p in chosen["point"] if not p.model.is_source)
+    with pytest.raises(ValueError, match="the control is the source recovered"):
+        front.module(grouped.model, 0, control=True)
