@@ -20,6 +20,7 @@ passkey retrieval on the test prompts (first seed) with a paired interval over p
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ import torch
 from experiments.held_out import HeldOutScoring
 from gqa.grouping import Grouping, write_text_atomic
 from objectives.evaluate import evaluate
-from objectives.significance import paired_accuracy, paired_bootstrap
+from objectives.significance import paired_accuracy, paired_bootstrap, paired_objective
 from search.config import StudyConfig
 from search.results import rung_columns, stage2_frame
 from search.study import Study
@@ -105,6 +106,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
         "study": config.name,
         "options": options.__dict__,
         "scored": scoring.describe(options.windows),
+        "objective": scoring.objective_name,
         "budgets": {},
     }
     chosen: dict[float, dict[str, dict]] = {}
@@ -130,9 +132,10 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
             kept[(*key, seed)] = model
         return model
 
+    per_window: dict[float, dict[str, np.ndarray]] = {}  # seed-averaged NLL per test window
     for budget, rows in chosen.items():  # pass 1: perplexity, every seed
         entry: dict = {"candidates": {}, "differences": {}}
-        nlls: dict[str, np.ndarray] = {}
+        nlls: dict[str, np.ndarray] = per_window.setdefault(budget, {})
         for label, row in rows.items():
             per_seed = []
             for seed in options.seeds:
@@ -172,33 +175,41 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
         report["budgets"][f"{budget:g}"] = entry
         _write_report(report, out, start)  # after each budget: a stopped run keeps what it has
     if options.context:  # pass 2: passkey retrieval, first seed, paired over prompts
+        weights = scoring.objective_weights
         for budget, rows in chosen.items():
-            retrieved: dict[str, list[bool]] = {}
+            found: dict[str, dict] = {}
             for label, row in rows.items():
 
-                def outcomes(row=row, key=(budget, label)) -> list[bool]:
+                def retrieval(row=row, key=(budget, label)) -> dict:
                     model = build(row, options.seeds[0], key, last=not tasks)
-                    return scoring.retrieved(model)
+                    return scoring.retrieval(model)
 
                 grouping = Grouping.from_json(row["grouping"])
                 digest = study.candidate_digest(grouping, options.seeds[0])
-                name = f"{budget:g}kv_{label}_{digest}_passkey{scoring.suffix}.json"
-                retrieved[label] = cached_json(folder / name, outcomes)
+                name = f"{budget:g}kv_{label}_{digest}_retrieval{scoring.suffix}.json"
+                found[label] = cached_json(folder / name, retrieval)
             entry = report["budgets"][f"{budget:g}"]
-            for label, hits in retrieved.items():
-                entry["candidates"][label]["passkey"] = statistics.fmean(hits)
-            for base in BASELINES:
-                if base in retrieved:
-                    acc = paired_accuracy(
-                        {"passkey": retrieved["searched"]},
-                        {"passkey": retrieved[base]},
-                        options.resamples,
+            terms = {}
+            for label, hits in found.items():
+                candidate = entry["candidates"][label]
+                candidate["passkey"] = statistics.fmean(hits["passkey"])
+                if weights:  # the study's objective on these documents and prompts
+                    terms[label] = scoring.objective_terms(per_window[budget][label], hits)
+                    candidate["objective"] = math.exp(
+                        sum(w * statistics.fmean(terms[label][t]) for t, w in weights.items())
                     )
-                    entry["differences"][f"searched - {base}"]["passkey"] = {
-                        "difference": acc.difference,
-                        "ci95": [acc.low, acc.high],
-                        "excludes_zero": acc.excludes_zero,
-                    }
+            for base in BASELINES:
+                if base in found:
+                    difference = entry["differences"][f"searched - {base}"]
+                    difference["passkey"] = paired_accuracy(
+                        {"passkey": found["searched"]["passkey"]},
+                        {"passkey": found[base]["passkey"]},
+                        options.resamples,
+                    ).as_dict()
+                    if weights:
+                        difference["objective"] = paired_objective(
+                            terms["searched"], terms[base], weights, options.resamples
+                        ).as_dict()
             _write_report(report, out, start)
     for budget, rows in chosen.items() if tasks else ():  # pass 3: accuracy, first seed
         for label, row in rows.items():
@@ -268,19 +279,30 @@ def answer_markdown(report: dict) -> str:
                 f"{mean_acc} | {accs} |"
             )
         lines.append("")
+        objectives = {
+            label: c["objective"] for label, c in entry["candidates"].items() if "objective" in c
+        }
+        if objectives:
+            lines += [
+                "Objective (the study's selection objective, "
+                f"{report['objective']}, on these test documents and prompts): "
+                + ", ".join(f"{label} {v:.2f}" for label, v in objectives.items()),
+                "",
+            ]
         for name, d in entry["differences"].items():
             verdict = "excludes 0" if d["excludes_zero"] else "includes 0"
             line = (
                 f"- {name}: {d['ppl']:+.2f} perplexity, 95% CI [{d['ci95'][0]:+.2f}, "
                 f"{d['ci95'][1]:+.2f}] ({verdict})"
             )
-            if "passkey" in d:
-                p = d["passkey"]
-                verdict = "excludes 0" if p["excludes_zero"] else "includes 0"
-                line += (
-                    f"; passkey {p['difference']:+.3f}, 95% CI [{p['ci95'][0]:+.3f}, "
-                    f"{p['ci95'][1]:+.3f}] ({verdict})"
-                )
+            for key, digits in (("passkey", 3), ("objective", 2)):
+                if key in d:
+                    p = d[key]
+                    verdict = "excludes 0" if p["excludes_zero"] else "includes 0"
+                    line += (
+                        f"; {key} {p['difference']:+.{digits}f}, 95% CI "
+                        f"[{p['ci95'][0]:+.{digits}f}, {p['ci95'][1]:+.{digits}f}] ({verdict})"
+                    )
             lines.append(line)
         lines.append("")
     return "\n".join(lines)

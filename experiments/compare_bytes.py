@@ -42,16 +42,13 @@ from experiments.compare import cached_json
 from experiments.held_out import HeldOutScoring
 from gqa.grouping import write_text_atomic
 from objectives.evaluate import question_outcomes
-from objectives.significance import paired_accuracy, paired_bootstrap
+from objectives.significance import paired_accuracy, paired_bootstrap, paired_objective
 from search.config import StudyConfig
 from search.kv_front import KVFront
 from search.study import Study
 
-PER_ITEM = (
-    "nll",
-    "correct",
-    "retrieved",
-)  # per window and per question: used for intervals, not reported
+# per window, question and prompt: used for intervals, not reported
+PER_ITEM = ("nll", "correct", "retrieved", "terms")
 
 
 @dataclass(frozen=True)
@@ -91,6 +88,8 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
     scoring = HeldOutScoring.of(config, study.loaded.tokenizer, options.windows, options.context)
     context = scoring.suffix
     tasks = [t for t in config.promote.tasks if t != "ppl"] if options.limit > 0 else []
+    # At long context, the study's selection objective where it reads what is scored here
+    weights = scoring.objective_weights if options.context else None
     folder = out / "compare_bytes"
     start = time.time()
     report: dict = {
@@ -98,6 +97,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         "options": options.__dict__,
         "seq_len": config.promote.seq_len,
         "scored": scoring.describe(options.windows),
+        "objective": scoring.objective_name,
         "budgets": {},
     }
 
@@ -154,12 +154,18 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             result["mean_acc"] = statistics.fmean(result["accuracy"].values())
         if options.context and with_accuracy:
 
-            def retrieved() -> dict:  # per test prompt, whether the key was retrieved
-                return {"passkey": scoring.retrieved(model_of(point, options.seeds[0], control))}
+            def retrieval() -> dict:  # per test prompt: whether the key was retrieved, its NLL
+                return scoring.retrieval(model_of(point, options.seeds[0], control))
 
-            path = folder / f"{digest(options.seeds[0])}_passkey{context}.json"
-            result["retrieved"] = {"passkey": cached_json(path, retrieved)["passkey"]}
-            result["passkey"] = statistics.fmean(result["retrieved"]["passkey"])
+            path = folder / f"{digest(options.seeds[0])}_retrieval{context}.json"
+            found = cached_json(path, retrieval)
+            result["retrieved"] = {"passkey": found["passkey"]}
+            result["passkey"] = statistics.fmean(found["passkey"])
+            if weights:  # the study's objective, on test documents and prompts
+                result["terms"] = scoring.objective_terms(result["nll"], found)
+                result["objective"] = math.exp(
+                    sum(w * statistics.fmean(result["terms"][t]) for t, w in weights.items())
+                )
         return result
 
     for fraction, rows in chosen.groupby("budget_fraction", sort=False):
@@ -182,14 +188,14 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
         entry = {
             "joint": _summary(a, "joint"),
             "best single-axis": _summary(b, single["family"]),
-            "joint - single": _difference(a, b, same, options.resamples),
+            "joint - single": _difference(a, b, same, options.resamples, weights),
         }
         # The control: the single-axis point on the source recovered like every candidate, so
         # that the joint mix's recovery is not what puts it ahead.
         if options.control and contested and single["point"].model.is_source:
             c = measure(single["point"], contested, control=True)
             entry["control"] = _summary(c, single["family"])
-            entry["joint - control"] = _difference(a, c, False, options.resamples)
+            entry["joint - control"] = _difference(a, c, False, options.resamples, weights)
         report["budgets"][f"{fraction:g}"] = entry
         _write(report, out, start)
     return _write(report, out, start)
@@ -204,9 +210,12 @@ def _summary(result: dict, family: str) -> dict:
     }
 
 
-def _difference(a: dict, b: dict, same: bool, resamples: int) -> dict:
+def _difference(
+    a: dict, b: dict, same: bool, resamples: int, weights: dict[str, float] | None = None
+) -> dict:
     """A - B with paired bootstrap intervals: perplexity over windows, and accuracy over
-    questions and retrieval over prompts where both were measured; exactly 0 for one point."""
+    questions and retrieval over prompts where both were measured, and the selection objective
+    of `weights` (each term's items resampled apart); exactly 0 for one point."""
     if same:
         return {"ppl": 0.0, "ci95": [0.0, 0.0], "excludes_zero": False, "same_point": True}
     diff = paired_bootstrap(a["nll"], b["nll"], resamples)
@@ -217,12 +226,9 @@ def _difference(a: dict, b: dict, same: bool, resamples: int) -> dict:
     }
     for key, outcomes in (("mean_acc", "correct"), ("passkey", "retrieved")):
         if outcomes in a and outcomes in b:
-            acc = paired_accuracy(a[outcomes], b[outcomes], resamples)
-            out[key] = {
-                "difference": acc.difference,
-                "ci95": [acc.low, acc.high],
-                "excludes_zero": acc.excludes_zero,
-            }
+            out[key] = paired_accuracy(a[outcomes], b[outcomes], resamples).as_dict()
+    if weights and "terms" in a and "terms" in b:
+        out["objective"] = paired_objective(a["terms"], b["terms"], weights, resamples).as_dict()
     return out
 
 
@@ -239,12 +245,16 @@ def _difference_text(d: dict, a: dict, b: dict) -> str:
     text = f"{d['ppl']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" + (
         " **excludes 0**" if d["excludes_zero"] else ""
     )
-    for key, name in (("mean_acc", "mean acc"), ("passkey", "passkey")):
+    for key, name, digits in (
+        ("objective", "objective", 2),
+        ("mean_acc", "mean acc", 3),
+        ("passkey", "passkey", 3),
+    ):
         if key in d:
             x = d[key]
             text += (
-                f" ({name} {a[key]:.3f} vs {b[key]:.3f}: "
-                f"{x['difference']:+.3f} [{x['ci95'][0]:+.3f}, {x['ci95'][1]:+.3f}]"
+                f" ({name} {a[key]:.{digits}f} vs {b[key]:.{digits}f}: {x['difference']:+.{digits}f} "
+                f"[{x['ci95'][0]:+.{digits}f}, {x['ci95'][1]:+.{digits}f}]"
                 + (" **excludes 0**)" if x["excludes_zero"] else ")")
             )
     return text
@@ -263,7 +273,14 @@ def _write(report: dict, out: Path, start: float) -> Path:
         f"({opts['resamples']} resamples); where the two points differ, mean accuracy on "
         f"{opts['limit']} test questions per task (first seed) with a paired bootstrap interval "
         "over questions"
-        + (", and passkey retrieval paired over test prompts." if opts["context"] else "."),
+        + (", and passkey retrieval paired over test prompts." if opts["context"] else ".")
+        + (
+            f" Objective: the study's selection objective ({report['objective']}: perplexity "
+            "of the late positions times that of the keys' tokens) on these test documents and "
+            "prompts, each resampled apart (first seed for the keys)."
+            if report.get("objective")
+            else ""
+        ),
         "",
         "| budget | joint (model, cache) | test ppl | best single axis | test ppl | joint - single, 95% CI |",
         "|---|---|---|---|---|---|",

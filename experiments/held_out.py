@@ -9,6 +9,7 @@ models compared (the same documents, the same prompts), so differences get paire
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +17,12 @@ import torch
 from torch import nn
 
 from objectives.data import TEST_SPLIT, TextSpec, token_windows
-from objectives.evaluate import window_nlls
+from objectives.evaluate import PPL_TASK, window_nlls
 from objectives.long_context import LongContextConfig, late_window_nlls, long_windows, passkey
+from objectives.selection import SelectionObjective
 from search.config import StudyConfig
+
+OBJECTIVE_TERMS = ("long_ppl", "passkey")  # the selection terms held-out scoring measures
 
 
 def long_config_at(config: LongContextConfig, context: int, windows: int) -> LongContextConfig:
@@ -37,6 +41,7 @@ class HeldOutScoring:
     windows: torch.Tensor
     long_config: LongContextConfig
     seq_len: int
+    selection: SelectionObjective
 
     @classmethod
     def of(cls, config: StudyConfig, tokenizer, windows: int, context: int = 0) -> HeldOutScoring:
@@ -47,7 +52,7 @@ class HeldOutScoring:
             long_config = config.long_context
             spec = TextSpec(TEST_SPLIT, config.promote.seq_len, windows)
             texts = token_windows(tokenizer, spec)
-        return cls(tokenizer, context, texts, long_config, config.promote.seq_len)
+        return cls(tokenizer, context, texts, long_config, config.promote.seq_len, config.selection)
 
     @property
     def suffix(self) -> str:
@@ -64,11 +69,37 @@ class HeldOutScoring:
             return np.asarray(late_window_nlls(model, self.windows, self.long_config))
         return np.asarray(window_nlls(model, self.windows, progress=False))
 
-    def retrieved(self, model: nn.Module) -> list[bool]:
-        """Per passkey test prompt, whether the key was retrieved (long context only)."""
+    def retrieval(self, model: nn.Module) -> dict[str, list]:
+        """Per passkey test prompt, whether the key was retrieved (`passkey`) and the mean NLL of
+        its tokens (`passkey_nll`), long context only."""
         if not self.context:
             raise ValueError("passkey retrieval is scored at a long context only")
-        return list(passkey(model, self.tokenizer, "test", self.long_config)["outcomes"])
+        result = passkey(model, self.tokenizer, "test", self.long_config)
+        return {"passkey": list(result["outcomes"]), "passkey_nll": list(result["answer_nlls"])}
+
+    @property
+    def objective_weights(self) -> dict[str, float] | None:
+        """The study's selection objective when what is scored here measures it: at a long
+        context, late-position perplexity (`long_ppl`) and the keys' NLL (`passkey`); at 0, the
+        short-window perplexity. None when it reads another task."""
+        weights = dict(self.selection.weights)
+        if not self.context:
+            return weights if self.selection.is_short_ppl else None
+        return weights if set(weights) <= set(OBJECTIVE_TERMS) else None
+
+    @property
+    def objective_name(self) -> str | None:
+        """The objective as a product of perplexities, e.g. "long_ppl^1 * passkey^1"."""
+        weights = self.objective_weights if self.context else None
+        return " * ".join(f"{t}^{w:g}" for t, w in weights.items()) if weights else None
+
+    def objective_terms(self, nlls: Sequence[float], retrieval: dict | None) -> dict[str, list]:
+        """Per-item NLLs of each of the objective's terms, for objectives.significance."""
+        weights = self.objective_weights or {}
+        terms = {PPL_TASK: list(nlls), "long_ppl": list(nlls)}
+        if retrieval is not None:
+            terms["passkey"] = retrieval["passkey_nll"]
+        return {t: terms[t] for t in weights if t in terms}
 
     def describe(self, count: int) -> str:
         """What the per-window NLLs are, for a report."""

@@ -458,6 +458,7 @@ def _summary(prompts: Sequence[RetrievalPrompt], outcomes: Sequence[RetrievalOut
             str(d): rate(lambda p, d=d: p.depth == d) for d in sorted({p.depth for p in prompts})
         },
         "outcomes": [o.correct for o in outcomes],
+        "answer_nlls": [o.answer_nll for o in outcomes],  # per prompt: for paired intervals
     }
 
 

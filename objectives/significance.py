@@ -4,12 +4,14 @@ Perplexity is exp(mean NLL) over equally long windows. To compare models A and B
 window indices with replacement (the same indices for both: the comparison is paired, so text
 difficulty cancels) and take the percentile interval of ppl_A - ppl_B over the resamples.
 Accuracy is compared the same way on per-question outcomes, resampling the questions of each task
-(`paired_accuracy`).
+(`paired_accuracy`); a selection objective that multiplies perplexities of different samples
+(late positions of documents, passkey digits of prompts) resamples each apart (`paired_objective`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,14 @@ class PairedDifference:
     def excludes_zero(self) -> bool:
         return self.low > 0 or self.high < 0
 
+    def as_dict(self) -> dict:
+        """What a report keeps: the difference, its interval and whether it excludes 0."""
+        return {
+            "difference": self.difference,
+            "ci95": [self.low, self.high],
+            "excludes_zero": self.excludes_zero,
+        }
+
 
 def paired_bootstrap(
     nll_a: np.ndarray,
@@ -39,20 +49,50 @@ def paired_bootstrap(
     seed: int = 0,
 ) -> PairedDifference:
     """Bootstrap interval of exp(mean nll_a) - exp(mean nll_b), resampling windows in pairs."""
-    a, b = np.asarray(nll_a, dtype=float), np.asarray(nll_b, dtype=float)
-    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+    return paired_objective(
+        {"nll": nll_a}, {"nll": nll_b}, {"nll": 1.0}, resamples, confidence, seed
+    )
+
+
+def paired_objective(
+    terms_a: Mapping[str, Sequence[float]],
+    terms_b: Mapping[str, Sequence[float]],
+    weights: Mapping[str, float],
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> PairedDifference:
+    """Bootstrap interval of exp(sum_t w_t mean a_t) - exp(sum_t w_t mean b_t): a weighted
+    geometric mean of perplexities (objectives.selection) from per-item NLLs of each term t (per
+    document, per prompt). Each term's items are resampled in pairs, apart from the other terms'
+    (documents and prompts are different samples)."""
+    if set(terms_a) != set(weights) or set(terms_b) != set(weights):
         raise ValueError(
-            f"need two equally long 1-d arrays of per-window NLLs, got {a.shape} and {b.shape}"
+            f"need per-item NLLs for every weighted term {sorted(weights)}, got "
+            f"{sorted(terms_a)} and {sorted(terms_b)}"
         )
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, a.size, size=(resamples, a.size))
-    diffs = np.exp(a[index].mean(1)) - np.exp(b[index].mean(1))
+    full_a = full_b = 0.0
+    boot = np.zeros((2, resamples))
+    for term in sorted(weights):
+        a = np.asarray(terms_a[term], dtype=float)
+        b = np.asarray(terms_b[term], dtype=float)
+        if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+            raise ValueError(
+                f"{term}: need two equally long 1-d arrays of per-item NLLs, got {a.shape} "
+                f"and {b.shape}"
+            )
+        index = rng.integers(0, a.size, size=(resamples, a.size))
+        w = weights[term]
+        full_a, full_b = full_a + w * a.mean(), full_b + w * b.mean()
+        boot += w * np.stack([a[index].mean(1), b[index].mean(1)])
+    diffs = np.exp(boot[0]) - np.exp(boot[1])
     tail = 100 * (1 - confidence) / 2
     low, high = np.percentile(diffs, [tail, 100 - tail])
     return PairedDifference(
-        difference=math.exp(a.mean()) - math.exp(b.mean()),
+        difference=math.exp(full_a) - math.exp(full_b),
         low=float(low),
         high=float(high),
         confidence=confidence,

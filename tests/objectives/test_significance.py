@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from objectives.significance import paired_accuracy, paired_bootstrap
+from objectives.significance import paired_accuracy, paired_bootstrap, paired_objective
 
 
 def test_identical_models_differ_by_exactly_zero():
@@ -51,3 +51,27 @@ def test_paired_accuracy_is_the_mean_over_tasks_and_pairs_questions():
         paired_accuracy(a, {"arc": a["arc"]})
     with pytest.raises(ValueError, match="piqa: need two equally long"):
         paired_accuracy(a, {"arc": a["arc"], "piqa": a["piqa"][:50]})
+
+
+def test_an_objective_multiplies_the_perplexities_of_its_terms_each_resampled_apart():
+    rng = np.random.default_rng(2)
+    docs_b, keys_b = rng.normal(3.0, 0.3, size=16), rng.normal(0.2, 0.1, size=12)
+    docs_a, keys_a = docs_b + 0.02, keys_b + rng.normal(0.0, 0.05, size=12)
+    weights = {"long_ppl": 1.0, "passkey": 0.5}
+    a, b = {"long_ppl": docs_a, "passkey": keys_a}, {"long_ppl": docs_b, "passkey": keys_b}
+    result = paired_objective(a, b, weights, resamples=500)
+    expected = math.exp(docs_a.mean() + 0.5 * keys_a.mean()) - math.exp(
+        docs_b.mean() + 0.5 * keys_b.mean()
+    )
+    assert result.difference == pytest.approx(expected, rel=1e-12)
+    assert result.low <= result.difference <= result.high
+    # The keys' noise widens the interval of the documents' perplexity alone.
+    alone = paired_objective({"d": docs_a}, {"d": docs_b}, {"d": 1.0}, resamples=500)
+    assert alone.low > 0 and result.high - result.low > alone.high - alone.low
+    # One term is paired_bootstrap exactly.
+    same = paired_bootstrap(docs_a, docs_b, resamples=500)
+    assert (alone.low, alone.high, alone.difference) == (same.low, same.high, same.difference)
+    with pytest.raises(ValueError, match=r"per-item NLLs for every weighted term \['long_ppl'"):
+        paired_objective({"long_ppl": docs_a}, b, weights)
+    with pytest.raises(ValueError, match="passkey: need two equally long"):
+        paired_objective(a, {"long_ppl": docs_b, "passkey": keys_b[:5]}, weights)

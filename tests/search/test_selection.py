@@ -287,3 +287,63 @@ def test_kv_allocation_divides_the_heads_between_k_and_v_by_long_range_curves(lo
         assert any(curve[0] != 0 for curve in curves[kind])
     shared = study.budget(1.5, allocation=True)
     assert shared.k == shared.v and shared.total == spread.total
+
+
+def test_compare_and_compare_bytes_pair_the_studys_objective_at_long_context(
+    tmp_path, smol_tokenizer, monkeypatch
+):
+    import json
+
+    from experiments.cli import main
+    from experiments.compare import finalists
+    from experiments.held_out import long_config_at
+    from gqa.grouping import Grouping
+
+    sections = SECTIONS.replace("trials = 1", "trials = 3")  # prompts to pair
+    path, storage = tiny_study(tmp_path, smol_tokenizer, monkeypatch, sections, trials=12)
+    config = StudyConfig.load(path)
+    study = Study(config, progress=False)
+    study.run()
+    KVFront(study, progress=False).run()
+    base = ["--config", str(tmp_path / "c.toml"), "--seeds", "0", "--windows", "2"]
+    base += ["--limit", "0", "--context", "96"]
+    assert main(["compare", *base, "--out", str(tmp_path / "a")]) == 0
+    answer = json.loads((tmp_path / "a" / "answer.json").read_text())
+    assert answer["objective"] == "long_ppl^1 * passkey^0.5"
+    budget, entry = next((b, e) for b, e in answer["budgets"].items() if "candidates" in e)
+    # The searched candidate's objective is the study's, on 2 test documents and the test prompts
+    row = finalists(stage2_frame("tiny", storage), float(budget))["searched"]
+    model = study.build_candidate(Grouping.from_json(row["grouping"]), recovery_seed=0)
+    objective = dataclasses.replace(
+        config.selection, long_context=long_config_at(config.long_context, 96, 2)
+    )
+    expected = objective.value(model, study.loaded.tokenizer, "test", None)
+    assert entry["candidates"]["searched"]["objective"] == pytest.approx(expected, rel=1e-6)
+    for name, diff in entry["differences"].items():
+        other = entry["candidates"][name.removeprefix("searched - ")]["objective"]
+        value = diff["objective"]
+        assert value["difference"] == pytest.approx(expected - other, rel=1e-6, abs=1e-9)
+        assert value["ci95"][0] <= value["difference"] <= value["ci95"][1]
+    assert "objective" in (tmp_path / "a" / "answer.md").read_text()
+
+    run = KVFront.run
+
+    def contested(self):  # at 45%: the joint takes another point than the best single axis
+        chosen = run(self)
+        rows = chosen[chosen["budget_fraction"] == 0.45]
+        best = rows[rows["family"] != "joint"].sort_values("valid_ppl").iloc[0]["point"].key
+        joint = rows.index[rows["family"] == "joint"][0]
+        chosen.at[joint, "point"] = next(p for p in rows["point"] if p.key != best)
+        return chosen
+
+    monkeypatch.setattr(KVFront, "run", contested)
+    assert main(["compare-bytes", *base, "--out", str(tmp_path / "b")]) == 0
+    entry = json.loads((tmp_path / "b" / "byte_answer.json").read_text())["budgets"]["0.45"]
+    joint, single = entry["joint"]["objective"], entry["best single-axis"]["objective"]
+    value = entry["joint - single"]["objective"]
+    assert value["difference"] == pytest.approx(joint - single, rel=1e-6, abs=1e-9)
+    assert value["ci95"][0] <= value["difference"] <= value["ci95"][1]
+    assert (
+        "Objective: the study's selection objective"
+        in (tmp_path / "b" / "byte_answer.md").read_text()
+    )
