@@ -71,32 +71,9 @@ def paired_objective(
             f"need per-item NLLs for every weighted term {sorted(weights)}, got "
             f"{sorted(terms_a)} and {sorted(terms_b)}"
         )
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    rng = np.random.default_rng(seed)
-    full_a = full_b = 0.0
-    boot = np.zeros((2, resamples))
-    for term in sorted(weights):
-        a = np.asarray(terms_a[term], dtype=float)
-        b = np.asarray(terms_b[term], dtype=float)
-        if a.shape != b.shape or a.ndim != 1 or a.size < 2:
-            raise ValueError(
-                f"{term}: need two equally long 1-d arrays of per-item NLLs, got {a.shape} "
-                f"and {b.shape}"
-            )
-        index = rng.integers(0, a.size, size=(resamples, a.size))
-        w = weights[term]
-        full_a, full_b = full_a + w * a.mean(), full_b + w * b.mean()
-        boot += w * np.stack([a[index].mean(1), b[index].mean(1)])
-    diffs = np.exp(boot[0]) - np.exp(boot[1])
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(diffs, [tail, 100 - tail])
-    return PairedDifference(
-        difference=math.exp(full_a) - math.exp(full_b),
-        low=float(low),
-        high=float(high),
-        confidence=confidence,
-        resamples=resamples,
+    full, boot = _paired_means(terms_a, terms_b, weights, resamples, confidence, seed, "NLLs")
+    return _interval(
+        math.exp(full[0]) - math.exp(full[1]), np.exp(boot[0]) - np.exp(boot[1]), confidence
     )
 
 
@@ -114,27 +91,42 @@ def paired_accuracy(
         raise ValueError(
             f"need outcomes on the same tasks, got {sorted(correct_a)} and {sorted(correct_b)}"
         )
+    weights = {task: 1 / len(correct_a) for task in correct_a}
+    full, boot = _paired_means(
+        correct_a, correct_b, weights, resamples, confidence, seed, "outcomes"
+    )
+    return _interval(float(full[0] - full[1]), boot[0] - boot[1], confidence)
+
+
+def _paired_means(terms_a, terms_b, weights, resamples, confidence, seed, items: str):
+    """sum_t w_t mean(x_t) for A and B (shape (2,)), and the same over `resamples` paired
+    resamples of each term's items, drawn apart from the other terms' (shape (2, resamples))."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
-    full, boot = 0.0, np.zeros(resamples)
-    for task in sorted(correct_a):
-        a = np.asarray(correct_a[task], dtype=float)
-        b = np.asarray(correct_b[task], dtype=float)
+    full, boot = np.zeros(2), np.zeros((2, resamples))
+    for term in sorted(weights):
+        a = np.asarray(terms_a[term], dtype=float)
+        b = np.asarray(terms_b[term], dtype=float)
         if a.shape != b.shape or a.ndim != 1 or a.size < 2:
             raise ValueError(
-                f"{task}: need two equally long lists of per-question outcomes, got "
-                f"{a.shape} and {b.shape}"
+                f"{term}: need two equally long 1-d arrays of per-item {items}, got {a.shape} "
+                f"and {b.shape}"
             )
         index = rng.integers(0, a.size, size=(resamples, a.size))
-        full += (a.mean() - b.mean()) / len(correct_a)
-        boot += (a[index].mean(1) - b[index].mean(1)) / len(correct_a)
+        full += weights[term] * np.array([a.mean(), b.mean()])
+        boot += weights[term] * np.stack([a[index].mean(1), b[index].mean(1)])
+    return full, boot
+
+
+def _interval(difference: float, resampled: np.ndarray, confidence: float) -> PairedDifference:
+    """The percentile interval of resampled differences around the full-sample one."""
     tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(boot, [tail, 100 - tail])
+    low, high = np.percentile(resampled, [tail, 100 - tail])
     return PairedDifference(
-        difference=float(full),
+        difference=float(difference),
         low=float(low),
         high=float(high),
         confidence=confidence,
-        resamples=resamples,
+        resamples=resampled.size,
     )
