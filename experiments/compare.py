@@ -20,7 +20,6 @@ passkey retrieval on the test prompts (first seed) with a paired interval over p
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -195,9 +194,7 @@ def run_compare(config_path: Path, options: CompareConfig, out: Path | None = No
                 candidate["passkey"] = statistics.fmean(hits["passkey"])
                 if weights:  # the study's objective on these documents and prompts
                     terms[label] = scoring.objective_terms(per_window[budget][label], hits)
-                    candidate["objective"] = math.exp(
-                        sum(w * statistics.fmean(terms[label][t]) for t, w in weights.items())
-                    )
+                    candidate["objective"] = scoring.objective_value(terms[label])
             for base in BASELINES:
                 if base in found:
                     difference = entry["differences"][f"searched - {base}"]

@@ -163,9 +163,7 @@ def run_compare_bytes(config_path: Path, options: ByteCompareConfig, out: Path |
             result["passkey"] = statistics.fmean(found["passkey"])
             if weights:  # the study's objective, on test documents and prompts
                 result["terms"] = scoring.objective_terms(result["nll"], found)
-                result["objective"] = math.exp(
-                    sum(w * statistics.fmean(result["terms"][t]) for t, w in weights.items())
-                )
+                result["objective"] = scoring.objective_value(result["terms"])
         return result
 
     for fraction, rows in chosen.groupby("budget_fraction", sort=False):

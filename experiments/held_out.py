@@ -5,10 +5,14 @@ At a context of N tokens (objectives.long_context): per-document NLL of the late
 of held-out long test documents of N tokens, and passkey retrieval on the test prompts of the
 study's [long_context] lengths up to N, one outcome per prompt. Both are paired across the
 models compared (the same documents, the same prompts), so differences get paired intervals.
+When the study selects by those two (`[selection]` of `long_ppl` and `passkey`), the per-document
+NLLs and the per-prompt NLLs of the keys are the terms of its objective, paired the same way.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,6 +104,11 @@ class HeldOutScoring:
         if retrieval is not None:
             terms["passkey"] = retrieval["passkey_nll"]
         return {t: terms[t] for t in weights if t in terms}
+
+    def objective_value(self, terms: dict[str, list]) -> float:
+        """The objective, exp(sum_t w_t mean_t), from `objective_terms`."""
+        weights = self.objective_weights or {}
+        return math.exp(sum(w * statistics.fmean(terms[t]) for t, w in weights.items()))
 
     def describe(self, count: int) -> str:
         """What the per-window NLLs are, for a report."""
