@@ -21,6 +21,8 @@ from gqa.grouping import Grouping
 from objectives.calibration import CalibrationConfig
 from objectives.data import TextSpec
 from objectives.evaluate import evaluate
+from objectives.long_context import LongContextConfig
+from objectives.selection import SelectionObjective
 from search.config import PromoteConfig, SearchConfig, StudyConfig
 from search.storage import make_storage
 
@@ -66,7 +68,17 @@ def study_config(name: str, storage_url: str) -> StudyConfig:
         calibration=CalibrationConfig(**data["calibration"]),
         search=SearchConfig(**{**search, "strategies": {}}),  # stage 1 only; not needed here
         promote=PromoteConfig(**promote),
+        selection=_selection(data.get("selection")),
     )
+
+
+def _selection(data: dict | None) -> SelectionObjective:
+    """The recorded selection objective (what validation values mean); older studies recorded
+    none and selected by the short perplexity."""
+    if data is None:
+        return SelectionObjective()
+    weights = tuple((task, float(weight)) for task, weight in data["weights"])
+    return SelectionObjective(weights, LongContextConfig(**data["long_context"]))
 
 
 def pick_trial(

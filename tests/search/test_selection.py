@@ -347,3 +347,19 @@ def test_compare_and_compare_bytes_pair_the_studys_objective_at_long_context(
         "Objective: the study's selection objective"
         in (tmp_path / "b" / "byte_answer.md").read_text()
     )
+
+
+def test_export_checks_a_long_selected_candidate_by_the_studys_objective(
+    long_study, tmp_path, capsys
+):
+    from experiments.cli import main
+    from search.export import study_config
+
+    config, storage = long_study
+    Study(config, progress=False).run()
+    # The recorded config carries the objective, so the check recomputes what validation read
+    assert study_config("tiny", storage).selection == config.selection
+    argv = ["export", "--study", "tiny", "--storage", storage, "--trial", "0"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "matches" in printed and "DOES NOT" not in printed
