@@ -11,7 +11,8 @@ resumes; `answer.json` and `answer.md` are rewritten at the end.
 
 With `context` > 0 the comparison is at long context (experiments.held_out): perplexity of
 the late position bucket of `windows` held-out long test documents of `context` tokens, and
-passkey retrieval on the test prompts (first seed) with a paired interval over prompts.
+passkey retrieval on the test prompts (first seed) with a paired interval over prompts; when the
+study selects by those two, its objective (late ppl x key ppl) gets a paired interval too.
 
     headgroup compare --config F [--budgets 2,1.5] [--seeds 0,1] [--windows 48] [--limit 300]
         [--context 2048]
