@@ -441,6 +441,7 @@ class Study:
                 f"by {selection!r}: give the study a new name (or restore [selection])"
             )
         study.set_user_attr("selection", selection)
+        self._check_recovery(study)
         if not study.user_attrs.get("enqueued"):
             groupings = {
                 t.user_attrs["key"]: t.user_attrs["grouping"]
@@ -499,6 +500,35 @@ class Study:
             bar.update(1)
         bar.close()
         return study
+
+    def _check_recovery(self, study: optuna.Study) -> None:
+        """Refuse to resume a stage 2 whose candidates were recovered by another chain: its
+        finished candidates would be ranked against new ones built differently. A stage 2
+        stored before the chain was recorded is resumed as it is."""
+        promote = self.config.promote
+        chain = {method: promote.recovery_config.get(method, {}) for method in promote.recovery}
+        current = json.dumps(
+            {"recovery": list(promote.recovery), "recovery_config": chain}, sort_keys=True
+        )
+        recorded = study.user_attrs.get("recovery")
+        if recorded is None and study.get_trials(deepcopy=False):
+            return
+        if recorded is not None and recorded != current:
+            before, now = (
+                _flat(json.loads(recorded), "promote"),
+                _flat(json.loads(current), "promote"),
+            )
+            changes = "; ".join(
+                f"{key}: {before.get(key, '(unset)')} -> {now.get(key, '(unset)')}"
+                for key in sorted(set(before) | set(now))
+                if before.get(key) != now.get(key)
+            )
+            raise ValueError(
+                f"stage 2 of study {self.config.name!r} recovered its candidates by another "
+                f"chain than [promote] now gives ({changes}): give the study a new name (or "
+                "restore the recovery settings)"
+            )
+        study.set_user_attr("recovery", current)
 
     # -- candidates: conversion, recovery in rungs, evaluation -----------------------------------
 
@@ -673,6 +703,16 @@ class Study:
             stage2_complete=len(stage2.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
             seconds=time.perf_counter() - start,
         )
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    """{"a.b": leaf} for a nested dict (lists are leaves)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: dict[str, object] = {}
+    for key, inner in value.items():
+        out.update(_flat(inner, f"{prefix}.{key}" if prefix else key))
+    return out
 
 
 def _ranking_value(attrs: dict) -> float:

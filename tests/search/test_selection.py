@@ -363,3 +363,27 @@ def test_export_checks_a_long_selected_candidate_by_the_studys_objective(
     assert main([*argv, "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "matches" in printed and "DOES NOT" not in printed
+
+
+def test_a_stage_2_recovered_by_another_chain_is_not_resumed(long_study):
+    """Its finished candidates would be ranked against new ones recovered differently; the
+    error names what changed."""
+    import dataclasses
+
+    config, storage = long_study
+    Study(config, progress=False).run()
+    promote = config.promote
+    assert "layerwise" in promote.recovery
+    before = promote.recovery_config.get("layerwise", {}).get("steps", "(unset)")
+    chain = {**promote.recovery_config, "layerwise": {"steps": 7}}
+    changed = dataclasses.replace(
+        config, promote=dataclasses.replace(promote, recovery_config=chain)
+    )
+    with pytest.raises(ValueError) as error:
+        Study(changed, progress=False).run()
+    message = str(error.value)
+    assert message.startswith("stage 2 of study 'tiny' recovered its candidates by another chain")
+    assert f"(promote.recovery_config.layerwise.steps: {before} -> 7)" in message
+    assert "\n" not in message
+    Study(config, progress=False).run()  # the recorded chain resumes (nothing left to do)
+    assert len(stage2_frame("tiny", storage)) > 0
