@@ -9,8 +9,8 @@ the default config's calibration, merge and layer-wise fits) and distils it unde
 `--arms`: WINDOWxBATCH, windows of WINDOW tokens, BATCH of them a step, the study's recipe
 otherwise (its tokens, lr and schedule). The first arm should be 2048x2, the windows that
 recovered the study's results (results/default_2048), so that the others are paired against the
-model the study selected; `default.toml` now distils on 4096x1, which this benchmark chose. Each arm, and the source as the
-reference, is scored
+model the study selected; `default.toml` now distils on 4096x1, which this benchmark chose.
+Each arm, and the source as the reference, is scored
 
   on validation  late-bucket perplexity (positions 1024-4095) of 4 validation papers of 4096
                  tokens times the perplexity of the keys of 6 validation passkeys at 4096 tokens,
