@@ -7,7 +7,9 @@ tokens but 7 of 10 at 4096 (the source 10): no step of its recovery ever sees a 
 This benchmark rebuilds that winner (`results/default_2048/groupings/2kv_evolutionary_*.json`,
 the default config's calibration, merge and layer-wise fits) and distils it under each arm of
 `--arms`: WINDOWxBATCH, windows of WINDOW tokens, BATCH of them a step, the study's recipe
-otherwise (its tokens, lr and schedule). The first arm should be 2048x2, the windows that
+otherwise (its tokens, lr and schedule); WINDOWxBATCH@TOKENS distils on TOKENS tokens instead
+(the same peak lr and cosine schedule over more steps), which asks how far more tuning closes
+the gap to the source. The first arm should be 2048x2, the windows that
 recovered the study's results (results/default_2048), so that the others are paired against the
 model the study selected; `default.toml` now distils on 4096x1, which this benchmark chose.
 Each arm, and the source as the reference, is scored
@@ -20,10 +22,12 @@ Each arm, and the source as the reference, is scored
                  of 16 test papers and its 12 test passkeys. Paired intervals against the first
                  arm: late ppl at 2048 over papers, passkeys at 4096 over prompts.
 
-Rows go to `long_window.csv` as they finish (a stopped run resumes); the summary to
-`long_window.json`.
+Rows go to `long_window.csv` as they finish (a stopped run resumes; arms of other runs are
+reused); the summary of this run's arms to `--summary` (`long_window.json`).
 
     python experiments/benchmarks/bench_long_window.py [--arms 2048x2,4096x1]
+    python experiments/benchmarks/bench_long_window.py --summary long_window_tokens.json \
+        --arms 2048x2,2048x2@98304,2048x2@393216
 """
 
 from __future__ import annotations
@@ -50,29 +54,39 @@ SOURCE = "source"  # the reference row: the source model, scored as every arm is
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """One distillation arm: windows of `seq_len` tokens, `batch_size` of them a step."""
+    """One distillation arm: windows of `seq_len` tokens, `batch_size` of them a step, `tokens`
+    in all (None: the study's budget)."""
 
     seq_len: int
     batch_size: int
+    tokens: int | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Window:
-        """ "WINDOWxBATCH"; a ValueError naming the spec otherwise."""
+        """ "WINDOWxBATCH" or "WINDOWxBATCH@TOKENS"; a ValueError naming the spec otherwise."""
+        shape, _, tokens = spec.partition("@")
         try:
-            seq_len, batch_size = (int(part) for part in spec.split("x"))
+            seq_len, batch_size = (int(part) for part in shape.split("x"))
+            budget = int(tokens) if tokens else None
         except ValueError:
-            raise ValueError(f"arm {spec!r} is not WINDOWxBATCH (e.g. 4096x1)") from None
+            raise ValueError(
+                f"arm {spec!r} is not WINDOWxBATCH or WINDOWxBATCH@TOKENS (e.g. 4096x1@98304)"
+            ) from None
         if seq_len < 256 or batch_size < 1:
             raise ValueError(f"arm {spec!r}: the window must be >= 256 tokens and the batch >= 1")
-        return cls(seq_len, batch_size)
+        if budget is not None and budget < seq_len * batch_size:
+            raise ValueError(f"arm {spec!r}: {budget} tokens do not fill one step of the arm")
+        return cls(seq_len, batch_size, budget)
 
     def config(self, base: StudyConfig) -> StudyConfig:
-        """`base` whose distillation reads these windows (every other field kept)."""
+        """`base` whose distillation reads these windows and tokens (every other field kept)."""
         recovery = dict(base.promote.recovery_config)
+        budget = {} if self.tokens is None else {"tokens": self.tokens}
         recovery["finetune"] = {
             **recovery.get("finetune", {}),
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
+            **budget,
         }
         promote = dataclasses.replace(base.promote, recovery_config=recovery)
         return dataclasses.replace(base, promote=promote)
@@ -148,8 +162,11 @@ def summarised(row: dict, first: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arms", default=DEFAULT_ARMS, help="WINDOWxBATCH, comma-separated")
+    parser.add_argument(
+        "--arms", default=DEFAULT_ARMS, help="WINDOWxBATCH[@TOKENS], comma-separated"
+    )
     parser.add_argument("--out", type=Path, default=common.RESULTS)
+    parser.add_argument("--summary", default="long_window.json", help="this run's summary file")
     args = parser.parse_args()
     arms = common.parsed_specs(parser, "--arms", args.arms, Window.parse, "arm")
     start = time.time()
@@ -180,10 +197,12 @@ def main() -> None:
     first = done[next(iter(arms))]
     chosen = min(arms, key=lambda spec: float(done[spec]["valid"]))
     summary = {
-        "command": f"python experiments/benchmarks/bench_long_window.py --arms {args.arms}",
+        "command": "python experiments/benchmarks/bench_long_window.py "
+        f"--arms {args.arms} --summary {args.summary}",
         "model": "smollm2-135m, the default study's 2-KV winner ("
         + GROUPING
-        + "), layer-wise fits and distillation as default.toml recovers, but for the windows",
+        + "), layer-wise fits and distillation as default.toml recovers, but for the windows "
+        "(and the tokens where an arm gives them)",
         "validation": f"late bucket (1024-{LONG - 1}) of {long['valid'].ppl_windows} validation "
         f"papers x key ppl of {len(long['valid'].depths) * long['valid'].trials} validation "
         f"passkeys at {LONG} tokens",
@@ -196,7 +215,7 @@ def main() -> None:
         "source": summarised(done[SOURCE], done[SOURCE]),
         "seconds_this_run": round(time.time() - start, 1),
     }
-    write_text_atomic(args.out / "long_window.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(args.out / args.summary, json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
 

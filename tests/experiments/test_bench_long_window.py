@@ -28,6 +28,14 @@ def test_an_arm_replaces_only_the_distillation_windows():
     assert Window.parse("4096x1").config(base) == base  # the default config's own recipe
 
 
+def test_an_arm_with_tokens_changes_the_budget_and_nothing_else():
+    base = StudyConfig.load(Path("experiments/configs/default.toml"))
+    tuned = Window.parse("2048x2@98304").config(base).promote.recovery_config["finetune"]
+    same_budget = Window.parse("2048x2").config(base).promote.recovery_config["finetune"]
+    assert tuned == {**same_budget, "tokens": 98304}
+    assert same_budget["tokens"] == base.promote.recovery_config["finetune"]["tokens"] == 24576
+
+
 def test_the_scores_read_long_prompts_and_the_studys_own_settings():
     base = StudyConfig.load(Path("experiments/configs/default.toml"))
     long = settings(base.long_context)
@@ -46,6 +54,8 @@ def test_the_scores_read_long_prompts_and_the_studys_own_settings():
         (["--arms", "4096x1,longx2"], "--arms: arm 'longx2' is not WINDOWxBATCH"),
         (["--arms", "128x2"], "--arms: arm '128x2': the window must be >= 256 tokens"),
         (["--arms", "4096x0"], "--arms: arm '4096x0': the window must be >= 256 tokens"),
+        (["--arms", "2048x2@many"], "--arms: arm '2048x2@many' is not WINDOWxBATCH"),
+        (["--arms", "2048x2@4000"], "arm '2048x2@4000': 4000 tokens do not fill one step"),
         (["--arms", ","], "--arms: no arm given"),
     ],
 )
@@ -109,3 +119,14 @@ def test_a_rerun_builds_nothing_again_and_validation_chooses(monkeypatch, tmp_pa
     monkeypatch.setattr(sys, "argv", [*sys.argv, "--arms", "2048x2,4096x1,8192x1"])
     bench_long_window.main()
     assert built[5:] == [8192, "scored 8192"]
+
+    before = (tmp_path / "long_window.json").read_text()
+    arms = ["--arms", "2048x2,2048x2@8192", "--summary", "tokens.json"]
+    monkeypatch.setattr(sys, "argv", ["bench_long_window.py", "--out", str(tmp_path), *arms])
+    bench_long_window.main()  # the 2048x2 row is reused; the summary goes to its own file
+    assert built[7:] == [2048, "scored 2048"]
+    assert (tmp_path / "long_window.json").read_text() == before
+    assert set(json.loads((tmp_path / "tokens.json").read_text())["arms"]) == {
+        "2048x2",
+        "2048x2@8192",
+    }
