@@ -4,6 +4,7 @@ from gqa import attention as _attention  # noqa: F401  (registers the grouped at
 from gqa.adapters import ModelAdapter, UnsupportedModelError, get_adapter, register_adapter
 from gqa.checkpoint import load, save
 from gqa.grouping import Grouping, GroupingError, LayerGrouping
+from gqa.kv_quant import cache_keyword, output_cache
 from gqa.latent import LatentError, LatentLayer, LatentPlan
 from gqa.latent_model import (
     apply_latent,
@@ -47,6 +48,8 @@ __all__ = [
     "model_precision",
     "precision_applied",
     "quantized_cache",
+    "cache_keyword",
+    "output_cache",
     "MERGES",
     "Grouping",
     "GroupingError",

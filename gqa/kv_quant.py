@@ -485,13 +485,25 @@ class QuantizedKVCache(Cache):
         return recent + stores + self.buffers.nbytes()
 
 
+def cache_keyword(model) -> str:
+    """The keyword `model.forward` takes its KV cache by: `cache` from transformers 5.25 on,
+    where `past_key_values` is deprecated, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output) -> Cache:
+    """The KV cache a forward or `generate` returned: `output.cache` from transformers 5.25 on,
+    where `past_key_values` is deprecated, `output.past_key_values` before."""
+    # not output.get("cache", output.past_key_values): that reads the deprecated field first
+    return output["cache"] if "cache" in output else output.past_key_values  # noqa: SIM401
+
+
 class QuantizedGenerationMixin:
     """Makes `generate` use a `QuantizedKVCache` built from the model's layer quantizers, when it
     has any, unless the caller passes a cache or turns caching off."""
 
     def generate(self, *args, **kwargs):
-        parameters = inspect.signature(self.forward).parameters
-        name = "cache" if "cache" in parameters else "past_key_values"
+        name = cache_keyword(self)
         quantizers = [m.hg_kv_quant for m in self.modules() if hasattr(m, "hg_kv_quant")]
         if quantizers and kwargs.get(name) is None and kwargs.get("use_cache", True) is not False:
             kwargs[name] = QuantizedKVCache(quantizers)

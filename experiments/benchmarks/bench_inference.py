@@ -52,7 +52,7 @@ def variants(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.nn.Module
 def measure(model: torch.nn.Module, context: torch.Tensor, decode_tokens: int) -> dict:
     """Prefill `context`, then greedily decode `decode_tokens` one at a time; time the decode."""
     out = model(input_ids=context, use_cache=True)
-    cache = out.past_key_values
+    cache = gqa.output_cache(out)
     kv_bytes = sum(
         layer.keys.numel() * layer.keys.element_size()
         + layer.values.numel() * layer.values.element_size()
@@ -61,7 +61,7 @@ def measure(model: torch.nn.Module, context: torch.Tensor, decode_tokens: int) -
     token = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **{gqa.cache_keyword(model): cache})
         token = out.logits[:, -1:].argmax(-1)
     seconds = time.perf_counter() - start
     return {

@@ -28,7 +28,6 @@ kv_cache_speed.png and kv_cache_summary.json are rewritten at the end.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import subprocess
 import sys
@@ -117,12 +116,12 @@ def formula_bytes(model, length: int, batch: int) -> int:
 def serve(model, prompt: torch.Tensor, decode: int) -> tuple[float, float, object]:
     """Run `prompt` with a fresh cache, then decode `decode` greedy tokens one at a time:
     (prompt seconds, decode seconds, the cache)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = gqa.cache_keyword(model)
     cache = gqa.quantized_cache(model) if gqa.model_precision(model) else None
     start = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{name: cache})
     prefill = time.perf_counter() - start
-    cache = out.past_key_values
+    cache = gqa.output_cache(out)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     start = time.perf_counter()
     for _ in range(decode):

@@ -59,7 +59,7 @@ def test_asymmetric_cache_holds_group_heads_and_generate_equals_no_cache_forward
         output_logits=True,
         pad_token_id=0,
     )
-    for layer, lg in zip(out.past_key_values.layers, ASYM.layers, strict=True):
+    for layer, lg in zip(gqa.output_cache(out).layers, ASYM.layers, strict=True):
         assert layer.keys.shape[1] == lg.num_k_groups
         assert layer.values.shape[1] == lg.num_v_groups
     full = logits(model, out.sequences)

@@ -232,7 +232,7 @@ def test_generate_uses_the_quantized_cache():
     out = model.generate(
         ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, pad_token_id=0
     )
-    cache = out.past_key_values
+    cache = gqa.output_cache(out)
     assert type(cache).__name__ == "QuantizedKVCache" and cache.get_seq_length() == 18
     # greedy decoding agrees with greedy argmax over the simulated forward of the result
     with torch.no_grad():

@@ -51,7 +51,7 @@ for folder in FOLDERS:
     logits = model(input_ids=ids).logits
     out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
                          pad_token_id=0)
-    cache = out.past_key_values
+    cache = out["cache"] if "cache" in out else out.past_key_values  # gqa.output_cache, inlined
     results.append({
         "class": type(model).__name__,
         "logits": logits,

@@ -1,6 +1,7 @@
 """Model surgery: numerical equivalence, real KV-cache saving, generation, adapters."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_generate_caches_only_group_heads_and_matches_reference(attn):
     out = converted.generate(**inputs, **kwargs)
     ref = reference.generate(**inputs, **kwargs)
     assert torch.equal(out.sequences, ref.sequences)
-    cache = out.past_key_values
+    cache = gqa.output_cache(out)
     cached_bytes = 0
     for layer, lg in zip(cache.layers, grouping.layers, strict=True):
         assert layer.keys.shape[1] == lg.num_k_groups
@@ -111,17 +112,20 @@ def test_generate_caches_only_group_heads_and_matches_reference(attn):
 
 
 def test_packed_decoding_matches_full_forward():
+    """The cache goes in by the keyword this transformers names (`cache_keyword`), so decoding
+    raises no deprecation of `past_key_values`."""
     model = gqa.convert(tiny_model(num_kv_heads=6), asym())
     inputs = batch(pad_left=True, length=10)
     full = logits(model, inputs)[:, -1]
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.* is deprecated")
         prefix = {k: v[:, :-1] for k, v in inputs.items()}
         out = model(**prefix, use_cache=True)
         step = model(
             input_ids=inputs["input_ids"][:, -1:],
             attention_mask=inputs["attention_mask"],
-            past_key_values=out.past_key_values,
             use_cache=True,
+            **{gqa.cache_keyword(model): gqa.output_cache(out)},
         ).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
 

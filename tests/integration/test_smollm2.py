@@ -54,7 +54,7 @@ def test_asymmetric_generate_caches_group_heads(smollm2, text_batch):
         ["The old man said", "She opened the door and"], return_tensors="pt", padding=True
     )
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = gqa.output_cache(out)
     assert [layer.keys.shape[1] for layer in cache.layers] == [2] * 15 + [3] * 15
     assert all(layer.values.shape[1] == 1 for layer in cache.layers)
     per_token = (

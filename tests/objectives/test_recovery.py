@@ -64,7 +64,7 @@ def _assert_grouping_and_cache(model: nn.Module, grouping: Grouping) -> None:
         input_ids=ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True
     )
     assert out.sequences.shape == (1, 7)
-    for layer, lg in zip(out.past_key_values.layers, grouping.layers, strict=True):
+    for layer, lg in zip(gqa.output_cache(out).layers, grouping.layers, strict=True):
         assert layer.keys.shape[1] == lg.num_k_groups
         assert layer.values.shape[1] == lg.num_v_groups
 
