@@ -9,9 +9,9 @@ the default config's calibration, merge and layer-wise fits) and distils it unde
 `--arms`: WINDOWxBATCH, windows of WINDOW tokens, BATCH of them a step, the study's recipe
 otherwise (its tokens, lr and schedule); WINDOWxBATCH@TOKENS distils on TOKENS tokens instead
 (the same peak lr and cosine schedule over more steps), which asks how far more tuning closes
-the gap to the source. The first arm should be 2048x2, the windows that
-recovered the study's results (results/default_2048), so that the others are paired against the
-model the study selected; `default.toml` now distils on 4096x1, which this benchmark chose.
+the gap to the source. The other arms are paired against the first: 2048x2, the windows that
+recovered the study's results (results/default_2048), for the window question; 4096x1, what
+`default.toml` now distils on (this benchmark chose it), for the tokens question.
 Each arm, and the source as the reference, is scored
 
   on validation  late-bucket perplexity (positions 1024-4095) of 4 validation papers of 4096
@@ -27,7 +27,7 @@ reused); the summary of this run's arms to `--summary` (`long_window.json`).
 
     python experiments/benchmarks/bench_long_window.py [--arms 2048x2,4096x1]
     python experiments/benchmarks/bench_long_window.py --summary long_window_tokens.json \
-        --arms 2048x2,2048x2@98304,2048x2@393216
+        --arms 4096x1,4096x1@98304
 """
 
 from __future__ import annotations
